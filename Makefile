@@ -1,0 +1,34 @@
+# `make run`: set up and run the whole pipeline (embedded profile by default). `make test`: set up and test.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+# Stages call `nlistral`, `dvc` etc. from the venv without activating it.
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup run test params lint
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "NLIstral needs Python >= 3.10"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --no-compile -r requirements.txt -c constraints.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+run: setup
+	dvc repro
+	dvc metrics show
+	@echo
+	@echo "Outputs: data/{original_thoughts,reflected_thoughts,finetune}/, models/adapter/, metrics/"
+	@echo "Metrics: $(VENV)/bin/dvc metrics show    Plots: $(VENV)/bin/dvc plots show"
+	@echo "Runs:    $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/pytest
+
+params: setup
+	nlistral params
+
+lint: setup
+	ruff check .

@@ -1,0 +1,3 @@
+from nlistral.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,55 @@
+"""`nlistral <stage> [--split S] [KEY=VALUE ...]`: the one entry point; dvc.yaml calls it."""
+
+import argparse
+import importlib
+import logging
+import sys
+
+from nlistral.config import PARAMS_FILE, ConfigError, compose_params, load_config
+from nlistral.data import DataError
+from nlistral.stages import StageError
+
+SPLIT_STAGES = ("thoughts", "reflections", "sft")
+STAGES = (*SPLIT_STAGES, "base-model", "train", "evaluate")
+
+# Exit codes: 2 = bad input or config (nothing written), 1 = the stage ran and failed.
+EXIT_BAD_INPUT = 2
+EXIT_STAGE_FAILED = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nlistral", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for stage in STAGES:
+        cmd = sub.add_parser(stage, help=f"run the {stage} stage")
+        if stage in SPLIT_STAGES:
+            cmd.add_argument("--split", required=True, choices=("train", "dev"))
+        cmd.add_argument(
+            "overrides", nargs="*", metavar="KEY=VALUE", help="e.g. teacher.max_concurrency=8 or teacher=offline"
+        )
+    params = sub.add_parser("params", help="compose conf/ into params.yaml (what `dvc exp run` does)")
+    params.add_argument("overrides", nargs="*", metavar="OVERRIDE", help="Hydra overrides: experiment=no_reflections")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "params":
+            PARAMS_FILE.write_text(compose_params(args.overrides), encoding="utf-8")
+            print(f"wrote {PARAMS_FILE}")
+            return 0
+        cfg = load_config(args.overrides)
+        stage = importlib.import_module(f"nlistral.stages.{args.command.replace('-', '_')}")
+        if args.command in SPLIT_STAGES:
+            stage.run(cfg, args.split)
+        else:
+            stage.run(cfg)
+    except (DataError, ConfigError) as err:
+        print(f"nlistral {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except StageError as err:
+        print(f"nlistral {args.command}: failed: {err}", file=sys.stderr)
+        return EXIT_STAGE_FAILED
+    return 0

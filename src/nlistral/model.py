@@ -1,0 +1,80 @@
+"""Loading what the `base_model` and `train` stages saved: every stage after them goes through here.
+
+models/base holds the tokenizer and base_model.json, which names where the weights are: models/base itself for the
+tiny profile, a hub id + revision (weights in the HF cache) for Mistral-7B. models/adapter holds the LoRA adapter.
+"""
+
+import json
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from peft import PeftModel, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+BASE_DIR = Path("models/base")
+ADAPTER_DIR = Path("models/adapter")
+BASE_INFO = "base_model.json"
+
+
+def base_info(base_dir=BASE_DIR) -> dict:
+    """{"name_or_path", "revision", ...} as written by the base_model stage."""
+    return json.loads((Path(base_dir) / BASE_INFO).read_text(encoding="utf-8"))
+
+
+def load_tokenizer(path=BASE_DIR):
+    return AutoTokenizer.from_pretrained(path)
+
+
+def compute_dtype(cfg) -> torch.dtype:
+    """`model.dtype` ("float32", "bfloat16"): the weights' dtype, and the 4-bit layers' compute dtype."""
+    return getattr(torch, cfg.model.dtype)
+
+
+def quantization_config(cfg) -> BitsAndBytesConfig | None:
+    if not cfg.model.load_in_4bit:
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.model.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=cfg.model.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=compute_dtype(cfg),
+    )
+
+
+def load_base_model(cfg, for_training=False, base_dir=BASE_DIR):
+    """The base weights, 4-bit quantized when `model.load_in_4bit` (QLoRA), prepared for k-bit training if asked."""
+    info = base_info(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(
+        info["name_or_path"],
+        revision=info.get("revision"),
+        dtype=compute_dtype(cfg),
+        quantization_config=quantization_config(cfg),
+        device_map={"": 0} if torch.cuda.is_available() else {"": "cpu"},
+    )
+    if for_training and cfg.model.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+    return model
+
+
+def load_adapter_model(cfg, adapter_dir=ADAPTER_DIR, base_dir=BASE_DIR):
+    """Base + trained LoRA adapter, in eval mode."""
+    model = PeftModel.from_pretrained(load_base_model(cfg, base_dir=base_dir), adapter_dir)
+    return model.eval()
+
+
+@contextmanager
+def staged_dir(dest):
+    """Yield an empty directory beside `dest` that replaces `dest` when the block succeeds: no half-written outs."""
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)

@@ -1,0 +1,95 @@
+"""Every prompt NLIstral sends or trains on, in one place.
+
+`PROMPT_VERSION` is part of each stage's outputs: bump it whenever a prompt's wording changes.
+The teacher and student prompts both end with "Premise: ...\nHypothesis: ..." lines, which the
+offline backend reads back (see llm/offline.py).
+"""
+
+import json
+
+PROMPT_VERSION = "v1"
+
+STEP_SHAPE = (
+    "Step 1: <what the premise states>. "
+    "Step 2: <how the hypothesis relates to it: shared facts, added details, contradictions>. "
+    "Step 3: <conclusion: entailed or not>."
+)
+
+TEACHER_SYSTEM = f"""You are an expert in natural language inference. Given a premise and a hypothesis, reason step by step about whether the hypothesis can be logically inferred from the premise.
+
+Answer with a single JSON object and nothing else:
+{{"thought_process": "{STEP_SHAPE}", "predicted_label": <1 if the premise entails the hypothesis, else 0>}}
+
+Rules:
+- Reason before you answer, grounded only in the premise and common sense.
+- Keep the three steps short.
+- predicted_label is the number 0 or 1."""
+
+REFLECTOR_SYSTEM = f"""You are an expert in natural language inference who reviews another model's reasoning. You receive a premise, a hypothesis, the model's reasoning, its predicted label, and the true label. Explain what went wrong and write a corrected reasoning that reaches the true label by sound argument.
+
+Answer with a single JSON object and nothing else:
+{{"error_analysis": "<what the initial reasoning got wrong>", "improved_thought_process": "{STEP_SHAPE}", "predicted_label": <the label your improved reasoning reaches: 0 or 1>}}
+
+Rules:
+- The improved reasoning must stand on its own: do not mention the true label or the initial answer.
+- Keep it as concise as the initial reasoning.
+- predicted_label is the number 0 or 1."""
+
+STUDENT_INSTRUCTION = (
+    "Use chain of thought reasoning to determine if the hypothesis is entailed by the premise. "
+    "Give your reasoning and the final label (1 = entailment, 0 = no entailment) as JSON: "
+    '{"thought_process": "...", "predicted_label": 0 or 1}'
+)
+
+
+def pair_text(premise: str, hypothesis: str) -> str:
+    return f"Premise: {premise}\nHypothesis: {hypothesis}"
+
+
+def teacher_messages(premise: str, hypothesis: str) -> list[dict]:
+    return [
+        {"role": "system", "content": TEACHER_SYSTEM},
+        {"role": "user", "content": pair_text(premise, hypothesis)},
+    ]
+
+
+def reflector_messages(
+    premise: str, hypothesis: str, thought_process: str, predicted_label: int, true_label: int
+) -> list[dict]:
+    user = (
+        f"{pair_text(premise, hypothesis)}\n"
+        f"Initial reasoning: {thought_process}\n"
+        f"Initial predicted label: {predicted_label}\n"
+        f"True label: {true_label}"
+    )
+    return [
+        {"role": "system", "content": REFLECTOR_SYSTEM},
+        {"role": "user", "content": user},
+    ]
+
+
+def student_prompt(premise: str, hypothesis: str) -> str:
+    """The instruction the fine-tuned model sees, in training and in evaluation alike."""
+    return f"{pair_text(premise, hypothesis)}\n\n{STUDENT_INSTRUCTION}"
+
+
+def completion_json(thought_process: str, label: int) -> str:
+    return json.dumps({"thought_process": thought_process, "predicted_label": int(label)}, ensure_ascii=False)
+
+
+def inst_prompt(prompt: str) -> str:
+    """Mistral instruction format without BOS: the tokenizer adds `<s>`, training appends `</s>`."""
+    return f"[INST] {prompt} [/INST]"
+
+
+def sft_text(prompt: str, completion: str) -> str:
+    """The full training string with exactly one BOS and one EOS."""
+    return f"<s>{inst_prompt(prompt)} {completion}</s>"
+
+
+def label_mismatch_feedback(label: int, true_label: int) -> str:
+    return (
+        f"Your improved reasoning concludes with predicted_label {label}, but the true label is {true_label}. "
+        "Re-examine the premise and hypothesis and answer again in the same JSON format, with an improved "
+        f"thought_process whose argument actually reaches predicted_label {true_label}."
+    )

@@ -1,0 +1,99 @@
+"""Stage: the base model everything downstream fine-tunes and evaluates, saved to models/base.
+
+`model.build_tiny: true` (embedded profile): build a ~1M-parameter Mistral-architecture model with random weights
+and a byte-level BPE tokenizer trained on our prompt text + the train split, both deterministic (fixed seed, fixed
+corpus order). Its scores mean nothing; it exists so the whole pipeline runs on a laptop, QLoRA path included.
+`model.build_tiny: false`: save only the hub tokenizer at the pinned revision; weights stay in the HF cache and
+are loaded by name (base_model.json) where needed.
+"""
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+
+from nlistral import prompts
+from nlistral.data import load_split
+from nlistral.io import write_json
+from nlistral.model import BASE_DIR, BASE_INFO, staged_dir
+
+SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+
+# Mistral's [INST] format (matches prompts.sft_text): BOS once, then `[INST] user [/INST] assistant</s>` turns.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported') }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def tokenizer_corpus(data_dir) -> list[str]:
+    """Every prompt template, a completion in the trained format, and the train split's prompts, in file order."""
+    fixed = [
+        prompts.TEACHER_SYSTEM,
+        prompts.REFLECTOR_SYSTEM,
+        prompts.inst_prompt(prompts.STUDENT_INSTRUCTION),
+        prompts.completion_json(prompts.STEP_SHAPE, 0),
+        prompts.completion_json(prompts.STEP_SHAPE, 1),
+    ]
+    rows = load_split(data_dir, "train")
+    return fixed + [prompts.student_prompt(r.premise, r.hypothesis) for r in rows.itertuples()]
+
+
+def build_tokenizer(corpus, vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (no unknown bytes) that, like Mistral's, adds BOS and no EOS when encoding."""
+    tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    bos = SPECIAL_TOKENS["bos_token"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_model(tiny, tokenizer, max_positions: int) -> MistralForCausalLM:
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_layers,
+        num_attention_heads=tiny.num_heads,
+        num_key_value_heads=tiny.num_kv_heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(tiny.seed)
+    return MistralForCausalLM(config)
+
+
+def run(cfg) -> dict:
+    with staged_dir(BASE_DIR) as out:
+        if cfg.model.build_tiny:
+            tokenizer = build_tokenizer(tokenizer_corpus(cfg.data.dir), cfg.model.tiny.vocab_size)
+            model = build_tiny_model(cfg.model.tiny, tokenizer, max_positions=4 * cfg.model.max_seq_length)
+            model.save_pretrained(out)
+            info = {"name_or_path": str(BASE_DIR), "revision": None, "built_tiny": True,
+                    "parameters": model.num_parameters()}  # fmt: skip
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision)
+            if tokenizer.pad_token is None:  # Mistral ships none; <unk> never occurs in text, unlike </s>
+                tokenizer.pad_token = tokenizer.unk_token
+            info = {"name_or_path": cfg.model.name_or_path, "revision": cfg.model.revision, "built_tiny": False}
+        info.update(vocab_size=len(tokenizer), prompt_version=prompts.PROMPT_VERSION)
+        tokenizer.save_pretrained(out)
+        write_json(out / BASE_INFO, info)
+    print(f"base model: {info['name_or_path']} (vocab {info['vocab_size']}) -> {BASE_DIR}")
+    return info

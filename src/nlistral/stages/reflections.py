@@ -1,0 +1,77 @@
+"""Stage 2: a stronger LLM corrects every wrong teacher rationale, given the true label.
+
+A reflection counts only if its own label reaches the true label: one that disagrees is asked again (up to
+`reflector.max_attempts` in all) and, if it still disagrees, is kept as unresolved (`verified: false`). Its label
+is never overwritten, and unresolved reflections never reach the fine-tuning set.
+"""
+
+from nlistral.io import read_jsonl
+from nlistral.llm.engine import Accept, Reprompt, Task, generate
+from nlistral.parsing import REFLECTION_FIELDS, ReplyError, parse_reply
+from nlistral.prompts import label_mismatch_feedback, reflector_messages
+from nlistral.stages import thoughts
+from nlistral.stages.generation import write_outcomes
+
+OUT = "data/reflected_thoughts/{split}_reflections.jsonl"
+FAILED = "data/reflected_thoughts/{split}_failed.jsonl"
+METRICS = "metrics/reflections_{split}.json"
+
+
+def reflection_check(true_label: int, max_attempts: int):
+    """A reply check that re-asks while the reflection's label disagrees with the true label."""
+    attempts = 0
+
+    def check(reply):
+        nonlocal attempts
+        try:
+            parsed = parse_reply(reply.text, REFLECTION_FIELDS, reply.finish_reason)
+        except ReplyError as err:
+            return Reprompt(err.reason, err.feedback)
+        attempts += 1
+        verified = parsed["predicted_label"] == true_label
+        if not verified and attempts < max_attempts:
+            return Reprompt("label_mismatch", label_mismatch_feedback(parsed["predicted_label"], true_label))
+        return Accept({**parsed, "verified": verified, "attempts": attempts})
+
+    return check
+
+
+def run(cfg, split: str) -> dict:
+    wrong = [t for t in read_jsonl(thoughts.OUT.format(split=split)) if not t["correct"]]
+    ref = cfg.reflector
+    tasks = [
+        Task(
+            t["id"],
+            reflector_messages(
+                t["premise"], t["hypothesis"], t["thought_process"], t["predicted_label"], t["true_label"]
+            ),
+            reflection_check(t["true_label"], ref.max_attempts),
+            max_reprompts=ref.max_reprompts + ref.max_attempts - 1,
+        )
+        for t in wrong
+    ]
+    outcomes, stats = generate(ref, tasks, desc=f"reflections@{split}", cache_dir=cfg.llm_cache_dir)
+    records, failed = [], []
+    for thought, outcome in zip(wrong, outcomes, strict=True):
+        base = {key: thought[key] for key in ("id", "premise", "hypothesis", "thought_process", "predicted_label",
+                                              "true_label")}  # fmt: skip
+        if outcome.value is None:
+            failed.append({**base, "reason": outcome.reason, "raw": outcome.raw})
+            continue
+        value = outcome.value
+        records.append({
+            **base,
+            "error_analysis": value["error_analysis"],
+            "improved_thought_process": value["improved_thought_process"],
+            "reflected_label": value["predicted_label"],
+            "verified": value["verified"],
+            "attempts": value["attempts"],
+        })
+    verified = sum(r["verified"] for r in records)
+    return write_outcomes(
+        outcomes, records, failed,
+        out_path=OUT.format(split=split), failed_path=FAILED.format(split=split),
+        metrics_path=METRICS.format(split=split), stats=stats, backend_cfg=ref,
+        extra={"verified": verified, "unresolved": len(records) - verified,
+               "success_rate": round(verified / len(wrong), 4) if wrong else 0.0},
+    )  # fmt: skip

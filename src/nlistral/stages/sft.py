@@ -1,0 +1,160 @@
+"""Stage 3: correct thoughts + verified reflections -> the fine-tuning set, with its statistics.
+
+Hygiene, all counted by reason in metrics/sft_{split}.json:
+- a (premise, hypothesis) pair repeated within the split is kept once (`duplicate`);
+- a train pair that also appears in dev or test is removed from train (`leak_dev`, `leak_test`);
+- a row longer than model.max_seq_length tokens (configured tokenizer) is dropped (`too_long`), or kept and
+  counted (`sft.drop_too_long: false`); nothing is ever truncated.
+Pairs match after case-folding and collapsing whitespace.
+"""
+
+import random
+import statistics
+from collections import Counter
+
+from nlistral.data import load_split
+from nlistral.io import read_jsonl, write_csv, write_json, write_jsonl
+from nlistral.model import load_tokenizer
+from nlistral.prompts import completion_json, inst_prompt, sft_text, student_prompt
+from nlistral.stages import reflections, thoughts
+
+OUT = "data/finetune/{split}_ft.jsonl"
+METRICS = "metrics/sft_{split}.json"
+PLOT_ACCURACY = "metrics/plots/teacher_accuracy_by_length_{split}.csv"
+PLOT_LENGTHS = "metrics/plots/lengths_{split}.csv"
+LENGTH_BUCKETS = ((0, 100), (101, 200), (201, 300), (301, None))  # rationale words, as in the study
+
+
+def pair_key(premise: str, hypothesis: str) -> tuple[str, str]:
+    return " ".join(premise.casefold().split()), " ".join(hypothesis.casefold().split())
+
+
+def sft_row(source: str, item: dict, thought: str) -> dict:
+    prompt = student_prompt(item["premise"], item["hypothesis"])
+    completion = completion_json(thought, item["true_label"])
+    return {
+        "id": str(item["id"]),
+        "source": source,
+        "label": item["true_label"],
+        "premise": item["premise"],
+        "hypothesis": item["hypothesis"],
+        "prompt": prompt,
+        "completion": completion,
+        "text": sft_text(prompt, completion),
+        "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}],
+    }
+
+
+def candidates(thought_rows, reflection_rows, include_reflections: bool) -> list[dict]:
+    rows = [sft_row("original", t, t["thought_process"]) for t in thought_rows if t["correct"]]
+    if include_reflections:
+        rows += [sft_row("reflected", r, r["improved_thought_process"]) for r in reflection_rows if r["verified"]]
+    return rows
+
+
+def token_lengths(tokenizer, row) -> tuple[int, int]:
+    """Prompt tokens (with BOS) and completion tokens (with EOS), as training sees them."""
+    prompt = len(tokenizer(inst_prompt(row["prompt"])).input_ids)
+    completion = len(tokenizer(" " + row["completion"], add_special_tokens=False).input_ids) + 1
+    return prompt, completion
+
+
+def _describe(values) -> dict:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    return {
+        "min": ordered[0],
+        "median": statistics.median(ordered),
+        "p95": ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))],
+        "max": ordered[-1],
+    }
+
+
+def balance(rows, rng) -> list[dict]:
+    """Downsample the majority label to the minority's count, keeping input order."""
+    by_label = {label: [r for r in rows if r["label"] == label] for label in (0, 1)}
+    keep_n = min(len(v) for v in by_label.values())
+    keep = {id(r) for group in by_label.values() for r in rng.sample(group, keep_n)}
+    return [r for r in rows if id(r) in keep]
+
+
+def accuracy_by_length(thought_rows) -> list[dict]:
+    table = []
+    for low, high in LENGTH_BUCKETS:
+        rows = [t for t in thought_rows if len(t["thought_process"].split()) >= low and (
+            high is None or len(t["thought_process"].split()) <= high)]  # fmt: skip
+        correct = sum(t["correct"] for t in rows)
+        table.append({
+            "rationale_words": f"{low}-{high}" if high else f"{low}+",
+            "rows": len(rows),
+            "accuracy": round(correct / len(rows), 4) if rows else None,
+        })  # fmt: skip
+    return table
+
+
+def held_out_pairs(data_dir, split: str) -> dict:
+    """Pairs of dev/test (train only) -> the reason a train row with that pair is removed."""
+    if split != "train":
+        return {}
+    pairs = {}
+    for other in ("dev", "test"):
+        for premise, hypothesis in load_split(data_dir, other)[["premise", "hypothesis"]].itertuples(index=False):
+            pairs.setdefault(pair_key(premise, hypothesis), f"leak_{other}")
+    return pairs
+
+
+def run(cfg, split: str) -> dict:
+    thought_rows = read_jsonl(thoughts.OUT.format(split=split))
+    reflection_rows = read_jsonl(reflections.OUT.format(split=split))
+    rows = candidates(thought_rows, reflection_rows, cfg.sft.include_reflections)
+    held_out = held_out_pairs(cfg.data.dir, split)
+    tokenizer = load_tokenizer()
+    dropped, seen, kept, lengths = Counter(), set(), [], {}
+    over_length_kept = 0
+    for row in rows:
+        key = pair_key(row["premise"], row["hypothesis"])
+        reason = held_out.get(key) or ("duplicate" if key in seen else None)
+        seen.add(key)
+        prompt_tokens, completion_tokens = token_lengths(tokenizer, row)
+        if not reason and prompt_tokens + completion_tokens > cfg.model.max_seq_length:
+            reason = "too_long" if cfg.sft.drop_too_long else None
+            over_length_kept += not cfg.sft.drop_too_long
+        if reason:
+            dropped[reason] += 1
+            continue
+        kept.append(row)
+        lengths[row["id"]] = {"id": row["id"], "source": row["source"], "prompt_tokens": prompt_tokens,
+                              "completion_tokens": completion_tokens}  # fmt: skip
+
+    rng = random.Random(cfg.sft.seed)
+    if cfg.sft.balance_labels:
+        balanced = balance(kept, rng)
+        dropped["balance"] += len(kept) - len(balanced)
+        kept = balanced
+    if cfg.sft.shuffle:
+        rng.shuffle(kept)
+    write_jsonl(OUT.format(split=split), kept)
+
+    kept_lengths = [lengths[r["id"]] for r in kept]
+    write_csv(PLOT_LENGTHS.format(split=split), kept_lengths)
+    write_csv(PLOT_ACCURACY.format(split=split), accuracy_by_length(thought_rows))
+    correct = sum(t["correct"] for t in thought_rows)
+    verified = sum(r["verified"] for r in reflection_rows)
+    metrics = {
+        "candidates": len(rows),
+        "rows": len(kept),
+        "rows_by_source": {source: sum(r["source"] == source for r in kept) for source in ("original", "reflected")},
+        "label_counts": {str(label): sum(r["label"] == label for r in kept) for label in (0, 1)},
+        "dropped": dict(dropped),
+        "over_length_kept": over_length_kept,
+        "teacher_accuracy": round(correct / len(thought_rows), 4) if thought_rows else 0.0,
+        "reflected": len(reflection_rows),
+        "verified_reflections": verified,
+        "unresolved": len(reflection_rows) - verified,
+        "reflection_success_rate": round(verified / len(reflection_rows), 4) if reflection_rows else 0.0,
+        "prompt_tokens": _describe([e["prompt_tokens"] for e in kept_lengths]),
+        "completion_tokens": _describe([e["completion_tokens"] for e in kept_lengths]),
+    }
+    write_json(METRICS.format(split=split), metrics)
+    return metrics

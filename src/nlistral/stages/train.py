@@ -1,0 +1,141 @@
+"""Stage: (Q)LoRA fine-tuning of models/base on the SFT rows -> models/adapter, metrics/train.json, one MLflow run.
+
+Each row becomes prompt = "[INST] {prompt} [/INST]", completion = " {completion}". TRL's SFTTrainer tokenizes the
+prompt (the tokenizer adds the one BOS), appends EOS to the completion, and masks the prompt tokens out of the loss.
+Nothing is truncated (max_length=None): rows over model.max_seq_length tokens reach here only if the sft stage
+kept them (sft.drop_too_long: false); they are trained on in full and counted in `rows_over_max_seq_length`.
+"""
+
+import tempfile
+import time
+
+import mlflow
+from datasets import Dataset
+from omegaconf import OmegaConf
+from peft import LoraConfig
+from transformers import set_seed
+from trl import SFTConfig, SFTTrainer
+
+from nlistral.io import read_jsonl, write_json
+from nlistral.model import ADAPTER_DIR, load_base_model, load_tokenizer, staged_dir
+from nlistral.prompts import inst_prompt
+from nlistral.stages import StageError
+
+TRAIN_FT = "data/finetune/train_ft.jsonl"
+DEV_FT = "data/finetune/dev_ft.jsonl"
+METRICS = "metrics/train.json"
+RUN_FILE = "mlflow_run.json"  # inside models/adapter: lets `evaluate` log into the same MLflow run
+
+
+def sft_dataset(path) -> Dataset:
+    rows = read_jsonl(path)
+    if not rows:
+        raise StageError(f"{path} has no rows to train on")
+    return Dataset.from_list([{"prompt": inst_prompt(r["prompt"]), "completion": " " + r["completion"]} for r in rows])
+
+
+def flat_params(cfg, sections=("model", "train", "sft")) -> dict:
+    """{"train.lora_r": 8, ...} for MLflow. Only these subtrees: nothing from the environment, no API settings."""
+    flat = {}
+
+    def walk(prefix, node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}", value)
+        else:
+            flat[prefix] = node
+
+    for section in sections:
+        walk(section, OmegaConf.to_container(cfg[section], resolve=True))
+    return flat
+
+
+def build_trainer(cfg, output_dir) -> SFTTrainer:
+    """The trainer with its tokenized datasets (`trainer.train_dataset`: input_ids, labels with -100 on the prompt)."""
+    train = cfg.train
+    args = SFTConfig(
+        output_dir=output_dir,
+        max_length=None,  # never truncate
+        completion_only_loss=True,
+        num_train_epochs=train.num_epochs,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.per_device_batch_size,
+        per_device_eval_batch_size=train.per_device_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        learning_rate=train.learning_rate,
+        warmup_ratio=train.warmup_ratio,
+        weight_decay=train.weight_decay,
+        lr_scheduler_type=train.lr_scheduler_type,
+        optim=train.optim,
+        gradient_checkpointing=train.gradient_checkpointing,
+        bf16=cfg.model.dtype == "bfloat16",
+        logging_steps=train.logging_steps,
+        seed=train.seed,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",  # MLflow is logged by hand: its Trainer callback would end our run early
+    )
+    lora = LoraConfig(
+        r=train.lora_r,
+        lora_alpha=train.lora_alpha,
+        lora_dropout=train.lora_dropout,
+        target_modules=list(train.lora_target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return SFTTrainer(
+        model=load_base_model(cfg, for_training=True),
+        args=args,
+        train_dataset=sft_dataset(TRAIN_FT),
+        eval_dataset=sft_dataset(DEV_FT),
+        processing_class=load_tokenizer(),
+        peft_config=lora,
+    )
+
+
+def run(cfg) -> dict:
+    set_seed(cfg.train.seed)  # before the LoRA weights are initialised
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    mlflow.set_experiment(cfg.mlflow.experiment)
+    with tempfile.TemporaryDirectory() as scratch, mlflow.start_run() as mlrun:
+        trainer = build_trainer(cfg, scratch)
+        lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+        mlflow.log_params(flat_params(cfg))
+        start = time.perf_counter()
+        result = trainer.train()
+        wall = time.perf_counter() - start
+        dev = trainer.evaluate()
+        losses = []
+        for entry in trainer.state.log_history:
+            if "loss" in entry:
+                losses.append(entry["loss"])
+                step_metrics = {k: entry[k] for k in ("loss", "grad_norm", "learning_rate") if k in entry}
+                mlflow.log_metrics(step_metrics, step=entry["step"])
+        trainable, total = trainer.model.get_nb_trainable_parameters()
+        metrics = {
+            "train_loss": round(result.training_loss, 4),
+            "train_loss_first": round(losses[0], 4) if losses else None,
+            "train_loss_last": round(losses[-1], 4) if losses else None,
+            "eval_loss": round(dev["eval_loss"], 4),
+            "steps": result.global_step,
+            "epochs": round(trainer.state.epoch, 2),
+            "train_rows": len(lengths),
+            "dev_rows": len(trainer.eval_dataset),
+            "train_tokens": sum(lengths),
+            "loss_tokens": sum(sum(label != -100 for label in row) for row in trainer.train_dataset["labels"]),
+            "max_row_tokens": max(lengths),
+            "rows_over_max_seq_length": sum(n > cfg.model.max_seq_length for n in lengths),
+            "trainable_params": trainable,
+            "total_params": total,
+            "wall_time_s": round(wall, 2),
+            "steps_per_second": round(result.global_step / wall, 2),
+        }
+        mlflow.log_metrics({k: v for k, v in metrics.items() if v is not None})
+        with staged_dir(ADAPTER_DIR) as out:
+            trainer.model.save_pretrained(out)
+            trainer.processing_class.save_pretrained(out)
+            write_json(out / RUN_FILE, {"run_id": mlrun.info.run_id, "experiment_id": mlrun.info.experiment_id})
+        mlflow.log_artifacts(str(ADAPTER_DIR), artifact_path="adapter")
+    write_json(METRICS, metrics)
+    print(f"train: loss {metrics['train_loss_first']} -> {metrics['train_loss_last']}, dev loss {metrics['eval_loss']}, "
+          f"{metrics['steps']} steps in {metrics['wall_time_s']} s -> {ADAPTER_DIR}")  # fmt: skip
+    return metrics
