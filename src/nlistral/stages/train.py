@@ -63,7 +63,7 @@ def build_trainer(cfg, output_dir) -> SFTTrainer:
         per_device_eval_batch_size=train.per_device_batch_size,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
         learning_rate=train.learning_rate,
-        warmup_ratio=train.warmup_ratio,
+        warmup_steps=float(train.warmup_ratio),  # transformers 5: a float in [0, 1) is a ratio of the steps
         weight_decay=train.weight_decay,
         lr_scheduler_type=train.lr_scheduler_type,
         optim=train.optim,

@@ -1,0 +1,89 @@
+"""End to end: `dvc repro` of the whole DAG in a temporary git copy of the repo, on a cut-down sample."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from nlistral.io import read_jsonl
+
+pytestmark = pytest.mark.slow
+# `git commit` and `dvc exp run` need an identity; CI machines may have none configured.
+GIT_IDENTITY = {f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")
+                for what, value in (("NAME", "nlistral-tests"), ("EMAIL", "tests@nlistral.invalid"))}  # fmt: skip
+ROWS = {"train": 32, "dev": 12, "test": 12}
+METRIC_KEYS = {
+    "metrics/thoughts_train.json": {"rows", "ok", "failed", "correct", "accuracy", "requests", "cost_usd"},
+    "metrics/reflections_train.json": {"rows", "ok", "failed", "verified", "unresolved", "success_rate"},
+    "metrics/sft_train.json": {"rows", "rows_by_source", "label_counts", "teacher_accuracy", "dropped",
+                               "reflection_success_rate", "prompt_tokens", "completion_tokens"},  # fmt: skip
+    "metrics/train.json": {"train_loss"},
+    "metrics/eval.json": {"accuracy", "precision", "recall", "f1", "parse_failures", "confusion"},
+}
+
+
+def run(*cmd, cwd):
+    env = {**GIT_IDENTITY, **os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A git copy of the repo with a small sample and short training, after one `dvc repro`."""
+    root = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()  # fmt: skip
+    for name in files:
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes((REPO / name).read_bytes())
+    for split, n in ROWS.items():
+        path = root / "data" / "sample" / f"{split}.csv"
+        path.write_text("".join(path.read_text().splitlines(keepends=True)[: n + 1]))
+    train_conf = root / "conf" / "train" / "default.yaml"
+    train_conf.write_text(train_conf.read_text().replace("num_epochs: 10", "num_epochs: 2"))
+    run(sys.executable, "-m", "nlistral", "params", cwd=root)
+    run("git", "init", "-q", cwd=root)
+    run("git", "add", "-A", cwd=root)
+    run("git", "commit", "-qm", "copy", cwd=root)
+    run("dvc", "repro", cwd=root)
+    return root
+
+
+def test_counts_add_up(pipeline):
+    for split in ("train", "dev"):
+        thoughts = read_jsonl(pipeline / f"data/original_thoughts/{split}_thoughts.jsonl")
+        failed = read_jsonl(pipeline / f"data/original_thoughts/{split}_failed.jsonl")
+        reflections = read_jsonl(pipeline / f"data/reflected_thoughts/{split}_reflections.jsonl")
+        finetune = read_jsonl(pipeline / f"data/finetune/{split}_ft.jsonl")
+        assert len(thoughts) + len(failed) == ROWS[split]
+        assert len(reflections) == sum(not t["correct"] for t in thoughts)
+        assert len(finetune) == sum(t["correct"] for t in thoughts) + sum(r["verified"] for r in reflections)
+    predictions = read_jsonl(pipeline / "metrics/predictions.jsonl")
+    assert len(predictions) == ROWS["test"]
+    assert (pipeline / "models/adapter/adapter_config.json").is_file()
+
+
+def test_metrics_hold_the_documented_keys(pipeline):
+    for path, keys in METRIC_KEYS.items():
+        metrics = json.loads((pipeline / path).read_text())
+        assert keys <= set(metrics), f"{path} lacks {keys - set(metrics)}"
+    shown = run("dvc", "metrics", "show", "--json", cwd=pipeline)
+    assert "eval.json" in shown and "sft_dev.json" in shown
+
+
+def test_second_repro_reruns_nothing(pipeline):
+    out = run("dvc", "repro", cwd=pipeline)
+    assert "Running stage" not in out
+
+
+def test_train_param_change_reruns_only_train_and_evaluate(pipeline):
+    out = run("dvc", "exp", "run", "-S", "train.learning_rate=0.001", cwd=pipeline)
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train", "evaluate"}, out

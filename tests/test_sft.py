@@ -1,0 +1,108 @@
+"""The fine-tuning set: split hygiene, length policy, balance, ablation, and the statistics behind them."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from nlistral.config import load_config
+from nlistral.io import read_jsonl, write_jsonl
+from nlistral.stages import base_model, sft
+
+
+@pytest.fixture(scope="module")
+def built_base(tmp_path_factory):
+    """models/base of the embedded profile, built once for the module."""
+    root = tmp_path_factory.mktemp("base")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        shutil.copytree(REPO / "data" / "sample", root / "data" / "sample")
+        shutil.copy(REPO / "params.yaml", root / "params.yaml")
+        base_model.run(load_config())
+    return root / "models" / "base"
+
+
+def thought(id_, premise, hypothesis, label, correct=True):
+    return {"id": id_, "premise": premise, "hypothesis": hypothesis, "thought_process": f"Step 1: {id_}.",
+            "predicted_label": label if correct else 1 - label, "true_label": label, "correct": correct}  # fmt: skip
+
+
+def reflection(id_, premise, hypothesis, label, verified):
+    return {**thought(id_, premise, hypothesis, label, correct=False), "error_analysis": "E",
+            "improved_thought_process": f"Step 1: better {id_}.", "reflected_label": label if verified else 1 - label,
+            "verified": verified, "attempts": 2 if not verified else 1}  # fmt: skip
+
+
+@pytest.fixture
+def stage(workdir, built_base):
+    """A repo root with the built base and three CSVs; returns a function that runs sft on given thoughts."""
+    shutil.copytree(built_base, workdir / "models" / "base")
+    data = workdir / "data" / "tiny"
+    data.mkdir(parents=True)
+    (data / "dev.csv").write_text("premise,hypothesis,label\nA dog runs.,An animal runs.,1\n")
+    (data / "test.csv").write_text("premise,hypothesis,label\nA girl sings.,A child sings.,1\n")
+
+    def run(thoughts, reflections, *overrides):
+        write_jsonl("data/original_thoughts/train_thoughts.jsonl", thoughts)
+        write_jsonl("data/reflected_thoughts/train_reflections.jsonl", reflections)
+        metrics = sft.run(load_config(["data.dir=data/tiny", *overrides]), "train")
+        return read_jsonl("data/finetune/train_ft.jsonl"), metrics
+
+    return run
+
+
+def test_duplicates_and_leaks_are_removed_and_counted(stage):
+    rows, metrics = stage(
+        [
+            thought("1", "A man cooks.", "A person cooks.", 1),
+            thought("2", "A  man cooks.", "a person cooks.", 1),  # same pair after case/space folding
+            thought("3", "A dog runs.", "An animal runs.", 1),  # in dev
+            thought("4", "A girl sings.", "A child sings.", 1),  # in test
+            thought("5", "A cat sleeps.", "A cat is awake.", 0),
+        ],
+        [reflection("6", "A bird flies.", "A bird is flying.", 1, verified=True)],
+    )
+    assert sorted(r["id"] for r in rows) == ["1", "5", "6"]
+    assert metrics["dropped"] == {"duplicate": 1, "leak_dev": 1, "leak_test": 1}
+    assert metrics["candidates"] == 6 and metrics["rows"] == 3
+
+
+def test_unverified_reflections_never_enter_and_ablation_drops_all(stage):
+    thoughts = [thought("1", "A man cooks.", "A person cooks.", 1)]
+    reflections = [reflection("2", "A bird flies.", "A bird is flying.", 1, verified=True),
+                   reflection("3", "A boy eats.", "A boy is hungry.", 0, verified=False)]  # fmt: skip
+    rows, metrics = stage(thoughts, reflections)
+    assert {r["id"]: r["source"] for r in rows} == {"1": "original", "2": "reflected"}
+    assert metrics["unresolved"] == 1 and metrics["reflection_success_rate"] == 0.5
+    reflected = next(r for r in rows if r["id"] == "2")
+    assert json.loads(reflected["completion"]) == {"thought_process": "Step 1: better 2.", "predicted_label": 1}
+    rows, metrics = stage(thoughts, reflections, "sft.include_reflections=false")
+    assert [r["id"] for r in rows] == ["1"] and metrics["rows_by_source"] == {"original": 1, "reflected": 0}
+
+
+def test_length_policy_drops_or_keeps_but_never_truncates(stage):
+    long = thought("2", "A man cooks. " * 80, "A person cooks.", 1)
+    thoughts = [thought("1", "A man cooks.", "A person cooks.", 1), long]
+    rows, metrics = stage(thoughts, [], "model.max_seq_length=200")
+    assert [r["id"] for r in rows] == ["1"] and metrics["dropped"] == {"too_long": 1}
+    rows, metrics = stage(thoughts, [], "model.max_seq_length=200", "sft.drop_too_long=false")
+    assert metrics["over_length_kept"] == 1 and metrics["prompt_tokens"]["max"] > 200
+    assert next(r for r in rows if r["id"] == "2")["premise"] == long["premise"]
+
+
+def test_balance_and_shuffle_are_seeded(stage):
+    thoughts = [thought(str(i), f"Scene {i} happens.", f"Claim {i}.", int(i < 6)) for i in range(8)]
+    rows, metrics = stage(thoughts, [], "sft.balance_labels=true")
+    assert metrics["label_counts"] == {"0": 2, "1": 2} and metrics["dropped"] == {"balance": 4}
+    again, _ = stage(thoughts, [], "sft.balance_labels=true")
+    assert [r["id"] for r in again] == [r["id"] for r in rows]
+
+
+def test_plot_data_comes_from_the_outputs(stage):
+    stage([thought("1", "A man cooks.", "A person cooks.", 1), thought("2", "A cat naps.", "A dog.", 0, False)], [])
+    lines = Path("metrics/plots/teacher_accuracy_by_length_train.csv").read_text().splitlines()
+    assert lines[0] == "rationale_words,rows,accuracy" and lines[1] == "0-100,2,0.5"
+    lengths = Path("metrics/plots/lengths_train.csv").read_text().splitlines()
+    assert len(lengths) == 2 and lengths[1].startswith("1,original,")
