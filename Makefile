@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 # Stages call `nlistral`, `dvc` etc. from the venv without activating it.
 export PATH := $(BIN):$(PATH)
+# Nothing phones home (DVC's analytics are off in .dvc/config).
+export MLFLOW_DISABLE_TELEMETRY := true
+export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: setup run test params lint
 

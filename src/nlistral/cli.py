@@ -3,6 +3,7 @@
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from nlistral.config import PARAMS_FILE, ConfigError, compose_params, load_config
@@ -32,7 +33,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Nothing phones home: MLflow and the Hugging Face hub client send usage telemetry unless told not to.
+TELEMETRY_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
 def main(argv=None) -> int:
+    for name, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(name, value)
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
