@@ -16,6 +16,7 @@ STAGES = (*SPLIT_STAGES, "base-model", "train", "evaluate")
 # Exit codes: 2 = bad input or config (nothing written), 1 = the stage ran and failed.
 EXIT_BAD_INPUT = 2
 EXIT_STAGE_FAILED = 1
+EXIT_INTERRUPTED = 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,4 +60,7 @@ def main(argv=None) -> int:
     except StageError as err:
         print(f"nlistral {args.command}: failed: {err}", file=sys.stderr)
         return EXIT_STAGE_FAILED
+    except KeyboardInterrupt:
+        print(f"nlistral {args.command}: interrupted; a re-run resumes from the LLM cache", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0

@@ -1,13 +1,25 @@
-"""Drive a chat client over many rows: reprompt invalid replies, record every row as ok or failed."""
+"""Drive a chat client over many rows: reprompt invalid replies, record every row as ok or failed, account for it.
 
+`generate` runs each task as a conversation: send its messages, let its `check` accept the reply or ask for a
+reprompt (the feedback goes back as a user turn), up to `max_reprompts` times. Transport trouble (429, 5xx,
+timeouts) is retried inside the client and never uses up reprompts. In `mode: sync` up to `max_concurrency`
+conversations run at once; in `mode: batch` (Mistral) every round of requests goes out as one batch job.
+"""
+
+import threading
 import time
-from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from nlistral.llm import Reply, make_client
+from nlistral.config import ConfigError
+from nlistral.llm import Reply, RequestFailed, Tally, make_client
+from nlistral.llm.batch import run_rounds
+from nlistral.llm.http import RETRY_CAUSES
+
+BATCH_PRICE_FACTOR = 0.5  # Mistral's Batch API bills half the per-token price
 
 
 @dataclass
@@ -36,40 +48,141 @@ class Outcome:
     reason: str | None = None
     raw: str | None = None  # the last reply's text
     reprompts: list[str] = field(default_factory=list)  # reasons, in order
+    error: str | None = None  # for a row that got no usable answer: what the server said or did
 
 
-def _converse(client, task: Task, stats: Counter) -> Outcome:
-    messages = list(task.messages)
-    outcome = Outcome(task.id)
-    while True:
-        reply = client.chat(messages)
-        stats["requests"] += 1
-        stats["prompt_tokens"] += reply.prompt_tokens
-        stats["completion_tokens"] += reply.completion_tokens
+class Conversation:
+    """One task's exchange with the model."""
+
+    def __init__(self, task: Task):
+        self.task = task
+        self.messages = list(task.messages)
+        self.outcome = Outcome(task.id)
+        self.done = False
+        self.failed_rounds = 0  # batch mode: rounds in which its request got no reply
+
+    def feed(self, reply: Reply) -> None:
+        outcome = self.outcome
         outcome.raw = reply.text
-        verdict = task.check(reply)
+        verdict = self.task.check(reply)
         if isinstance(verdict, Accept):
-            outcome.value = verdict.value
-            return outcome
-        if len(outcome.reprompts) >= task.max_reprompts:
-            outcome.reason = verdict.reason
-            return outcome
-        outcome.reprompts.append(verdict.reason)
-        messages += [{"role": "assistant", "content": reply.text}, {"role": "user", "content": verdict.feedback}]
+            outcome.value, self.done = verdict.value, True
+        elif len(outcome.reprompts) >= self.task.max_reprompts:
+            outcome.reason, self.done = verdict.reason, True
+        else:
+            outcome.reprompts.append(verdict.reason)
+            self.messages += [
+                {"role": "assistant", "content": reply.text},
+                {"role": "user", "content": verdict.feedback},
+            ]
+
+    def fail(self, err: RequestFailed) -> None:
+        self.outcome.reason, self.outcome.error, self.done = err.reason, err.detail, True
+
+
+class Accounts:
+    """Running totals for the progress bar and the stage metrics."""
+
+    def __init__(self, cfg, bar, price_factor: float):
+        self.tally = Tally()
+        self.bar = bar
+        self.price_in = cfg.price_input_per_mtok / 1e6
+        self.price_out = cfg.price_output_per_mtok / 1e6
+        self.price_factor = price_factor
+
+    def reply(self, reply: Reply) -> None:
+        prefix = "cached_" if reply.cached else ""
+        self.tally.add("cache_hits" if reply.cached else "replies")
+        self.tally.add(prefix + "prompt_tokens", reply.prompt_tokens)
+        self.tally.add(prefix + "completion_tokens", reply.completion_tokens)
+
+    def cost(self, prefix: str = "") -> float:
+        t = self.tally
+        return t[prefix + "prompt_tokens"] * self.price_in + t[prefix + "completion_tokens"] * self.price_out
+
+    def row_done(self, conv: Conversation) -> None:
+        if conv.outcome.value is None:
+            self.tally.add("failed_rows")
+        self.bar.update()
+        self.bar.set_postfix({
+            "failed": self.tally["failed_rows"],
+            "tokens": self.tally["prompt_tokens"] + self.tally["completion_tokens"],
+            "cost": f"${self.cost() * self.price_factor:.4f}",
+            "cached": self.tally["cache_hits"],
+        }, refresh=False)  # fmt: skip
 
 
 def generate(backend_cfg, tasks: list[Task], desc: str, cache_dir: str) -> tuple[list[Outcome], dict]:
-    """Run every task; outcomes come back in task order, with the run's accounting."""
-    client = make_client(backend_cfg)
-    stats = Counter()
+    """Run every task; outcomes come back in task order, with the run's accounting.
+
+    Raises ConfigError (bad key, unknown model, bad mode) before writing anything; rows that fail are outcomes.
+    """
+    mode = backend_cfg.mode
+    if mode not in ("sync", "batch") or (mode == "batch" and backend_cfg.backend != "mistral"):
+        message = f"mode {mode!r} is not available for the {backend_cfg.backend} backend: use sync (batch: mistral)"
+        raise ConfigError(message)
+    client = make_client(backend_cfg, cache_dir)
+    conversations = [Conversation(task) for task in tasks]
     start = time.monotonic()
-    outcomes = []
-    with tqdm(total=len(tasks), desc=desc, unit="row") as bar:
-        for task in tasks:
-            outcomes.append(_converse(client, task, stats))
-            bar.update()
-    cost = (
-        stats["prompt_tokens"] * backend_cfg.price_input_per_mtok
-        + stats["completion_tokens"] * backend_cfg.price_output_per_mtok
-    ) / 1e6
-    return outcomes, {**stats, "cost_usd": round(cost, 6), "wall_s": round(time.monotonic() - start, 3)}
+    price_factor = BATCH_PRICE_FACTOR if mode == "batch" else 1.0
+    try:
+        with tqdm(total=len(tasks), desc=desc, unit="row") as bar:
+            accounts = Accounts(backend_cfg, bar, price_factor)
+            if mode == "batch":
+                run_rounds(client, conversations, accounts, backend_cfg.batch_poll_s)
+            else:
+                _run_sync(client, conversations, backend_cfg.max_concurrency, accounts)
+    finally:
+        if hasattr(client, "close"):
+            client.close()
+    stats = _stats(client, accounts, mode)
+    return [c.outcome for c in conversations], {**stats, "mode": mode, "wall_s": round(time.monotonic() - start, 3)}
+
+
+def _run_sync(client, conversations: list[Conversation], max_concurrency: int, accounts: Accounts) -> None:
+    halt = threading.Event()
+
+    def converse(conv: Conversation) -> Conversation:
+        while not conv.done and not halt.is_set():
+            try:
+                reply = client.chat(conv.messages)
+            except RequestFailed as err:
+                conv.fail(err)
+                break
+            accounts.reply(reply)
+            conv.feed(reply)
+        return conv
+
+    pool = ThreadPoolExecutor(max_workers=max(1, max_concurrency))
+    try:
+        for future in as_completed([pool.submit(converse, conv) for conv in conversations]):
+            accounts.row_done(future.result())
+    except BaseException:  # a 401, Ctrl-C: stop starting requests; replies already paid are in the cache
+        halt.set()
+        if hasattr(client, "stop"):
+            client.stop()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
+def _stats(client, accounts: Accounts, mode: str) -> dict:
+    t = accounts.tally + getattr(client, "tally", Tally())
+    requests = t["requests"] if hasattr(client, "tally") else t["replies"]  # the offline stand-in has no transport
+    retries = {f"retries_{cause}": t[f"retries_{cause}"] for cause in RETRY_CAUSES}
+    stats = {
+        "requests": requests,
+        "cache_hits": t["cache_hits"],
+        "retries": sum(retries.values()),
+        **retries,
+        "http_429": t["http_429"],
+        "prompt_tokens": t["prompt_tokens"],
+        "completion_tokens": t["completion_tokens"],
+        "cached_prompt_tokens": t["cached_prompt_tokens"],
+        "cached_completion_tokens": t["cached_completion_tokens"],
+        "cost_usd": round(accounts.cost() * accounts.price_factor, 6),  # paid by this run
+        "saved_usd": round(accounts.cost("cached_"), 6),  # cached replies re-used, at the sync price
+    }
+    if mode == "batch":
+        stats |= {"batch_jobs": t["batch_jobs"], "batch_rounds": t["batch_rounds"]}
+    return stats

@@ -56,7 +56,7 @@ def run(cfg, split: str) -> dict:
         base = {key: thought[key] for key in ("id", "premise", "hypothesis", "thought_process", "predicted_label",
                                               "true_label")}  # fmt: skip
         if outcome.value is None:
-            failed.append({**base, "reason": outcome.reason, "raw": outcome.raw})
+            failed.append({**base, "reason": outcome.reason, "error": outcome.error, "raw": outcome.raw})
             continue
         value = outcome.value
         records.append({

@@ -29,7 +29,8 @@ def run(cfg, split: str) -> dict:
     for row, outcome in zip(rows.itertuples(), outcomes, strict=True):
         base = {"id": row.id, "premise": row.premise, "hypothesis": row.hypothesis}
         if outcome.value is None:
-            failed.append({**base, "true_label": row.label, "reason": outcome.reason, "raw": outcome.raw})
+            failed.append({**base, "true_label": row.label, "reason": outcome.reason, "error": outcome.error,
+                           "raw": outcome.raw})
             continue
         label = outcome.value["predicted_label"]
         records.append({

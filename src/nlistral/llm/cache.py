@@ -1,0 +1,55 @@
+"""Persistent store of paid LLM replies (and running batch jobs): one SQLite file, one commit per reply.
+
+Keys are hashes of what was asked (see HttpClient.key): never the API key, never the parser, so a parser fix or a
+re-run re-uses paid replies. WAL mode and autocommit make each stored reply survive a `kill -9` right after it.
+"""
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, request TEXT NOT NULL, response TEXT NOT NULL,
+                                    created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS batch_jobs (request_set TEXT PRIMARY KEY, job_id TEXT NOT NULL, created REAL NOT NULL);
+"""
+
+
+class ReplyCache:
+    def __init__(self, cache_dir):
+        path = Path(cache_dir) / "replies.sqlite"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT response FROM replies WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def put(self, key: str, request: str, response: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?)", (key, request, response, time.time())
+            )
+
+    def batch_job(self, request_set: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT job_id FROM batch_jobs WHERE request_set = ?", (request_set,)).fetchone()
+        return row[0] if row else None
+
+    def set_batch_job(self, request_set: str, job_id: str | None) -> None:
+        with self._lock:
+            if job_id is None:
+                self._db.execute("DELETE FROM batch_jobs WHERE request_set = ?", (request_set,))
+            else:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO batch_jobs VALUES (?, ?, ?)", (request_set, job_id, time.time())
+                )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

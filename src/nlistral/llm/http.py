@@ -1,0 +1,304 @@
+"""Mistral's chat API and OpenAI-compatible servers (vLLM, Ollama, llama.cpp, OpenAI) over `requests`.
+
+One client per stage, shared by its worker threads: a Limiter paces every request, `request` retries 429, 5xx,
+timeouts, connection errors and unreadable bodies with exponential backoff and jitter (a 429 pauses the whole
+client for its Retry-After), 401 stops the stage, other 4xx fail the row at once. `chat` answers from the reply
+cache when it can and stores every paid reply as soon as it arrives.
+
+The API key lives only in the Authorization header: it is never logged, put in an error message, or cached.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import threading
+from dataclasses import replace
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+
+import requests
+from dotenv import load_dotenv
+
+from nlistral.config import ConfigError
+from nlistral.llm import Reply, RequestFailed, Tally
+from nlistral.llm.cache import ReplyCache
+from nlistral.llm.limiter import Limiter
+
+log = logging.getLogger(__name__)
+
+CHAT_PATH = "/chat/completions"
+RETRY_CAUSES = ("rate_limited", "server_error", "timeout", "connection", "bad_response")
+
+
+def parse_completion(raw: str) -> Reply:
+    """A chat completion body (Mistral and OpenAI share the shape) -> Reply; ValueError if it is not one."""
+    try:
+        data = json.loads(raw)
+        choice = data["choices"][0]
+        content = choice["message"].get("content") or ""
+        if isinstance(content, list):  # Mistral's chunked content: keep the text chunks, drop e.g. "thinking"
+            content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
+        usage = data.get("usage") or {}
+        return Reply(
+            str(content),
+            choice.get("finish_reason"),
+            int(usage.get("prompt_tokens") or 0),
+            int(usage.get("completion_tokens") or 0),
+        )
+    except (TypeError, KeyError, IndexError, AttributeError, ValueError) as err:
+        raise ValueError(f"not a chat completion ({type(err).__name__})") from None
+
+
+def _seconds(value: str | None) -> float | None:
+    """'2', '0.5', '20ms', '1s', '6m0s', '1h2m' -> seconds; None if unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", value)
+    if not parts or "".join(n + u for n, u in parts) != value:
+        return None
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def retry_after(headers) -> float | None:
+    """Seconds the server asks us to wait: Retry-After (seconds or HTTP date) or retry-after-ms."""
+    if (ms := _seconds(headers.get("retry-after-ms"))) is not None:
+        return ms / 1000
+    value = headers.get("retry-after")
+    if (seconds := _seconds(value)) is not None:
+        return seconds
+    try:
+        return max(0.0, (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds())
+    except (TypeError, ValueError):
+        return None
+
+
+def exhausted_wait(headers) -> float:
+    """Seconds until an exhausted `x-ratelimit-remaining-*` budget resets, from its `x-ratelimit-reset-*`."""
+    wait = 0.0
+    for name, value in headers.items():
+        name = name.lower()
+        remaining = _seconds(value) if name.startswith("x-ratelimit-remaining") else None
+        if remaining is not None and remaining <= 0:
+            wait = max(wait, _seconds(headers.get(name.replace("remaining", "reset"))) or 0.0)
+    return wait
+
+
+def _estimate_tokens(body: dict) -> int:
+    """Before sending: ~4 characters a token for the prompt, plus the most the reply may use."""
+    return sum(len(m["content"]) // 4 + 4 for m in body["messages"]) + body["max_tokens"]
+
+
+class HttpClient:
+    def __init__(self, cfg, cache_dir=None):
+        if not cfg.base_url:
+            raise ConfigError(f"the {cfg.backend} backend needs base_url (e.g. https://api.mistral.ai/v1)")
+        self.backend = cfg.backend
+        self.model = cfg.model
+        self.base_url = str(cfg.base_url).rstrip("/")
+        self.api_key_env = cfg.api_key_env
+        self.cfg = cfg
+        self.max_retries = cfg.max_retries
+        self.timeout_s = cfg.timeout_s
+        self.limiter = Limiter(cfg.requests_per_second, cfg.tokens_per_minute)
+        self.cache = ReplyCache(cache_dir) if cache_dir else None
+        self.tally = Tally()
+        self._headers = None  # set by ensure_ready, holds the key
+        self._secret = None
+        self._ready_lock = threading.Lock()
+        self._stop = threading.Event()  # every thread gives up: on a 401 or a bad model (with _fatal), or Ctrl-C
+        self._fatal = None
+        self._local = threading.local()
+        self._sessions = []
+        self._key_locks = {}
+        self._key_locks_lock = threading.Lock()
+
+    # --- what is asked -------------------------------------------------------------------------------------------
+    def body(self, messages: list[dict]) -> dict:
+        cfg = self.cfg
+        body = {"model": self.model, "messages": messages, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
+        if cfg.seed is not None:
+            body["random_seed" if self.backend == "mistral" else "seed"] = cfg.seed
+        if cfg.response_format:
+            body["response_format"] = {"type": cfg.response_format}
+        return body
+
+    def key(self, body: dict) -> str:
+        """Cache key: the endpoint and the whole request body (model, messages, generation params)."""
+        asked = json.dumps({"url": self.base_url + CHAT_PATH, "body": body}, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(asked.encode()).hexdigest()
+
+    # --- chat ----------------------------------------------------------------------------------------------------
+    def chat(self, messages: list[dict]) -> Reply:
+        body = self.body(messages)
+        key = self.key(body)
+        with self._key_lock(key):  # identical requests in flight at once are sent (and paid) once
+            if self.cache and (raw := self.cache.get(key)) is not None:
+                return replace(parse_completion(raw), cached=True)
+            self.ensure_ready()
+            raw, reply = self.request("POST", CHAT_PATH, parse=_chat_reply, tokens=_estimate_tokens(body), json=body)
+            if self.cache:
+                self.cache.put(key, json.dumps(body, ensure_ascii=False), raw)
+            return reply
+
+    def _key_lock(self, key: str) -> threading.Lock:
+        with self._key_locks_lock:
+            return self._key_locks.setdefault(key, threading.Lock())
+
+    # --- setup: key and model, checked before the first request (a fully cached run needs neither) ----------------
+    def ensure_ready(self) -> None:
+        with self._ready_lock:
+            if self._headers is not None:
+                return
+            self._headers = self._auth_headers()
+            try:
+                self._check_model()
+            except ConfigError as err:
+                self._halt(str(err))
+                raise
+
+    def _auth_headers(self) -> dict:
+        load_dotenv(Path(".env"))  # the repo root's .env; variables already set win
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        if not key:
+            if self.backend == "mistral":
+                raise ConfigError(
+                    f"the mistral backend needs an API key: environment variable {self.api_key_env} is not set "
+                    f"(export it, or put {self.api_key_env}=... in .env)"
+                )
+            return {}
+        self._secret = key
+        return {"Authorization": f"Bearer {key}"}
+
+    def _check_model(self) -> None:
+        """Stop early if GET /models answers and does not list the configured model."""
+        try:
+            listing = self.request("GET", "/models", parse=_model_ids, retries=0)
+        except RequestFailed as err:
+            log.info("%s/models did not list models (%s); not checking model %r", self.base_url, err, self.model)
+            return
+        served = set(listing)
+        if self.model not in served:
+            raise ConfigError(
+                f"model {self.model!r} is not served by {self.base_url}; it serves: {', '.join(sorted(served))}"
+            )
+
+    def _halt(self, message: str) -> ConfigError:
+        self._fatal = message
+        self._stop.set()
+        return ConfigError(message)
+
+    def _auth_error(self) -> ConfigError:
+        if self.api_key_env:
+            return self._halt(
+                f"{self.base_url} refused the API key in environment variable {self.api_key_env} (HTTP 401): "
+                "check that it is valid and active"
+            )
+        return self._halt(f"{self.base_url} requires an API key (HTTP 401): set api_key_env and that variable")
+
+    # --- one HTTP call, with retries -----------------------------------------------------------------------------
+    def request(self, method: str, path: str, *, parse, tokens: int = 0, retries: int | None = None, **kwargs):
+        """Send until `parse(response) -> (value, tokens used)` accepts a 2xx response; return the value.
+
+        Raises ConfigError on 401 (and in every thread after it), RequestFailed when retries run out or the server
+        refuses the request (other 4xx).
+        """
+        retries = self.max_retries if retries is None else retries
+        is_chat = path == CHAT_PATH
+        for attempt in range(retries + 1):
+            if self._stop.is_set():
+                if self._fatal:
+                    raise ConfigError(self._fatal)
+                raise RequestFailed("interrupted", "the stage was stopped")
+            ticket = self.limiter.acquire(tokens)
+            server_wait = None
+            if is_chat:
+                self.tally.add("requests")
+            try:
+                resp = self._session().request(
+                    method, self.base_url + path, headers=self._headers, timeout=self.timeout_s, **kwargs
+                )
+            except requests.Timeout:
+                cause, detail = "timeout", f"no response within timeout_s={self.timeout_s}"
+            except requests.RequestException as err:
+                cause, detail = "connection", f"connection failed ({type(err).__name__})"
+            else:
+                reset_wait = exhausted_wait(resp.headers)
+                if resp.status_code == 401:
+                    self.limiter.settle(ticket, 0)
+                    raise self._auth_error()
+                if resp.ok:
+                    try:
+                        value, used = parse(resp)
+                    except (ValueError, KeyError, TypeError, IndexError):
+                        cause = "bad_response"
+                        detail = f"HTTP {resp.status_code}, unreadable body: {self._snippet(resp)}"
+                    else:
+                        self.limiter.settle(ticket, used)
+                        if reset_wait:
+                            self.limiter.pause(reset_wait)
+                        return value
+                elif resp.status_code == 429:
+                    self.tally.add("http_429")
+                    cause, detail = "rate_limited", f"HTTP 429: {self._snippet(resp)}"
+                    server_wait = max(retry_after(resp.headers) or 0.0, reset_wait) or None
+                elif resp.status_code >= 500:
+                    cause, detail = "server_error", f"HTTP {resp.status_code}: {self._snippet(resp)}"
+                else:
+                    self.limiter.settle(ticket, 0)
+                    raise RequestFailed(f"http_{resp.status_code}", f"{method} {path}: {self._snippet(resp)}")
+            self.limiter.settle(ticket, 0)
+            if attempt == retries:
+                raise RequestFailed(cause, f"{detail} (after {retries} retries)")
+            self.tally.add(f"retries_{cause}")
+            delay = self._backoff(attempt)
+            if cause == "rate_limited":  # slow every thread, not just this request
+                self.limiter.pause(server_wait if server_wait is not None else delay)
+                delay = 0.0
+            self._stop.wait(delay)
+
+    def _backoff(self, attempt: int) -> float:
+        """Exponential backoff with jitter: half the capped delay, plus up to the other half at random."""
+        delay = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * 2**attempt)
+        return delay / 2 + random.uniform(0, delay / 2)
+
+    def _snippet(self, resp) -> str:
+        text = " ".join(resp.text[:300].split())
+        return text.replace(self._secret, "***") if self._secret else text
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+            self._sessions.append(session)
+        return session
+
+    def stop(self) -> None:
+        """Make every thread give up at its next retry (Ctrl-C)."""
+        self._stop.set()
+
+    def close(self) -> None:
+        for session in self._sessions:
+            session.close()
+        if self.cache:
+            self.cache.close()
+
+
+def _model_ids(resp):
+    """GET /models -> the ids and aliases it lists (OpenAI: data[].id; Mistral adds data[].aliases)."""
+    data = resp.json()["data"]
+    return [m["id"] for m in data] + [a for m in data for a in m.get("aliases") or ()], 0
+
+
+def _chat_reply(resp):
+    reply = parse_completion(resp.text)
+    return (resp.text, reply), reply.prompt_tokens + reply.completion_tokens

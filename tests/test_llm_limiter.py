@@ -1,0 +1,39 @@
+"""The client-wide limiter: tokens/min budgets are estimated before a request and corrected with its usage after."""
+
+import threading
+
+from nlistral.llm.limiter import Limiter
+
+
+def _acquire_in_thread(limiter, tokens) -> threading.Thread:
+    thread = threading.Thread(target=limiter.acquire, args=(tokens,), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_token_budget_holds_requests_until_usage_frees_it():
+    limiter = Limiter(tokens_per_minute=1000)
+    first = limiter.acquire(800)  # the estimate: prompt + max_tokens
+    waiting = _acquire_in_thread(limiter, 400)
+    waiting.join(0.3)
+    assert waiting.is_alive()  # 800 + 400 > 1000 within the minute
+    limiter.settle(first, 300)  # the reply's usage: 300 tokens
+    waiting.join(5)
+    assert not waiting.is_alive()
+
+
+def test_a_request_over_the_whole_budget_waits_for_an_empty_window_then_goes():
+    limiter = Limiter(tokens_per_minute=100)
+    assert limiter.acquire(500)  # alone in the window: allowed, or it could never run
+    waiting = _acquire_in_thread(limiter, 10)
+    waiting.join(0.3)
+    assert waiting.is_alive()
+
+
+def test_refused_request_gives_its_tokens_back():
+    limiter = Limiter(tokens_per_minute=1000)
+    refused = limiter.acquire(900)
+    limiter.settle(refused, 0)  # a 429: nothing was processed
+    waiting = _acquire_in_thread(limiter, 900)
+    waiting.join(5)
+    assert not waiting.is_alive()
