@@ -10,11 +10,11 @@ import re
 import shutil
 
 import pytest
-from llm_server import KEY, LLMServer, stage_overrides
+from llm_server import KEY, LLMServer, stage_overrides, write_split
 
 from nlistral.config import load_config
 from nlistral.io import read_jsonl
-from nlistral.stages import reflections, thoughts
+from nlistral.stages import base_model, reflections, sft, thoughts
 
 
 def _load(path) -> dict:
@@ -69,3 +69,20 @@ def test_stage_2_verifies_32_of_33_and_keeps_id_90_unresolved(replay):
     (unresolved,) = [r for r in records if not r["verified"]]
     assert unresolved["id"] == "90" and unresolved["reflected_label"] != unresolved["true_label"]
     assert unresolved["attempts"] == 2 and metrics["reprompts_by_reason"] == {"label_mismatch": 1}
+
+
+def test_fine_tuning_set_holds_67_original_and_32_reflected_rows(replay, workdir):
+    server, _ = replay
+    overrides = stage_overrides("teacher", server.url, max_concurrency=8)
+    overrides += stage_overrides("reflector", server.url, max_concurrency=8)
+    for split in ("dev", "test"):  # held-out splits that share no pair with the sample
+        write_split(workdir, [(f"A {split} premise.", f"A {split} hypothesis.", 1)], split)
+    cfg = load_config([*overrides, "model.max_seq_length=4096"])
+    for stage in (thoughts, reflections):
+        stage.run(cfg, "train")
+    base_model.run(cfg)
+    metrics = sft.run(cfg, "train")
+    rows = read_jsonl("data/finetune/train_ft.jsonl")
+    assert metrics["rows_by_source"] == {"original": 67, "reflected": 32} and len(rows) == 99
+    assert "90" not in {r["id"] for r in rows}
+    assert metrics["dropped"] == {} and metrics["unresolved"] == 1 and metrics["teacher_accuracy"] == 0.67
