@@ -10,12 +10,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from peft import PeftModel, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 BASE_DIR = Path("models/base")
 ADAPTER_DIR = Path("models/adapter")
 BASE_INFO = "base_model.json"
+MLFLOW_RUN = "mlflow_run.json"  # in models/adapter: the training run, which `evaluate` logs into too
 
 
 def base_info(base_dir=BASE_DIR) -> dict:
@@ -45,6 +45,8 @@ def quantization_config(cfg) -> BitsAndBytesConfig | None:
 
 def load_base_model(cfg, for_training=False, base_dir=BASE_DIR):
     """The base weights, 4-bit quantized when `model.load_in_4bit` (QLoRA), prepared for k-bit training if asked."""
+    from peft import prepare_model_for_kbit_training  # here, not on top: importing peft (+ bitsandbytes) takes ~10 s
+
     info = base_info(base_dir)
     model = AutoModelForCausalLM.from_pretrained(
         info["name_or_path"],
@@ -60,6 +62,8 @@ def load_base_model(cfg, for_training=False, base_dir=BASE_DIR):
 
 def load_adapter_model(cfg, adapter_dir=ADAPTER_DIR, base_dir=BASE_DIR):
     """Base + trained LoRA adapter, in eval mode."""
+    from peft import PeftModel  # see load_base_model
+
     model = PeftModel.from_pretrained(load_base_model(cfg, base_dir=base_dir), adapter_dir)
     return model.eval()
 

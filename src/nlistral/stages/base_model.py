@@ -71,6 +71,7 @@ def build_tiny_model(tiny, tokenizer, max_positions: int) -> MistralForCausalLM:
         num_attention_heads=tiny.num_heads,
         num_key_value_heads=tiny.num_kv_heads,
         max_position_embeddings=max_positions,
+        initializer_range=tiny.initializer_range,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -17,10 +17,9 @@ from tqdm import tqdm
 
 from nlistral.data import load_split
 from nlistral.io import atomic_open, write_json, write_jsonl
-from nlistral.model import ADAPTER_DIR, load_adapter_model, load_tokenizer
+from nlistral.model import ADAPTER_DIR, MLFLOW_RUN, load_adapter_model, load_tokenizer
 from nlistral.parsing import ReplyError, parse_reply
 from nlistral.prompts import inst_prompt, student_prompt
-from nlistral.stages.train import RUN_FILE
 
 METRICS = "metrics/eval.json"
 PREDICTIONS = "metrics/predictions.jsonl"
@@ -74,9 +73,7 @@ def generate(model, tokenizer, prompts, batch_size: int, max_new_tokens: int) ->
     for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch"):
         batch = order[start : start + batch_size]
         enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True).to(model.device)
-        out = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         for i, ids in zip(batch, out[:, enc["input_ids"].shape[1] :].tolist(), strict=True):
             stopped = tokenizer.eos_token_id in ids
             ids = ids[: ids.index(tokenizer.eos_token_id)] if stopped else ids
@@ -86,15 +83,16 @@ def generate(model, tokenizer, prompts, batch_size: int, max_new_tokens: int) ->
 
 def _log_to_training_run(cfg, metrics: dict) -> None:
     """Log into the MLflow run that trained the adapter, or a new linked run if this store does not have it."""
-    run_id = json.loads((ADAPTER_DIR / RUN_FILE).read_text(encoding="utf-8"))["run_id"]
+    train_run = json.loads((ADAPTER_DIR / MLFLOW_RUN).read_text(encoding="utf-8"))["run_id"]
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     mlflow.set_experiment(cfg.mlflow.experiment)
+    run_id = train_run
     try:
-        mlflow.get_run(run_id)
+        mlflow.get_run(train_run)
     except MlflowException:  # e.g. the adapter came from the DVC cache, trained against another tracking store
-        print(f"evaluate: MLflow run {run_id} not found in {cfg.mlflow.tracking_uri}; logging to a new run")
+        print(f"evaluate: MLflow run {train_run} not found in {cfg.mlflow.tracking_uri}; logging to a new run")
         run_id = None
-    with mlflow.start_run(run_id=run_id, tags=None if run_id else {"adapter_run_id": run_id}):
+    with mlflow.start_run(run_id=run_id, tags=None if run_id else {"adapter_run_id": train_run}):
         flat = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         flat.update({f"confusion_{k}": v for k, v in metrics["confusion"].items()})
         mlflow.log_metrics({f"test_{k}": v for k, v in flat.items()})
@@ -120,7 +118,7 @@ def run(cfg) -> dict:
                         "finish_reason": finish_reason, "output": text})  # fmt: skip
     metrics = score([r["true_label"] for r in records], [r["predicted_label"] for r in records])
     metrics["parse_failure_reasons"] = dict(Counter(r["parse_error"] for r in records if r["parse_error"]))
-    metrics.update(wall_time_s=round(wall, 2), rows_per_second=round(len(records) / wall, 2) if wall else 0.0)
+    metrics.update(wall_time_s=round(wall, 2), rows_per_second=round(len(records) / wall, 2))
 
     write_jsonl(PREDICTIONS, records)
     with atomic_open(CONFUSION) as handle:

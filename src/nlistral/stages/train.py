@@ -10,6 +10,7 @@ import tempfile
 import time
 
 import mlflow
+import torch
 from datasets import Dataset
 from omegaconf import OmegaConf
 from peft import LoraConfig
@@ -17,14 +18,13 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
 from nlistral.io import read_jsonl, write_json
-from nlistral.model import ADAPTER_DIR, load_base_model, load_tokenizer, staged_dir
+from nlistral.model import ADAPTER_DIR, MLFLOW_RUN, load_base_model, load_tokenizer, staged_dir
 from nlistral.prompts import inst_prompt
 from nlistral.stages import StageError
 
 TRAIN_FT = "data/finetune/train_ft.jsonl"
 DEV_FT = "data/finetune/dev_ft.jsonl"
 METRICS = "metrics/train.json"
-RUN_FILE = "mlflow_run.json"  # inside models/adapter: lets `evaluate` log into the same MLflow run
 
 
 def sft_dataset(path) -> Dataset:
@@ -67,9 +67,10 @@ def build_trainer(cfg, output_dir) -> SFTTrainer:
         weight_decay=train.weight_decay,
         lr_scheduler_type=train.lr_scheduler_type,
         optim=train.optim,
-        gradient_checkpointing=train.gradient_checkpointing,
+        activation_checkpointing=train.gradient_checkpointing,
         bf16=cfg.model.dtype == "bfloat16",
         logging_steps=train.logging_steps,
+        dataloader_pin_memory=torch.cuda.is_available(),
         seed=train.seed,
         save_strategy="no",
         eval_strategy="no",
@@ -92,50 +93,55 @@ def build_trainer(cfg, output_dir) -> SFTTrainer:
     )
 
 
+def summarize(cfg, trainer, result, dev_loss: float, wall: float) -> dict:
+    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    return {
+        "train_loss": round(result.training_loss, 4),
+        "train_loss_first": round(losses[0], 4) if losses else None,
+        "train_loss_last": round(losses[-1], 4) if losses else None,
+        "eval_loss": round(dev_loss, 4),
+        "steps": result.global_step,
+        "epochs": round(trainer.state.epoch, 2),
+        "train_rows": len(lengths),
+        "dev_rows": len(trainer.eval_dataset),
+        "train_tokens": sum(lengths),
+        "loss_tokens": sum(sum(label != -100 for label in row) for row in trainer.train_dataset["labels"]),
+        "max_row_tokens": max(lengths),
+        "rows_over_max_seq_length": sum(n > cfg.model.max_seq_length for n in lengths),
+        "trainable_params": trainable,
+        "total_params": total,
+        "wall_time_s": round(wall, 2),
+        "steps_per_second": round(result.global_step / wall, 2),
+    }
+
+
 def run(cfg) -> dict:
     set_seed(cfg.train.seed)  # before the LoRA weights are initialised
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     mlflow.set_experiment(cfg.mlflow.experiment)
-    with tempfile.TemporaryDirectory() as scratch, mlflow.start_run() as mlrun:
-        trainer = build_trainer(cfg, scratch)
-        lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
-        mlflow.log_params(flat_params(cfg))
-        start = time.perf_counter()
-        result = trainer.train()
-        wall = time.perf_counter() - start
-        dev = trainer.evaluate()
-        losses = []
-        for entry in trainer.state.log_history:
-            if "loss" in entry:
-                losses.append(entry["loss"])
-                step_metrics = {k: entry[k] for k in ("loss", "grad_norm", "learning_rate") if k in entry}
-                mlflow.log_metrics(step_metrics, step=entry["step"])
-        trainable, total = trainer.model.get_nb_trainable_parameters()
-        metrics = {
-            "train_loss": round(result.training_loss, 4),
-            "train_loss_first": round(losses[0], 4) if losses else None,
-            "train_loss_last": round(losses[-1], 4) if losses else None,
-            "eval_loss": round(dev["eval_loss"], 4),
-            "steps": result.global_step,
-            "epochs": round(trainer.state.epoch, 2),
-            "train_rows": len(lengths),
-            "dev_rows": len(trainer.eval_dataset),
-            "train_tokens": sum(lengths),
-            "loss_tokens": sum(sum(label != -100 for label in row) for row in trainer.train_dataset["labels"]),
-            "max_row_tokens": max(lengths),
-            "rows_over_max_seq_length": sum(n > cfg.model.max_seq_length for n in lengths),
-            "trainable_params": trainable,
-            "total_params": total,
-            "wall_time_s": round(wall, 2),
-            "steps_per_second": round(result.global_step / wall, 2),
-        }
-        mlflow.log_metrics({k: v for k, v in metrics.items() if v is not None})
-        with staged_dir(ADAPTER_DIR) as out:
-            trainer.model.save_pretrained(out)
-            trainer.processing_class.save_pretrained(out)
-            write_json(out / RUN_FILE, {"run_id": mlrun.info.run_id, "experiment_id": mlrun.info.experiment_id})
-        mlflow.log_artifacts(str(ADAPTER_DIR), artifact_path="adapter")
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = build_trainer(cfg, scratch)  # bad or empty input fails here, before an MLflow run is opened
+        with mlflow.start_run() as mlrun:
+            mlflow.log_params(flat_params(cfg))
+            start = time.perf_counter()
+            result = trainer.train()
+            wall = time.perf_counter() - start
+            metrics = summarize(cfg, trainer, result, trainer.evaluate()["eval_loss"], wall)
+            for entry in trainer.state.log_history:  # the loss curve
+                if "loss" in entry:
+                    step = {k: entry[k] for k in ("loss", "grad_norm", "learning_rate") if k in entry}
+                    mlflow.log_metrics(step, step=entry["step"])
+            mlflow.log_metrics({k: v for k, v in metrics.items() if v is not None})
+            with staged_dir(ADAPTER_DIR) as out:
+                trainer.model.save_pretrained(out)
+                trainer.processing_class.save_pretrained(out)
+                write_json(out / MLFLOW_RUN, {"run_id": mlrun.info.run_id, "experiment_id": mlrun.info.experiment_id})
+            mlflow.log_artifacts(str(ADAPTER_DIR), artifact_path="adapter")
     write_json(METRICS, metrics)
-    print(f"train: loss {metrics['train_loss_first']} -> {metrics['train_loss_last']}, dev loss {metrics['eval_loss']}, "
-          f"{metrics['steps']} steps in {metrics['wall_time_s']} s -> {ADAPTER_DIR}")  # fmt: skip
+    print(
+        f"train: loss {metrics['train_loss_first']} -> {metrics['train_loss_last']}, "
+        f"dev loss {metrics['eval_loss']}, {metrics['steps']} steps in {metrics['wall_time_s']} s -> {ADAPTER_DIR}"
+    )
     return metrics
