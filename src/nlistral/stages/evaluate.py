@@ -16,7 +16,7 @@ from mlflow.exceptions import MlflowException
 from tqdm import tqdm
 
 from nlistral.data import load_split
-from nlistral.io import atomic_open, write_json, write_jsonl
+from nlistral.io import write_csv, write_json, write_jsonl
 from nlistral.model import ADAPTER_DIR, MLFLOW_RUN, load_adapter_model, load_tokenizer
 from nlistral.parsing import ReplyError, parse_reply
 from nlistral.prompts import inst_prompt, student_prompt
@@ -121,11 +121,8 @@ def run(cfg) -> dict:
     metrics.update(wall_time_s=round(wall, 2), rows_per_second=round(len(records) / wall, 2))
 
     write_jsonl(PREDICTIONS, records)
-    with atomic_open(CONFUSION) as handle:
-        handle.write("actual,predicted\n")
-        for r in records:
-            predicted = UNPARSED if r["predicted_label"] is None else r["predicted_label"]
-            handle.write(f"{r['true_label']},{predicted}\n")
+    write_csv(CONFUSION, [{"actual": r["true_label"], "predicted": UNPARSED if r["predicted_label"] is None
+                           else r["predicted_label"]} for r in records])  # fmt: skip
     write_json(METRICS, metrics)
     _log_to_training_run(cfg, metrics)
     print(f"evaluate: accuracy {metrics['accuracy']}, f1 {metrics['f1']}, "
