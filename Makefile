@@ -21,10 +21,11 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 
 run: setup
 	dvc repro
-	dvc metrics show
+	@echo
+	dvc metrics show metrics/eval.json
 	@echo
 	@echo "Outputs: data/{original_thoughts,reflected_thoughts,finetune}/, models/adapter/, metrics/"
-	@echo "Metrics: $(VENV)/bin/dvc metrics show    Plots: $(VENV)/bin/dvc plots show"
+	@echo "Metrics: $(VENV)/bin/dvc metrics show (every stage)    Plots: $(VENV)/bin/dvc plots show"
 	@echo "Runs:    $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
 
 test: setup
