@@ -27,4 +27,5 @@ def workdir(tmp_path, monkeypatch) -> Path:
     shutil.copytree(REPO / "conf", tmp_path / "conf")
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NLISTRAL_CACHE_DIR", str(tmp_path / ".cache" / "llm"))
     return tmp_path

@@ -5,12 +5,14 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from llm_server import KEY, ROWS, LLMServer, many_rows, stage_overrides, write_split
 
 from nlistral.config import load_config
 from nlistral.io import read_jsonl
+from nlistral.llm.cache import cache_location
 from nlistral.stages import thoughts
 
 OUT = "data/original_thoughts/train_thoughts.jsonl"
@@ -103,3 +105,12 @@ def test_api_key_appears_in_no_output_log_metrics_or_cache(workdir):
     assert any(p.suffix == ".sqlite" for p in files) and any(p.name == "train_failed.jsonl" for p in files)
     for path in files:
         assert KEY.encode() not in path.read_bytes(), path
+
+
+def test_cache_location_defaults_to_the_user_cache_shared_by_clones(monkeypatch, tmp_path):
+    monkeypatch.delenv("NLISTRAL_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_location(None) == tmp_path / "xdg" / "nlistral" / "llm"
+    monkeypatch.setenv("NLISTRAL_CACHE_DIR", str(tmp_path / "env"))
+    assert cache_location(None) == tmp_path / "env"
+    assert cache_location("/abs/dir") == Path("/abs/dir")

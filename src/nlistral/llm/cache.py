@@ -4,6 +4,7 @@ Keys are hashes of what was asked (see HttpClient.key): never the API key, never
 re-run re-uses paid replies. WAL mode and autocommit make each stored reply survive a `kill -9` right after it.
 """
 
+import os
 import sqlite3
 import threading
 import time
@@ -14,6 +15,19 @@ CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, request TEXT NOT NULL,
                                     created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS batch_jobs (request_set TEXT PRIMARY KEY, job_id TEXT NOT NULL, created REAL NOT NULL);
 """
+
+
+def cache_location(configured=None) -> Path:
+    """`llm_cache_dir` if set, else $NLISTRAL_CACHE_DIR, else the user's cache (~/.cache/nlistral/llm).
+
+    The default is shared by every clone and by queued `dvc exp run`s, whose temporary workspaces would otherwise
+    each start with an empty cache and pay again. Sharing is safe: a key covers everything that was asked.
+    """
+    if configured:
+        return Path(configured)
+    if os.environ.get("NLISTRAL_CACHE_DIR"):
+        return Path(os.environ["NLISTRAL_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nlistral" / "llm"
 
 
 class ReplyCache:

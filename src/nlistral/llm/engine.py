@@ -17,6 +17,7 @@ from tqdm import tqdm
 from nlistral.config import ConfigError
 from nlistral.llm import Reply, RequestFailed, Tally, make_client
 from nlistral.llm.batch import run_rounds
+from nlistral.llm.cache import cache_location
 from nlistral.llm.http import RETRY_CAUSES
 
 BATCH_PRICE_FACTOR = 0.5  # Mistral's Batch API bills half the per-token price
@@ -112,7 +113,7 @@ class Accounts:
         }, refresh=False)  # fmt: skip
 
 
-def generate(backend_cfg, tasks: list[Task], desc: str, cache_dir: str) -> tuple[list[Outcome], dict]:
+def generate(backend_cfg, tasks: list[Task], desc: str, cache_dir: str | None) -> tuple[list[Outcome], dict]:
     """Run every task; outcomes come back in task order, with the run's accounting.
 
     Raises ConfigError (bad key, unknown model, bad mode) before writing anything; rows that fail are outcomes.
@@ -121,7 +122,7 @@ def generate(backend_cfg, tasks: list[Task], desc: str, cache_dir: str) -> tuple
     if mode not in ("sync", "batch") or (mode == "batch" and backend_cfg.backend != "mistral"):
         message = f"mode {mode!r} is not available for the {backend_cfg.backend} backend: use sync (batch: mistral)"
         raise ConfigError(message)
-    client = make_client(backend_cfg, cache_dir)
+    client = make_client(backend_cfg, cache_location(cache_dir))
     conversations = [Conversation(task) for task in tasks]
     start = time.monotonic()
     price_factor = BATCH_PRICE_FACTOR if mode == "batch" else 1.0
