@@ -11,7 +11,7 @@ from conftest import REPO
 from omegaconf import OmegaConf
 
 from nlistral import prompts
-from nlistral.io import read_jsonl, write_jsonl
+from nlistral.io import read_jsonl, write_json, write_jsonl
 from nlistral.model import load_base_model, load_tokenizer
 from nlistral.stages import base_model, evaluate, train
 
@@ -38,6 +38,8 @@ def make_cfg(**overrides):
         "sft": {"include_reflections": True, "balance_labels": False, "shuffle": True, "seed": 42,
                 "drop_too_long": False},
         "mlflow": {"tracking_uri": "sqlite:///mlflow.db", "experiment": "unit"},
+        "teacher": OmegaConf.load(conf / "teacher" / "mistral.yaml"),
+        "reflector": OmegaConf.load(conf / "reflector" / "offline.yaml"),
     })  # fmt: skip
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value)
@@ -64,6 +66,9 @@ def write_inputs(root):
     rows = [ft_row(i, *pair) for i, pair in enumerate(PAIRS * 5)]  # 30 rows
     write_jsonl(root / "data" / "finetune" / "train_ft.jsonl", rows)
     write_jsonl(root / "data" / "finetune" / "dev_ft.jsonl", rows[:6])
+    for split, n in (("train", 30), ("dev", 6)):
+        stats = {"rows": n, "rows_by_source": {"original": n}, "dropped": {}}
+        write_json(root / "metrics" / f"sft_{split}.json", stats)
 
 
 # max_seq_length 140 sits inside the rows' range (138-152 tokens), so some rows are over it: kept whole, counted.
@@ -161,7 +166,10 @@ def test_train_writes_adapter_metrics_and_one_mlflow_run(pipeline):
     assert client.get_experiment(run.info.experiment_id).name == "unit"
     assert run.data.params["train.lora_r"] == str(cfg.train.lora_r)
     assert run.data.params["model.load_in_4bit"] == "True"
-    assert not any(key.startswith(("teacher", "reflector", "mlflow")) for key in run.data.params)
+    assert run.data.params["teacher.model"] == cfg.teacher.model and run.data.params["data.dir"] == "data/unit"
+    no_api_settings = {"teacher.backend", "teacher.model", "reflector.backend", "reflector.model"}
+    assert {k for k in run.data.params if k.startswith(("teacher", "reflector", "mlflow"))} == no_api_settings
+    assert run.data.metrics["sft_train.rows"] == 30 and run.data.metrics["sft_dev.rows_by_source.original"] == 6
     assert run.data.metrics["train_loss"] == metrics["train_loss"]
     assert len(client.get_metric_history(run_id, "loss")) == 3  # logging_steps 2 of 6 steps
     assert run.data.metrics["test_accuracy"] == results["eval"]["accuracy"]  # evaluate logged into the same run

@@ -6,8 +6,10 @@ Nothing is truncated (max_length=None): rows over model.max_seq_length tokens re
 kept them (sft.drop_too_long: false); they are trained on in full and counted in `rows_over_max_seq_length`.
 """
 
+import json
 import tempfile
 import time
+from pathlib import Path
 
 import mlflow
 import torch
@@ -21,6 +23,7 @@ from nlistral.io import read_jsonl, write_json
 from nlistral.model import ADAPTER_DIR, MLFLOW_RUN, load_base_model, load_tokenizer, staged_dir
 from nlistral.prompts import inst_prompt
 from nlistral.stages import StageError
+from nlistral.stages.sft import METRICS as SFT_METRICS
 
 TRAIN_FT = "data/finetune/train_ft.jsonl"
 DEV_FT = "data/finetune/dev_ft.jsonl"
@@ -34,20 +37,32 @@ def sft_dataset(path) -> Dataset:
     return Dataset.from_list([{"prompt": inst_prompt(r["prompt"]), "completion": " " + r["completion"]} for r in rows])
 
 
-def flat_params(cfg, sections=("model", "train", "sft")) -> dict:
-    """{"train.lora_r": 8, ...} for MLflow. Only these subtrees: nothing from the environment, no API settings."""
-    flat = {}
+def flatten(node, prefix: str) -> dict:
+    """{"a": {"b": 1}} -> {"prefix.a.b": 1}."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    return {k: v for key, value in node.items() for k, v in flatten(value, f"{prefix}.{key}").items()}
 
-    def walk(prefix, node):
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(f"{prefix}.{key}", value)
-        else:
-            flat[prefix] = node
 
-    for section in sections:
-        walk(section, OmegaConf.to_container(cfg[section], resolve=True))
-    return flat
+def flat_params(cfg) -> dict:
+    """What made this run, for MLflow: data, model, train and sft params, and which LLMs wrote the data.
+
+    Only these keys: nothing from the environment, and no API settings beyond backend and model names.
+    """
+    params = {}
+    for section in ("data", "model", "train", "sft"):
+        params |= flatten(OmegaConf.to_container(cfg[section], resolve=True), section)
+    for role in ("teacher", "reflector"):
+        params |= {f"{role}.backend": cfg[role].backend, f"{role}.model": cfg[role].model}
+    return params
+
+
+def data_metrics() -> dict:
+    """The fine-tuning set's statistics (sft stage metrics), numeric values only, for MLflow."""
+    stats = {}
+    for split in ("train", "dev"):
+        stats |= flatten(json.loads(Path(SFT_METRICS.format(split=split)).read_text(encoding="utf-8")), f"sft_{split}")
+    return {k: v for k, v in stats.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 def build_trainer(cfg, output_dir) -> SFTTrainer:
@@ -125,6 +140,7 @@ def run(cfg) -> dict:
         trainer = build_trainer(cfg, scratch)  # bad or empty input fails here, before an MLflow run is opened
         with mlflow.start_run() as mlrun:
             mlflow.log_params(flat_params(cfg))
+            mlflow.log_metrics(data_metrics())
             start = time.perf_counter()
             result = trainer.train()
             wall = time.perf_counter() - start
