@@ -52,6 +52,8 @@ def test_unknown_key_and_group_option_are_errors(workdir):
     with pytest.raises(ConfigError, match="options for 'teacher'"):
         load_config(["teacher=nonexistent"])
     assert load_config(["+teacher.extra=1"]).teacher.extra == 1
+    with pytest.raises(ConfigError, match="dvc exp run -S experiment=no_reflections"):
+        load_config(["experiment=no_reflections"])
 
 
 def test_experiment_is_a_delta():

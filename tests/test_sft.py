@@ -9,7 +9,7 @@ from conftest import REPO
 
 from nlistral.config import load_config
 from nlistral.io import read_jsonl, write_jsonl
-from nlistral.stages import base_model, sft
+from nlistral.stages import StageError, base_model, sft
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +70,10 @@ def test_duplicates_and_leaks_are_removed_and_counted(stage):
 
 
 def test_unverified_reflections_never_enter_and_ablation_drops_all(stage):
-    thoughts = [thought("1", "A man cooks.", "A person cooks.", 1)]
     reflections = [reflection("2", "A bird flies.", "A bird is flying.", 1, verified=True),
                    reflection("3", "A boy eats.", "A boy is hungry.", 0, verified=False)]  # fmt: skip
+    wrong = [thought(r["id"], r["premise"], r["hypothesis"], r["true_label"], correct=False) for r in reflections]
+    thoughts = [thought("1", "A man cooks.", "A person cooks.", 1), *wrong]
     rows, metrics = stage(thoughts, reflections)
     assert {r["id"]: r["source"] for r in rows} == {"1": "original", "2": "reflected"}
     assert metrics["unresolved"] == 1 and metrics["reflection_success_rate"] == 0.5
@@ -106,3 +107,14 @@ def test_plot_data_comes_from_the_outputs(stage):
     assert lines[0] == "rationale_words,rows,accuracy" and lines[1] == "0-100,2,0.5"
     lengths = Path("metrics/plots/lengths_train.csv").read_text().splitlines()
     assert len(lengths) == 2 and lengths[1].startswith("1,original,")
+
+
+def test_a_pair_dropped_as_too_long_does_not_shadow_its_shorter_duplicate(stage):
+    long = {**thought("1", "A man cooks.", "A person cooks.", 1), "thought_process": "Step 1: cooking. " * 100}
+    rows, metrics = stage([long, thought("2", "A man cooks.", "A person cooks.", 1)], [], "model.max_seq_length=300")
+    assert [r["id"] for r in rows] == ["2"] and metrics["dropped"] == {"too_long": 1}
+
+
+def test_balancing_a_one_label_set_is_an_error_not_an_empty_set(stage):
+    with pytest.raises(StageError, match="no row has label 0"):
+        stage([thought("1", "A man cooks.", "A person cooks.", 1)], [], "sft.balance_labels=true")

@@ -35,6 +35,11 @@ def apply_override(cfg: DictConfig, override: str, conf_dir=CONF_DIR) -> None:
     key, sep, raw = override.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {override!r} is not KEY=VALUE")
+    if key == "experiment":  # deltas across groups: only a full composition applies them
+        raise ConfigError(
+            f"{override}: experiments change several groups; run `nlistral params {override}` "
+            f"(rewrites params.yaml) or `dvc exp run -S {override}`"
+        )
     group_file = Path(conf_dir) / key / f"{raw}.yaml"
     if "." not in key and (Path(conf_dir) / key).is_dir():
         if not group_file.is_file():

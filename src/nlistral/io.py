@@ -1,5 +1,6 @@
 """Atomic file writes: a stage's output either appears complete or not at all."""
 
+import csv
 import json
 import os
 import tempfile
@@ -7,15 +8,24 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_open(path, mode="w"):
-    """Write to a temporary file beside `path`, then rename it over `path` on success."""
+    """Write to a temporary file beside `path`, then rename it over `path` on success (durably, usual mode)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as handle:
             yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; outputs get the mode any new file would
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -42,11 +52,9 @@ def write_json(path, data) -> None:
         handle.write("\n")
 
 
-def write_csv(path, rows: list[dict]) -> None:
-    """Rows of equal keys -> CSV with a header (dvc plots reads these)."""
-    import csv
-
+def write_csv(path, rows: list[dict], fieldnames) -> None:
+    """Rows -> CSV with a header, also when there are no rows (dvc plots reads these)."""
     with atomic_open(path) as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else [])
+        writer = csv.DictWriter(handle, fieldnames=list(fieldnames), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)

@@ -1,13 +1,11 @@
 """Every prompt NLIstral sends or trains on, in one place.
 
-`PROMPT_VERSION` is part of each stage's outputs: bump it whenever a prompt's wording changes.
-The teacher and student prompts both end with "Premise: ...\nHypothesis: ..." lines, which the
-offline backend reads back (see llm/offline.py).
+Editing a prompt re-runs the stages that use it (prompts.py is their DVC dependency) and misses the LLM reply
+cache (its keys cover the messages), so old and new replies never mix. Teacher and reflector prompts carry a
+"Premise: ...\nHypothesis: ..." block (pair_text), which the offline backend reads back (see llm/offline.py).
 """
 
 import json
-
-PROMPT_VERSION = "v1"
 
 STEP_SHAPE = (
     "Step 1: <what the premise states>. "

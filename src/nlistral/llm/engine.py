@@ -35,10 +35,17 @@ class Reprompt:
 
 
 @dataclass
+class Reject:
+    """Give up on the row now (its check's own budget is spent), whatever reprompts remain."""
+
+    reason: str
+
+
+@dataclass
 class Task:
     id: str
     messages: list[dict]
-    check: Callable[[Reply], Accept | Reprompt]
+    check: Callable[[Reply], Accept | Reprompt | Reject]
     max_reprompts: int
 
 
@@ -68,7 +75,7 @@ class Conversation:
         verdict = self.task.check(reply)
         if isinstance(verdict, Accept):
             outcome.value, self.done = verdict.value, True
-        elif len(outcome.reprompts) >= self.task.max_reprompts:
+        elif isinstance(verdict, Reject) or len(outcome.reprompts) >= self.task.max_reprompts:
             outcome.reason, self.done = verdict.reason, True
         else:
             outcome.reprompts.append(verdict.reason)

@@ -96,11 +96,12 @@ def rationale(cues: dict, label: int) -> str:
     return f"{step1} {step2} {step3}"
 
 
-def _field(text: str, name: str) -> str:
-    match = re.search(rf"^{name}: (.*)$", text, re.MULTILINE)
+def _pair(prompt: str) -> tuple[str, str]:
+    """Premise and hypothesis from a prompts.pair_text block; either may span several lines."""
+    match = re.search(r"Premise: (.*?)\nHypothesis: (.*?)(?:\nInitial reasoning: |\Z)", prompt, re.DOTALL)
     if not match:
-        raise ValueError(f"offline backend: prompt has no '{name}:' line")
-    return match.group(1)
+        raise ValueError("offline backend: the prompt has no 'Premise: ...\nHypothesis: ...' block")
+    return match.group(1), match.group(2)
 
 
 def _reflect(cues: dict, true_label: int) -> dict:
@@ -120,9 +121,10 @@ def _reflect(cues: dict, true_label: int) -> dict:
 class OfflineClient:
     def chat(self, messages: list[dict]) -> Reply:
         prompt = next(m["content"] for m in messages if m["role"] == "user")
-        cues = analyse(_field(prompt, "Premise"), _field(prompt, "Hypothesis"))
-        if "\nTrue label: " in prompt:
-            true_label = int(_field(prompt, "True label"))
+        cues = analyse(*_pair(prompt))
+        reflecting = re.search(r"\nTrue label: ([01])$", prompt)
+        if reflecting:
+            true_label = int(reflecting.group(1))
             answer = {**_reflect(cues, true_label), "predicted_label": true_label}
         else:
             answer = {"thought_process": rationale(cues, cues["label"]), "predicted_label": cues["label"]}

@@ -93,7 +93,7 @@ def run(cfg) -> dict:
             if tokenizer.pad_token is None:  # Mistral ships none; <unk> never occurs in text, unlike </s>
                 tokenizer.pad_token = tokenizer.unk_token
             info = {"name_or_path": cfg.model.name_or_path, "revision": cfg.model.revision, "built_tiny": False}
-        info.update(vocab_size=len(tokenizer), prompt_version=prompts.PROMPT_VERSION)
+        info["vocab_size"] = len(tokenizer)
         tokenizer.save_pretrained(out)
         write_json(out / BASE_INFO, info)
     print(f"base model: {info['name_or_path']} (vocab {info['vocab_size']}) -> {BASE_DIR}")

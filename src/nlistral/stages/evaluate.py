@@ -121,8 +121,9 @@ def run(cfg) -> dict:
     metrics.update(wall_time_s=round(wall, 2), rows_per_second=round(len(records) / wall, 2))
 
     write_jsonl(PREDICTIONS, records)
-    write_csv(CONFUSION, [{"actual": r["true_label"], "predicted": UNPARSED if r["predicted_label"] is None
-                           else r["predicted_label"]} for r in records])  # fmt: skip
+    confusion = [{"actual": r["true_label"], "predicted": UNPARSED if r["predicted_label"] is None
+                  else r["predicted_label"]} for r in records]  # fmt: skip
+    write_csv(CONFUSION, confusion, ("actual", "predicted"))
     write_json(METRICS, metrics)
     _log_to_training_run(cfg, metrics)
     print(f"evaluate: accuracy {metrics['accuracy']}, f1 {metrics['f1']}, "

@@ -6,7 +6,7 @@ is never overwritten, and unresolved reflections never reach the fine-tuning set
 """
 
 from nlistral.io import read_jsonl
-from nlistral.llm.engine import Accept, Reprompt, Task, generate
+from nlistral.llm.engine import Accept, Reject, Reprompt, Task, generate
 from nlistral.parsing import REFLECTION_FIELDS, ReplyError, parse_reply
 from nlistral.prompts import label_mismatch_feedback, reflector_messages
 from nlistral.stages import thoughts
@@ -17,16 +17,20 @@ FAILED = "data/reflected_thoughts/{split}_failed.jsonl"
 METRICS = "metrics/reflections_{split}.json"
 
 
-def reflection_check(true_label: int, max_attempts: int):
-    """A reply check that re-asks while the reflection's label disagrees with the true label."""
-    attempts = 0
+def reflection_check(true_label: int, max_attempts: int, max_reprompts: int):
+    """A reply check with two budgets: `max_reprompts` for invalid replies, `max_attempts` reflections in all.
+
+    A valid reflection that still disagrees after `max_attempts` is accepted as unresolved, never failed.
+    """
+    attempts = invalid = 0
 
     def check(reply):
-        nonlocal attempts
+        nonlocal attempts, invalid
         try:
             parsed = parse_reply(reply.text, REFLECTION_FIELDS, reply.finish_reason)
         except ReplyError as err:
-            return Reprompt(err.reason, err.feedback)
+            invalid += 1
+            return Reject(err.reason) if invalid > max_reprompts else Reprompt(err.reason, err.feedback)
         attempts += 1
         verified = parsed["predicted_label"] == true_label
         if not verified and attempts < max_attempts:
@@ -45,8 +49,8 @@ def run(cfg, split: str) -> dict:
             reflector_messages(
                 t["premise"], t["hypothesis"], t["thought_process"], t["predicted_label"], t["true_label"]
             ),
-            reflection_check(t["true_label"], ref.max_attempts),
-            max_reprompts=ref.max_reprompts + ref.max_attempts - 1,
+            reflection_check(t["true_label"], ref.max_attempts, ref.max_reprompts),
+            max_reprompts=ref.max_reprompts + ref.max_attempts - 1,  # the check enforces each budget
         )
         for t in wrong
     ]

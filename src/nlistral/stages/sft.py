@@ -16,12 +16,14 @@ from nlistral.data import load_split
 from nlistral.io import read_jsonl, write_csv, write_json, write_jsonl
 from nlistral.model import load_tokenizer
 from nlistral.prompts import completion_json, inst_prompt, sft_text, student_prompt
-from nlistral.stages import reflections, thoughts
+from nlistral.stages import StageError, reflections, thoughts
 
 OUT = "data/finetune/{split}_ft.jsonl"
 METRICS = "metrics/sft_{split}.json"
 PLOT_ACCURACY = "metrics/plots/teacher_accuracy_by_length_{split}.csv"
 PLOT_LENGTHS = "metrics/plots/lengths_{split}.csv"
+LENGTH_FIELDS = ("id", "source", "prompt_tokens", "completion_tokens")
+ACCURACY_FIELDS = ("rationale_words", "rows", "accuracy")
 LENGTH_BUCKETS = ((0, 100), (101, 200), (201, 300), (301, None))  # rationale words, as in the study
 
 
@@ -75,6 +77,9 @@ def balance(rows, rng) -> list[dict]:
     """Downsample the majority label to the minority's count, keeping input order."""
     by_label = {label: [r for r in rows if r["label"] == label] for label in (0, 1)}
     keep_n = min(len(v) for v in by_label.values())
+    if rows and not keep_n:
+        missing = next(label for label, group in by_label.items() if not group)
+        raise StageError(f"sft.balance_labels: no row has label {missing}, so balancing would drop every row")
     keep = {id(r) for group in by_label.values() for r in rng.sample(group, keep_n)}
     return [r for r in rows if id(r) in keep]
 
@@ -115,7 +120,6 @@ def run(cfg, split: str) -> dict:
     for row in rows:
         key = pair_key(row["premise"], row["hypothesis"])
         reason = held_out.get(key) or ("duplicate" if key in seen else None)
-        seen.add(key)
         prompt_tokens, completion_tokens = token_lengths(tokenizer, row)
         if not reason and prompt_tokens + completion_tokens > cfg.model.max_seq_length:
             reason = "too_long" if cfg.sft.drop_too_long else None
@@ -123,6 +127,7 @@ def run(cfg, split: str) -> dict:
         if reason:
             dropped[reason] += 1
             continue
+        seen.add(key)
         kept.append(row)
         lengths[row["id"]] = {"id": row["id"], "source": row["source"], "prompt_tokens": prompt_tokens,
                               "completion_tokens": completion_tokens}  # fmt: skip
@@ -137,9 +142,10 @@ def run(cfg, split: str) -> dict:
     write_jsonl(OUT.format(split=split), kept)
 
     kept_lengths = [lengths[r["id"]] for r in kept]
-    write_csv(PLOT_LENGTHS.format(split=split), kept_lengths)
-    write_csv(PLOT_ACCURACY.format(split=split), accuracy_by_length(thought_rows))
+    write_csv(PLOT_LENGTHS.format(split=split), kept_lengths, LENGTH_FIELDS)
+    write_csv(PLOT_ACCURACY.format(split=split), accuracy_by_length(thought_rows), ACCURACY_FIELDS)
     correct = sum(t["correct"] for t in thought_rows)
+    incorrect = len(thought_rows) - correct
     verified = sum(r["verified"] for r in reflection_rows)
     metrics = {
         "candidates": len(rows),
@@ -152,7 +158,7 @@ def run(cfg, split: str) -> dict:
         "reflected": len(reflection_rows),
         "verified_reflections": verified,
         "unresolved": len(reflection_rows) - verified,
-        "reflection_success_rate": round(verified / len(reflection_rows), 4) if reflection_rows else 0.0,
+        "reflection_success_rate": round(verified / incorrect, 4) if incorrect else 0.0,  # as reflections_{split}
         "prompt_tokens": _describe([e["prompt_tokens"] for e in kept_lengths]),
         "completion_tokens": _describe([e["completion_tokens"] for e in kept_lengths]),
     }

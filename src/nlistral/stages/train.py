@@ -98,11 +98,12 @@ def build_trainer(cfg, output_dir) -> SFTTrainer:
         target_modules=list(train.lora_target_modules),
         task_type="CAUSAL_LM",
     )
+    train_rows, dev_rows = sft_dataset(TRAIN_FT), sft_dataset(DEV_FT)  # bad input fails before a 7B model loads
     return SFTTrainer(
         model=load_base_model(cfg, for_training=True),
         args=args,
-        train_dataset=sft_dataset(TRAIN_FT),
-        eval_dataset=sft_dataset(DEV_FT),
+        train_dataset=train_rows,
+        eval_dataset=dev_rows,
         processing_class=load_tokenizer(),
         peft_config=lora,
     )
