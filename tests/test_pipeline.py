@@ -2,10 +2,14 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import boto3
+import botocore.exceptions
 import pytest
 from conftest import REPO
 
@@ -15,6 +19,8 @@ pytestmark = pytest.mark.slow
 # `git commit` and `dvc exp run` need an identity; CI machines may have none configured.
 GIT_IDENTITY = {f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")
                 for what, value in (("NAME", "nlistral-tests"), ("EMAIL", "tests@nlistral.invalid"))}  # fmt: skip
+# moto accepts any credentials; these keep boto3/dvc-s3 from looking for real ones.
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
 ROWS = {"train": 32, "dev": 12, "test": 12}
 METRIC_KEYS = {
     "metrics/thoughts_train.json": {"rows", "ok", "failed", "correct", "accuracy", "requests", "cost_usd"},
@@ -81,6 +87,49 @@ def test_metrics_hold_the_documented_keys(pipeline):
 def test_second_repro_reruns_nothing(pipeline):
     out = run("dvc", "repro", cwd=pipeline)
     assert "Running stage" not in out
+
+
+@pytest.fixture
+def s3_remote(tmp_path):
+    """A real S3 API (moto's server) on 127.0.0.1 with an empty bucket; yields its endpoint URL."""
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket="nlistral")
+                break
+            except botocore.exceptions.EndpointConnectionError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_outputs_push_to_an_s3_remote_and_pull_into_a_fresh_clone(pipeline, s3_remote, tmp_path):
+    run("dvc", "remote", "add", "-d", "store", "s3://nlistral/cache", cwd=pipeline)
+    run("dvc", "remote", "modify", "store", "endpointurl", s3_remote, cwd=pipeline)
+    run("git", "add", "-A", cwd=pipeline)
+    run("git", "commit", "-qm", "results", cwd=pipeline)
+    assert "pushed" in run("dvc", "push", cwd=pipeline)
+    clone = tmp_path / "clone"
+    run("git", "clone", "-q", str(pipeline), str(clone), cwd=tmp_path)
+    assert not (clone / "data/finetune/train_ft.jsonl").exists()
+    run("dvc", "pull", cwd=clone)
+    pulled = ("data/finetune/train_ft.jsonl", "data/original_thoughts/dev_thoughts.jsonl", "metrics/predictions.jsonl",
+              "models/adapter/adapter_model.safetensors")  # fmt: skip
+    for out in pulled:
+        assert (clone / out).read_bytes() == (pipeline / out).read_bytes(), out
+    assert "Running stage" not in run("dvc", "repro", cwd=clone)  # pulled outputs satisfy the pipeline
 
 
 def test_train_param_change_reruns_only_train_and_evaluate(pipeline):
