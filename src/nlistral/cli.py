@@ -11,7 +11,14 @@ from nlistral.data import DataError
 from nlistral.stages import StageError
 
 SPLIT_STAGES = ("thoughts", "reflections", "sft")
-STAGES = (*SPLIT_STAGES, "base-model", "train", "evaluate")
+STAGES = {
+    "thoughts": "stage 1: the teacher LLM reasons about and labels every row of a split",
+    "reflections": "stage 2: a stronger LLM corrects the teacher's wrong rationales, given the true label",
+    "sft": "stage 3: correct thoughts + verified reflections -> the fine-tuning set and its statistics",
+    "base-model": "build the tiny model (embedded profile) or save the hub model's tokenizer -> models/base",
+    "train": "LoRA fine-tuning on the (4-bit) base -> models/adapter, one MLflow run",
+    "evaluate": "greedy generation on the test split, parsed and scored -> metrics/eval.json",
+}
 
 # Exit codes: 2 = bad input or config (nothing written), 1 = the stage ran and failed.
 EXIT_BAD_INPUT = 2
@@ -20,10 +27,12 @@ EXIT_INTERRUPTED = 130
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nlistral", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="nlistral", description="Run one NLIstral pipeline stage (dvc.yaml calls these) on params.yaml."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    for stage in STAGES:
-        cmd = sub.add_parser(stage, help=f"run the {stage} stage")
+    for stage, summary in STAGES.items():
+        cmd = sub.add_parser(stage, help=summary, description=summary)
         if stage in SPLIT_STAGES:
             cmd.add_argument("--split", required=True, choices=("train", "dev"))
         cmd.add_argument(
