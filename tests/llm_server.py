@@ -7,7 +7,10 @@
 - `rate`: at most that many chat requests in any 1 s window; beyond it a 429 (Retry-After: 1), as providers do.
 - GET /v1/models lists `models`. With `api_key` set, any other bearer key gets 401 everywhere.
 - The Batch API: POST /v1/files, POST /v1/batch/jobs, GET /v1/batch/jobs/{id} (the job runs at its `batch_polls`-th
-  poll; the first `batch_line_errors` lines fail), GET /v1/files/{id}/content.
+  poll; the first `batch_line_errors` lines fail), GET /v1/files/{id}/content. `batch_faults` {route: [status, ...]}
+  answers those routes (files, jobs, poll, download) with the listed statuses first, one per request.
+- `echo_auth`: error bodies (injected statuses, failed batch lines) echo the request's Authorization header, as a
+  careless proxy might, so the key-leak tests can catch a key that is passed on.
 - `counts` counts requests by route (chat, models, files, jobs, poll, download, batch_lines); `chat_bodies`,
   `arrivals`, `admitted`, `uploads` and `auth` keep what arrived and when.
 """
@@ -74,6 +77,8 @@ class LLMServer:
         self.rate = rate
         self.batch_polls = batch_polls
         self.batch_line_errors = 0
+        self.batch_faults = {}
+        self.echo_auth = False
         self.faults = []
         self.counts = Counter()
         self.chat_bodies = []
@@ -115,6 +120,10 @@ class LLMServer:
             self.auth.append(h.headers.get("Authorization"))
         if self.api_key and h.headers.get("Authorization") != f"Bearer {self.api_key}":
             return _send(h, 401, {"message": "Unauthorized", "request_id": uuid.uuid4().hex})
+        with self._lock:
+            status = self.batch_faults[route].pop(0) if self.batch_faults.get(route) else None
+        if status:
+            return _send(h, status, self._error(h, f"injected {status}"))
         if route == "models":
             return _send(h, 200, {"object": "list", "data": [{"id": m, "object": "model", "aliases": []}
                                                              for m in self.models]})  # fmt: skip
@@ -143,7 +152,7 @@ class LLMServer:
             return _send(h, 429, {"object": "error", "message": "Requests rate limit exceeded", "type": "rate_limited",
                                   "code": "1300"}, {"Retry-After": "1"})  # fmt: skip
         if "status" in fault:
-            return _send(h, fault["status"], {"message": f"injected {fault['status']}"}, fault.get("headers"))
+            return _send(h, fault["status"], self._error(h, f"injected {fault['status']}"), fault.get("headers"))
         if fault.get("reset"):
             h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             h.connection.close()
@@ -157,6 +166,9 @@ class LLMServer:
             answer = {"content": answer}
         finish = fault.get("finish_reason") or answer.get("finish_reason", "stop")
         return _send(h, 200, completion(body, answer["content"], finish))
+
+    def _error(self, h, message: str) -> dict:
+        return {"message": message, **({"authorization": h.headers.get("Authorization")} if self.echo_auth else {})}
 
     def _over_rate(self) -> bool:
         now = time.monotonic()
@@ -188,8 +200,9 @@ class LLMServer:
             "total_requests": len(lines), "completed_requests": 0, "succeeded_requests": 0, "failed_requests": 0,
             "output_file": None, "error_file": None, "created_at": int(time.time()),
         }  # fmt: skip
+        line_error = self._error(h, "injected line error")  # what a failed line reports
         with self._lock:
-            self.jobs[job["id"]] = {"job": job, "lines": lines, "polls": 0}
+            self.jobs[job["id"]] = {"job": job, "lines": lines, "polls": 0, "line_error": line_error}
         return _send(h, 200, job)
 
     def _poll(self, h, job_id):
@@ -212,7 +225,7 @@ class LLMServer:
             self.counts["batch_lines"] += 1
             if self.batch_line_errors:
                 self.batch_line_errors -= 1
-                err.append({"custom_id": line["custom_id"], "error": {"message": "injected line error"},
+                err.append({"custom_id": line["custom_id"], "error": state["line_error"],
                             "response": {"status_code": 500, "body": {"message": "injected"}}})  # fmt: skip
                 continue
             answer = self.reply(body)

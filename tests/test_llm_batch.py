@@ -5,15 +5,17 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from llm_server import KEY, ROWS, LLMServer, offline_reply, stage_overrides, write_split
 
 from nlistral.config import load_config
 from nlistral.io import read_jsonl
-from nlistral.stages import thoughts
+from nlistral.stages import StageError, thoughts
 
 OUT = "data/original_thoughts/train_thoughts.jsonl"
+FAILED = "data/original_thoughts/train_failed.jsonl"
 BAD = '{"thought_process": "Step 1: unsure.", "predicted_label": 0.5}'
 
 
@@ -41,7 +43,7 @@ def test_batch_rounds_reprompt_and_bill_half(server):
     metrics = run(server)
     assert metrics["ok"] == len(ROWS) and metrics["reprompts_by_reason"] == {"bad_label": 1}
     assert server.counts["jobs"] == metrics["batch_jobs"] == 2  # round 2 carries the one reprompt
-    assert server.counts["batch_lines"] == len(ROWS) + 1 and server.counts["chat"] == 0
+    assert metrics["requests"] == server.counts["batch_lines"] == len(ROWS) + 1 and server.counts["chat"] == 0
     purpose, upload = server.uploads[0]
     line = json.loads(upload.splitlines()[0])
     assert purpose == "batch" and len(upload.splitlines()) == len(ROWS)
@@ -54,7 +56,8 @@ def test_batch_rounds_reprompt_and_bill_half(server):
 def test_batch_rerun_sends_nothing_and_sync_reuses_batch_replies(server):
     run(server)
     sent = sum(server.counts.values())
-    assert run(server)["cache_hits"] == len(ROWS) + 1 and sum(server.counts.values()) == sent
+    again = run(server)
+    assert again["cache_hits"] == len(ROWS) + 1 and again["requests"] == 0 and sum(server.counts.values()) == sent
     sync = thoughts.run(load_config(stage_overrides("teacher", server.url)), "train")
     assert sync["requests"] == 0 and sync["cache_hits"] == len(ROWS) + 1
 
@@ -72,8 +75,51 @@ def test_a_line_failing_every_round_fails_its_row(server, workdir):
     server.batch_line_errors = 3
     metrics = run(server, max_retries=2, max_failure_rate=1.0)
     assert metrics["failures_by_reason"] == {"batch_failed": 1} and metrics["batch_jobs"] == 3
-    failed = read_jsonl("data/original_thoughts/train_failed.jsonl")
+    failed = read_jsonl(FAILED)
     assert failed[0]["reason"] == "batch_failed"
+
+
+def test_batch_api_failing_fails_the_rounds_rows_and_a_rerun_resumes_the_job(server):
+    server.reply = offline_reply
+    server.batch_faults = {"poll": [500, 500]}  # the job runs, but polling fails beyond max_retries
+    with pytest.raises(StageError, match="4 of 4 rows failed"):
+        run(server, max_retries=1)
+    failed = read_jsonl(FAILED)
+    assert {r["reason"] for r in failed} == {"batch_server_error"} and "HTTP 500" in failed[0]["error"]
+    metrics = run(server, max_retries=1)
+    assert metrics["ok"] == len(ROWS) and metrics["batch_jobs"] == 0  # the stored job was resumed, not paid again
+    assert server.counts["jobs"] == 1 and server.counts["files"] == 1
+
+
+def test_an_expired_stored_job_is_forgotten_and_a_new_one_started(server):
+    server.reply = offline_reply
+    server.batch_faults = {"poll": [500, 500]}
+    with pytest.raises(StageError):
+        run(server, max_retries=1)
+    server.jobs.clear()  # the provider no longer knows the stored job: 404
+    metrics = run(server, max_retries=1)
+    assert metrics["ok"] == len(ROWS) and metrics["batch_jobs"] == 1 and server.counts["jobs"] == 2
+
+
+def test_a_gone_output_file_sends_its_requests_into_the_next_round(server):
+    server.reply = offline_reply
+    server.batch_faults = {"download": [404]}
+    metrics = run(server)
+    assert metrics["ok"] == len(ROWS) and metrics["batch_jobs"] == 2 and metrics["failed"] == 0
+
+
+def test_a_failed_line_echoing_the_key_leaks_it_nowhere(server, workdir, capsys, caplog):
+    server.echo_auth = True  # the failed line's error carries the Authorization header
+    server.batch_line_errors = 1
+    metrics = run(server, max_retries=0, max_failure_rate=1.0)
+    assert metrics["failures_by_reason"] == {"batch_failed": 1}
+    assert "injected line error" in read_jsonl(FAILED)[0]["error"]
+    captured = capsys.readouterr()
+    assert KEY not in captured.out + captured.err + caplog.text
+    files = [p for p in Path(workdir).rglob("*") if p.is_file()]
+    assert any(p.suffix == ".sqlite" for p in files)
+    for path in files:
+        assert KEY.encode() not in path.read_bytes(), path
 
 
 def test_kill_9_while_polling_resumes_the_same_job(server, workdir):

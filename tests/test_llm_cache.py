@@ -91,6 +91,7 @@ def test_api_key_appears_in_no_output_log_metrics_or_cache(workdir):
     """A full run, a 401 run and a 400 row through the CLI: the key shows up nowhere a user or a file can see."""
     write_split(workdir, ROWS)
     with LLMServer(api_key=KEY) as server:
+        server.echo_auth = True  # the 400's body carries the Authorization header back
         server.faults = [{"status": 400}]
         ok = _cli(workdir, server, max_failure_rate=0.5)
         ok_out, ok_err = ok.communicate(timeout=60)
@@ -99,6 +100,7 @@ def test_api_key_appears_in_no_output_log_metrics_or_cache(workdir):
         refused = _cli(workdir, server, temperature=0.5)  # new requests, so the chat call meets the 401
         refused_out, refused_err = refused.communicate(timeout=60)
     assert refused.returncode == 2 and "MISTRAL_API_KEY" in refused_err and "401" in refused_err
+    assert "injected 400" in read_jsonl(workdir / "data/original_thoughts/train_failed.jsonl")[0]["error"]
     for text in (ok_out, ok_err, refused_out, refused_err):
         assert KEY not in text
     files = [p for p in workdir.rglob("*") if p.is_file()]

@@ -1,6 +1,12 @@
 """Stage 1 against a loopback Mistral/OpenAI server: every fault leads to its documented outcome and is counted."""
 
+import importlib.util
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -9,6 +15,7 @@ from llm_server import KEY, ROWS, LLMServer, many_rows, stage_overrides, write_s
 
 from nlistral.config import ConfigError, load_config
 from nlistral.io import read_jsonl
+from nlistral.llm.engine import Outcome
 from nlistral.stages import StageError, thoughts
 
 OUT = "data/original_thoughts/train_thoughts.jsonl"
@@ -154,6 +161,40 @@ def test_401_mid_stage_stops_every_thread(server, workdir):
     assert server.counts["chat"] <= 3 and not workdir.joinpath(OUT).exists()
 
 
+def test_401_wakes_threads_waiting_in_the_limiter_and_they_send_nothing(server, workdir):
+    write_split(workdir, many_rows(8))
+    server.faults = [{"status": 401}]
+    with pytest.raises(ConfigError, match="MISTRAL_API_KEY"):
+        run(server, max_concurrency=4, requests_per_second=2)  # three threads queue for their turn behind the 401
+    assert server.counts["chat"] == 1
+
+
+def test_ctrl_c_during_a_retry_after_pause_exits_at_once_sending_nothing_more(server, workdir):
+    server.faults = [{"status": 429, "headers": {"Retry-After": "30"}}]
+    cmd = [sys.executable, "-m", "nlistral", "thoughts", "--split", "train", *stage_overrides("teacher", server.url)]
+    proc = subprocess.Popen(cmd, cwd=workdir, env={**os.environ, "MISTRAL_API_KEY": KEY}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        while server.counts["chat"] < 1:  # the 429 arrives; every thread now waits 30 s
+            assert proc.poll() is None
+            time.sleep(0.02)
+        time.sleep(0.5)  # let the worker take in the 429 and queue behind the pause
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)  # a guard: without the fix it waits out the 30 s
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err
+    assert server.counts["chat"] == 1
+
+
+@pytest.mark.parametrize("value", ["sk-5ec4e7-pasted-key", "AbCdEf0123456789xYzSecret"])
+def test_api_key_env_holding_a_key_is_refused_without_echoing_it(server, value):
+    with pytest.raises(ConfigError, match="api_key_env must name an environment variable") as err:
+        run(server, api_key_env=value)
+    assert value not in "".join(traceback.format_exception(err.value))
+    assert sum(server.counts.values()) == 0
+
+
 def test_missing_key_is_a_config_error_before_any_request(server, monkeypatch):
     monkeypatch.delenv("MISTRAL_API_KEY")
     with pytest.raises(ConfigError, match="MISTRAL_API_KEY is not set"):
@@ -183,6 +224,31 @@ def test_openai_backend_sends_seed_and_no_key_when_unset(server, monkeypatch):
     assert body["seed"] == 42 and "random_seed" not in body and set(server.auth) == {None}
 
 
+def test_openai_backend_401_with_its_key_unset_says_so(server, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="requires an API key .*OPENAI_API_KEY is not set"):
+        run(server, backend="openai")
+
+
+def test_ollama_tagged_model_id_serves_the_untagged_name(server, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    server.api_key = None
+    server.models = ["mistral:latest", "llama3:8b"]
+    assert run(server, backend="openai", model="mistral")["ok"] == len(ROWS)
+    with pytest.raises(ConfigError, match="'llama3' is not served"):
+        run(server, backend="openai", model="llama3")
+
+
 def test_batch_mode_needs_mistral(server):
     with pytest.raises(ConfigError, match="batch"):
         run(server, backend="openai", mode="batch")
+
+
+def test_benchmark_counts_rows_not_recorded_exactly_once_as_lost():
+    path = Path(__file__).resolve().parents[1] / "bench" / "generation.py"
+    spec = importlib.util.spec_from_file_location("bench_generation", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    outcomes = [Outcome("0", value={}), Outcome("0", value={}), Outcome("2", reason="bad_label"), Outcome("3")]
+    assert bench.lost_rows(["0", "1", "2", "3"], outcomes) == 3  # "0" twice, "1" missing, "3" neither ok nor failed
+    assert bench.lost_rows(["0", "2"], outcomes[1:3]) == 0

@@ -37,3 +37,17 @@ def test_refused_request_gives_its_tokens_back():
     waiting = _acquire_in_thread(limiter, 900)
     waiting.join(5)
     assert not waiting.is_alive()
+
+
+def test_cancel_wakes_threads_held_by_a_pause_with_no_ticket():
+    limiter = Limiter(requests_per_second=1)
+    limiter.pause(60)  # a 429's Retry-After
+    tickets = []
+    waiting = threading.Thread(target=lambda: tickets.append(limiter.acquire(10)), daemon=True)
+    waiting.start()
+    waiting.join(0.3)
+    assert waiting.is_alive()
+    limiter.cancel()  # a 401 or Ctrl-C
+    waiting.join(5)
+    assert not waiting.is_alive() and tickets == [None]
+    assert limiter.acquire(10) is None  # nothing starts after a cancel

@@ -46,7 +46,7 @@ class Tally(Counter):
             self[key] += n
 
 
-def make_client(backend_cfg, cache_dir=None):
+def make_client(backend_cfg, cache_dir):
     """The client for a `teacher`/`reflector` config subtree; HTTP clients cache replies under `cache_dir`."""
     if backend_cfg.backend == "offline":
         from nlistral.llm.offline import OfflineClient

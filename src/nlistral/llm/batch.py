@@ -4,8 +4,14 @@ A round takes the next request of every unfinished conversation; those the reply
 as JSONL (POST /files, purpose=batch), run as one job (POST /batch/jobs), polled with backoff (GET
 /batch/jobs/{id}) and downloaded (GET /files/{output_file}/content) into the cache. Then each conversation takes its
 reply and finishes or needs a reprompt, which goes out in the next round. The job id is stored in the cache under a
-hash of the round's request set, so a re-run after a crash resumes that job instead of paying for a second one. A
-request that a job leaves unanswered is asked again in the next round, up to `max_retries` rounds.
+hash of the round's request set, so a re-run after a crash resumes that job instead of paying for a second one; a
+stored job the API no longer knows (404 or another refusal) is forgotten and a new one started. A request that a job
+leaves unanswered is asked again in the next round, up to `max_retries` rounds.
+
+If the Batch API itself fails (an upload, a poll or a download still failing after `max_retries` retries), the
+round's uncached requests fail their rows with reason `batch_<cause>` (e.g. `batch_server_error`), so the stage
+writes what it has and fails like any stage with too many failed rows. The job id stays stored: a re-run resumes
+the job, paying nothing twice.
 """
 
 import hashlib
@@ -29,13 +35,19 @@ def run_rounds(client, conversations, accounts, poll_s: float) -> None:
         asks = [(conv, client.body(conv.messages)) for conv in active]
         asks = [(conv, body, client.key(body)) for conv, body in asks]
         missing = {key: body for _, body, key in asks if cache.get(key) is None}
-        fetched, errors = _run_job(client, missing, accounts, poll_s) if missing else (set(), {})
+        fetched, errors, broken = set(), {}, None
+        try:
+            if missing:
+                fetched, errors = _run_job(client, missing, accounts, poll_s)
+        except RequestFailed as err:
+            log.warning("the Batch API failed (%s); this round's %d requests fail their rows", err, len(missing))
+            broken = RequestFailed(f"batch_{err.reason}", err.detail)
         for conv, _, key in asks:
             raw = cache.get(key)
             if raw is None:
                 conv.failed_rounds += 1
-                if conv.failed_rounds > client.max_retries:
-                    conv.fail(RequestFailed("batch_failed", errors.get(key, "no result in the job's output")))
+                if broken or conv.failed_rounds > client.max_retries:
+                    conv.fail(broken or RequestFailed("batch_failed", errors.get(key, "no result in the job's output")))
                     accounts.row_done(conv)
                 continue
             reply = replace(parse_completion(raw), cached=key not in fetched)
@@ -54,8 +66,14 @@ def _run_job(client, requests: dict, accounts, poll_s: float) -> tuple[set, dict
     client.tally.add("batch_rounds")
     job = None
     if job_id := cache.batch_job(request_set):
-        job = client.request("GET", f"/batch/jobs/{job_id}", parse=_json)
-        log.info("resuming batch job %s (%s)", job_id, job["status"])
+        try:
+            job = client.request("GET", f"/batch/jobs/{job_id}", parse=_object)
+            log.info("resuming batch job %s (%s)", job_id, job["status"])
+        except RequestFailed as err:
+            if not _refused(err):
+                raise
+            log.warning("stored batch job %s is gone (%s); starting a new job", job_id, err.reason)
+            cache.set_batch_job(request_set, None)
     if job is None:
         lines = "".join(
             json.dumps({"custom_id": key, "body": {k: v for k, v in body.items() if k != "model"}}, ensure_ascii=False)
@@ -63,23 +81,24 @@ def _run_job(client, requests: dict, accounts, poll_s: float) -> tuple[set, dict
             for key, body in requests.items()
         )
         upload = client.request(
-            "POST", "/files", parse=_json, data={"purpose": "batch"},
+            "POST", "/files", parse=_object, data={"purpose": "batch"},
             files={"file": ("requests.jsonl", lines.encode(), "application/jsonl")},
         )  # fmt: skip
         job = client.request(
-            "POST", "/batch/jobs", parse=_json,
+            "POST", "/batch/jobs", parse=_object,
             json={"input_files": [upload["id"]], "model": client.model, "endpoint": "/v1/chat/completions",
                   "metadata": {"nlistral_request_set": request_set[:16]}},
         )  # fmt: skip
         cache.set_batch_job(request_set, job["id"])
         client.tally.add("batch_jobs")
+    client.tally.add("requests", len(requests))  # one request line each, created or resumed by this run
     delay = poll_s
-    while job["status"] not in TERMINAL:
+    while job.get("status") not in TERMINAL:
         done, total = job.get("completed_requests", 0), job.get("total_requests", len(requests))
-        accounts.bar.set_postfix_str(f"batch job {job['id']}: {job['status']} {done}/{total}")
+        accounts.bar.set_postfix_str(f"batch job {job['id']}: {job.get('status')} {done}/{total}")
         time.sleep(delay)
         delay = min(POLL_MAX_S, delay * 2)
-        job = client.request("GET", f"/batch/jobs/{job['id']}", parse=_json)
+        job = client.request("GET", f"/batch/jobs/{job['id']}", parse=_object)
     if job["status"] != "SUCCESS":
         log.warning("batch job %s ended %s; unanswered requests go into the next round", job["id"], job["status"])
     fetched, errors = set(), {}
@@ -94,7 +113,7 @@ def _run_job(client, requests: dict, accounts, poll_s: float) -> tuple[set, dict
             raw = json.dumps(body, ensure_ascii=False)
             parse_completion(raw)
         except ValueError as err:
-            errors[key] = str(err)[:300]
+            errors[key] = client.mask(str(err))[:300]  # masked before cutting: no partial key survives
             continue
         cache.put(key, json.dumps(requests[key], ensure_ascii=False), raw)
         fetched.add(key)
@@ -102,12 +121,34 @@ def _run_job(client, requests: dict, accounts, poll_s: float) -> tuple[set, dict
     return fetched, errors
 
 
-def _json(resp):
-    return resp.json(), 0
+def _refused(err: RequestFailed) -> bool:
+    """The server refused the request (4xx): asking again will not help."""
+    return err.reason.startswith("http_")
+
+
+def _object(resp):
+    """A file or job object; one without an id is a bad response (retried)."""
+    data = resp.json()
+    if not isinstance(data, dict) or "id" not in data:
+        raise ValueError("no id")
+    return data, 0
 
 
 def _lines(client, file_id) -> list[dict]:
+    """The records of a job's output or error file; none if the file is gone (its requests go into the next round)."""
     if not file_id:
         return []
-    text = client.request("GET", f"/files/{file_id}/content", parse=lambda r: (r.text, 0))
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    try:
+        text = client.request("GET", f"/files/{file_id}/content", parse=lambda r: (r.text, 0))
+    except RequestFailed as err:
+        if not _refused(err):
+            raise
+        log.warning("batch file %s is gone (%s)", file_id, err.reason)
+        return []
+    records = []
+    for line in text.splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # a cut-off line: its request goes into the next round
+            continue
+    return [r for r in records if isinstance(r, dict)]

@@ -2,7 +2,8 @@
 
 One client per stage, shared by its worker threads: a Limiter paces every request, `request` retries 429, 5xx,
 timeouts, connection errors and unreadable bodies with exponential backoff and jitter (a 429 pauses the whole
-client for its Retry-After), 401 stops the stage, other 4xx fail the row at once. `chat` answers from the reply
+client for its Retry-After), 401 stops the stage, other 4xx fail the row at once. A stop (401, Ctrl-C) wakes every
+thread waiting for the limiter or a retry, and none of them sends anything more. `chat` answers from the reply
 cache when it can and stores every paid reply as soon as it arrives.
 
 The API key lives only in the Authorization header: it is never logged, put in an error message, or cached.
@@ -31,6 +32,9 @@ from nlistral.llm.limiter import Limiter
 log = logging.getLogger(__name__)
 
 CHAT_PATH = "/chat/completions"
+# api_key_env names a variable, in capitals (MISTRAL_API_KEY): anything else may be the key itself, which the error
+# messages that name the variable would then print.
+ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 RETRY_CAUSES = ("rate_limited", "server_error", "timeout", "connection", "bad_response")
 
 
@@ -99,9 +103,13 @@ def _estimate_tokens(body: dict) -> int:
 
 
 class HttpClient:
-    def __init__(self, cfg, cache_dir=None):
+    def __init__(self, cfg, cache_dir):
         if not cfg.base_url:
             raise ConfigError(f"the {cfg.backend} backend needs base_url (e.g. https://api.mistral.ai/v1)")
+        if cfg.api_key_env and not ENV_NAME.fullmatch(str(cfg.api_key_env)):  # never echo the value
+            raise ConfigError(
+                "api_key_env must name an environment variable in capitals (e.g. MISTRAL_API_KEY), not hold the key"
+            )
         self.backend = cfg.backend
         self.model = cfg.model
         self.base_url = str(cfg.base_url).rstrip("/")
@@ -110,7 +118,7 @@ class HttpClient:
         self.max_retries = cfg.max_retries
         self.timeout_s = cfg.timeout_s
         self.limiter = Limiter(cfg.requests_per_second, cfg.tokens_per_minute)
-        self.cache = ReplyCache(cache_dir) if cache_dir else None
+        self.cache = ReplyCache(cache_dir)
         self.tally = Tally()
         self._headers = None  # set by ensure_ready, holds the key
         self._secret = None
@@ -142,12 +150,11 @@ class HttpClient:
         body = self.body(messages)
         key = self.key(body)
         with self._key_lock(key):  # identical requests in flight at once are sent (and paid) once
-            if self.cache and (raw := self.cache.get(key)) is not None:
+            if (raw := self.cache.get(key)) is not None:
                 return replace(parse_completion(raw), cached=True)
             self.ensure_ready()
             raw, reply = self.request("POST", CHAT_PATH, parse=_chat_reply, tokens=_estimate_tokens(body), json=body)
-            if self.cache:
-                self.cache.put(key, json.dumps(body, ensure_ascii=False), raw)
+            self.cache.put(key, json.dumps(body, ensure_ascii=False), raw)
             return reply
 
     def _key_lock(self, key: str) -> threading.Lock:
@@ -180,30 +187,43 @@ class HttpClient:
         return {"Authorization": f"Bearer {key}"}
 
     def _check_model(self) -> None:
-        """Stop early if GET /models answers and does not list the configured model."""
+        """Stop early if GET /models answers and does not list the configured model.
+
+        Ollama lists its models with a tag (`mistral:latest`) and serves `mistral` as `mistral:latest`: that counts.
+        """
         try:
             listing = self.request("GET", "/models", parse=_model_ids, retries=0)
         except RequestFailed as err:
             log.info("%s/models did not list models (%s); not checking model %r", self.base_url, err, self.model)
             return
         served = set(listing)
-        if self.model not in served:
+        if self.model not in served and f"{self.model}:latest" not in served:
             raise ConfigError(
                 f"model {self.model!r} is not served by {self.base_url}; it serves: {', '.join(sorted(served))}"
             )
 
     def _halt(self, message: str) -> ConfigError:
         self._fatal = message
-        self._stop.set()
+        self.stop()
         return ConfigError(message)
 
     def _auth_error(self) -> ConfigError:
-        if self.api_key_env:
+        if not self.api_key_env:
+            return self._halt(f"{self.base_url} requires an API key (HTTP 401): set api_key_env and that variable")
+        if not self._secret:  # the openai backend sends no key when its variable is unset
             return self._halt(
-                f"{self.base_url} refused the API key in environment variable {self.api_key_env} (HTTP 401): "
-                "check that it is valid and active"
+                f"{self.base_url} requires an API key (HTTP 401) and environment variable {self.api_key_env} is "
+                f"not set (export it, or put {self.api_key_env}=... in .env)"
             )
-        return self._halt(f"{self.base_url} requires an API key (HTTP 401): set api_key_env and that variable")
+        return self._halt(
+            f"{self.base_url} refused the API key in environment variable {self.api_key_env} (HTTP 401): "
+            "check that it is valid and active"
+        )
+
+    def _stopped(self) -> Exception:
+        if self._fatal:
+            return ConfigError(self._fatal)
+        return RequestFailed("interrupted", "the stage was stopped")
 
     # --- one HTTP call, with retries -----------------------------------------------------------------------------
     def request(self, method: str, path: str, *, parse, tokens: int = 0, retries: int | None = None, **kwargs):
@@ -216,10 +236,12 @@ class HttpClient:
         is_chat = path == CHAT_PATH
         for attempt in range(retries + 1):
             if self._stop.is_set():
-                if self._fatal:
-                    raise ConfigError(self._fatal)
-                raise RequestFailed("interrupted", "the stage was stopped")
+                raise self._stopped()
             ticket = self.limiter.acquire(tokens)
+            if self._stop.is_set():  # stopped while it waited for its turn: send nothing
+                if ticket is not None:
+                    self.limiter.settle(ticket, 0)
+                raise self._stopped()
             server_wait = None
             if is_chat:
                 self.tally.add("requests")
@@ -271,9 +293,12 @@ class HttpClient:
         delay = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * 2**attempt)
         return delay / 2 + random.uniform(0, delay / 2)
 
-    def _snippet(self, resp) -> str:
-        text = " ".join(resp.text[:300].split())
+    def mask(self, text: str) -> str:
+        """`text` (something a server sent) with the API key, should it be there, replaced by ***."""
         return text.replace(self._secret, "***") if self._secret else text
+
+    def _snippet(self, resp) -> str:
+        return " ".join(self.mask(resp.text)[:300].split())  # masked before cutting: no partial key survives
 
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
@@ -283,14 +308,14 @@ class HttpClient:
         return session
 
     def stop(self) -> None:
-        """Make every thread give up at its next retry (Ctrl-C)."""
+        """Make every thread give up now: those waiting for the limiter or a retry send nothing more (Ctrl-C)."""
         self._stop.set()
+        self.limiter.cancel()
 
     def close(self) -> None:
         for session in self._sessions:
             session.close()
-        if self.cache:
-            self.cache.close()
+        self.cache.close()
 
 
 def _model_ids(resp):

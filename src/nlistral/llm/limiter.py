@@ -13,7 +13,8 @@ HEADROOM = 0.97
 class Limiter:
     """Requests start evenly spaced at HEADROOM * requests_per_second (no bursts); the tokens of the requests started
     in any 60 s window stay within tokens_per_minute (estimated before sending, corrected with `usage` by `settle`);
-    `pause` holds every thread back, e.g. for a 429's Retry-After. A limit of 0 is no limit."""
+    `pause` holds every thread back, e.g. for a 429's Retry-After; `cancel` releases every waiting thread for good.
+    A limit of 0 is no limit."""
 
     def __init__(self, requests_per_second=0, tokens_per_minute=0):
         self.interval = 1.0 / (HEADROOM * requests_per_second) if requests_per_second else 0.0
@@ -23,11 +24,14 @@ class Limiter:
         self._resume_at = 0.0
         self._window = deque()  # [start time, tokens, live] of requests started in the last WINDOW_S
         self._window_tokens = 0
+        self._cancelled = False
 
-    def acquire(self, tokens: int) -> list:
-        """Block until a request of `tokens` may start; return its ticket for `settle`."""
+    def acquire(self, tokens: int) -> list | None:
+        """Block until a request of `tokens` may start; return its ticket for `settle` (None once cancelled)."""
         with self._changed:
             while True:
+                if self._cancelled:
+                    return None
                 now = time.monotonic()
                 wait = max(self._resume_at, self._next_start) - now
                 if wait <= 0 and self.tokens_per_minute:
@@ -52,6 +56,12 @@ class Limiter:
     def pause(self, seconds: float) -> None:
         with self._changed:
             self._resume_at = max(self._resume_at, time.monotonic() + seconds)
+
+    def cancel(self) -> None:
+        """Wake every waiting thread (and any later one) with no ticket: the stage is stopping."""
+        with self._changed:
+            self._cancelled = True
+            self._changed.notify_all()
 
     def _token_wait(self, now: float, tokens: int) -> float:
         while self._window and self._window[0][0] <= now - WINDOW_S:
