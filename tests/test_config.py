@@ -41,6 +41,7 @@ def test_no_secret_values_in_conf():
 def test_overrides_dotted_and_group_swap(workdir):
     cfg = load_config(["teacher.max_concurrency=8", "sft.include_reflections=false"])
     assert cfg.teacher.max_concurrency == 8
+    assert load_config(["teacher.model=2512"]).teacher.model == "2512"
     assert cfg.sft.include_reflections is False
     swapped = load_config(["teacher=offline"])
     assert swapped.teacher.backend == "offline"

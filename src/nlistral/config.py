@@ -49,9 +49,11 @@ def apply_override(cfg: DictConfig, override: str, conf_dir=CONF_DIR) -> None:
         return
     adding = key.startswith("+")
     key = key.lstrip("+")
-    if not adding and OmegaConf.select(cfg, key, default=KeyError) is KeyError:
+    current = OmegaConf.select(cfg, key, default=KeyError)
+    if not adding and current is KeyError:
         raise ConfigError(f"unknown config key '{key}' (use +{key}=... to add a new one)")
-    OmegaConf.update(cfg, key, yaml.safe_load(raw), merge=False, force_add=adding)
+    value = raw if isinstance(current, str) else yaml.safe_load(raw)  # a model named 2512 stays a string
+    OmegaConf.update(cfg, key, value, merge=False, force_add=adding)
 
 
 def load_config(overrides=(), params_file=PARAMS_FILE, conf_dir=CONF_DIR) -> DictConfig:
