@@ -120,13 +120,15 @@ def run(cfg, split: str) -> dict:
     for row in rows:
         key = pair_key(row["premise"], row["hypothesis"])
         reason = held_out.get(key) or ("duplicate" if key in seen else None)
-        prompt_tokens, completion_tokens = token_lengths(tokenizer, row)
-        if not reason and prompt_tokens + completion_tokens > cfg.model.max_seq_length:
-            reason = "too_long" if cfg.sft.drop_too_long else None
-            over_length_kept += not cfg.sft.drop_too_long
         if reason:
             dropped[reason] += 1
             continue
+        prompt_tokens, completion_tokens = token_lengths(tokenizer, row)  # only rows still in the running
+        if prompt_tokens + completion_tokens > cfg.model.max_seq_length:
+            if cfg.sft.drop_too_long:
+                dropped["too_long"] += 1
+                continue
+            over_length_kept += 1
         seen.add(key)
         kept.append(row)
         lengths[row["id"]] = {"id": row["id"], "source": row["source"], "prompt_tokens": prompt_tokens,
