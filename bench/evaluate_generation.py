@@ -10,7 +10,8 @@ import time
 
 from nlistral.config import load_config
 from nlistral.data import load_split
-from nlistral.model import ADAPTER_DIR, load_adapter_model, load_tokenizer
+from nlistral.model import load_adapter_model, load_tokenizer
+from nlistral.paths import ADAPTER_DIR
 from nlistral.prompts import inst_prompt, student_prompt
 from nlistral.stages.evaluate import generate
 

@@ -133,7 +133,8 @@ def test_training_example_has_one_bos_ends_with_eos_and_masks_the_prompt(pipelin
     assert tokenizer.decode(ids) == prompts.sft_text(row["prompt"], row["completion"])
     # Nothing is cut: rows over model.max_seq_length keep every token.
     lengths = [len(x) for x in trainer.train_dataset["input_ids"]]
-    full = [len(tokenizer(r["text"], add_special_tokens=False)["input_ids"]) for r in read_jsonl(train.TRAIN_FT)]
+    rows = read_jsonl("data/finetune/train_ft.jsonl")
+    full = [len(tokenizer(r["text"], add_special_tokens=False)["input_ids"]) for r in rows]
     assert lengths == full and max(lengths) > cfg.model.max_seq_length
 
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])

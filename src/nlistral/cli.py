@@ -8,6 +8,7 @@ import sys
 
 from nlistral.config import PARAMS_FILE, ConfigError, compose_params, load_config
 from nlistral.data import DataError
+from nlistral.paths import MissingInput
 from nlistral.stages import StageError
 
 SPLIT_STAGES = ("thoughts", "reflections", "sft")
@@ -20,7 +21,7 @@ STAGES = {
     "evaluate": "greedy generation on the test split, parsed and scored -> metrics/eval.json",
 }
 
-# Exit codes: 2 = bad input or config (nothing written), 1 = the stage ran and failed.
+# Exit codes: 2 = bad or missing input, or bad config (nothing written), 1 = the stage ran and failed.
 EXIT_BAD_INPUT = 2
 EXIT_STAGE_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
             stage.run(cfg, args.split)
         else:
             stage.run(cfg)
-    except (DataError, ConfigError) as err:
+    except (DataError, ConfigError, MissingInput) as err:
         print(f"nlistral {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except StageError as err:

@@ -12,19 +12,18 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-BASE_DIR = Path("models/base")
-ADAPTER_DIR = Path("models/adapter")
-BASE_INFO = "base_model.json"
-MLFLOW_RUN = "mlflow_run.json"  # in models/adapter: the training run, which `evaluate` logs into too
+from nlistral import paths
+from nlistral.paths import ADAPTER_DIR, BASE_DIR
 
 
 def base_info(base_dir=BASE_DIR) -> dict:
     """{"name_or_path", "revision", ...} as written by the base_model stage."""
-    return json.loads((Path(base_dir) / BASE_INFO).read_text(encoding="utf-8"))
+    return json.loads((paths.require(base_dir) / paths.BASE_INFO.name).read_text(encoding="utf-8"))
 
 
 def load_tokenizer(path=BASE_DIR):
-    return AutoTokenizer.from_pretrained(path)
+    """The tokenizer saved in a local stage output (never looked up on the hub)."""
+    return AutoTokenizer.from_pretrained(paths.require(path), local_files_only=True)
 
 
 def compute_dtype(cfg) -> torch.dtype:
@@ -64,7 +63,7 @@ def load_adapter_model(cfg, adapter_dir=ADAPTER_DIR, base_dir=BASE_DIR):
     """Base + trained LoRA adapter, in eval mode."""
     from peft import PeftModel  # see load_base_model
 
-    model = PeftModel.from_pretrained(load_base_model(cfg, base_dir=base_dir), adapter_dir)
+    model = PeftModel.from_pretrained(load_base_model(cfg, base_dir=base_dir), paths.require(adapter_dir))
     return model.eval()
 
 

@@ -14,7 +14,8 @@ from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM, PreTr
 from nlistral import prompts
 from nlistral.data import load_split
 from nlistral.io import write_json
-from nlistral.model import BASE_DIR, BASE_INFO, staged_dir
+from nlistral.model import staged_dir
+from nlistral.paths import BASE_DIR, BASE_INFO
 
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
@@ -95,6 +96,6 @@ def run(cfg) -> dict:
             info = {"name_or_path": cfg.model.name_or_path, "revision": cfg.model.revision, "built_tiny": False}
         info["vocab_size"] = len(tokenizer)
         tokenizer.save_pretrained(out)
-        write_json(out / BASE_INFO, info)
+        write_json(out / BASE_INFO.name, info)
     print(f"base model: {info['name_or_path']} (vocab {info['vocab_size']}) -> {BASE_DIR}")
     return info

@@ -17,13 +17,11 @@ from tqdm import tqdm
 
 from nlistral.data import load_split
 from nlistral.io import write_csv, write_json, write_jsonl
-from nlistral.model import ADAPTER_DIR, MLFLOW_RUN, load_adapter_model, load_tokenizer
+from nlistral.model import load_adapter_model, load_tokenizer
 from nlistral.parsing import ReplyError, parse_reply
+from nlistral.paths import ADAPTER_DIR, ADAPTER_MLFLOW_RUN, CONFUSION, EVAL_METRICS, PREDICTIONS
 from nlistral.prompts import inst_prompt, student_prompt
 
-METRICS = "metrics/eval.json"
-PREDICTIONS = "metrics/predictions.jsonl"
-CONFUSION = "metrics/confusion.csv"  # actual,predicted per row, for `dvc plots` (template: confusion)
 UNPARSED = "unparsed"
 
 
@@ -83,7 +81,7 @@ def generate(model, tokenizer, prompts, batch_size: int, max_new_tokens: int) ->
 
 def _log_to_training_run(cfg, metrics: dict) -> None:
     """Log into the MLflow run that trained the adapter, or a new linked run if this store does not have it."""
-    train_run = json.loads((ADAPTER_DIR / MLFLOW_RUN).read_text(encoding="utf-8"))["run_id"]
+    train_run = json.loads(ADAPTER_MLFLOW_RUN.read_text(encoding="utf-8"))["run_id"]
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     mlflow.set_experiment(cfg.mlflow.experiment)
     run_id = train_run
@@ -123,9 +121,9 @@ def run(cfg) -> dict:
     write_jsonl(PREDICTIONS, records)
     confusion = [{"actual": r["true_label"], "predicted": UNPARSED if r["predicted_label"] is None
                   else r["predicted_label"]} for r in records]  # fmt: skip
-    write_csv(CONFUSION, confusion, ("actual", "predicted"))
-    write_json(METRICS, metrics)
+    write_csv(CONFUSION, confusion, ("actual", "predicted"))  # for `dvc plots` (template: confusion)
+    write_json(EVAL_METRICS, metrics)
     _log_to_training_run(cfg, metrics)
     print(f"evaluate: accuracy {metrics['accuracy']}, f1 {metrics['f1']}, "
-          f"{metrics['parse_failures']}/{metrics['n']} unparsed -> {METRICS}")  # fmt: skip
+          f"{metrics['parse_failures']}/{metrics['n']} unparsed -> {EVAL_METRICS}")  # fmt: skip
     return metrics

@@ -5,16 +5,12 @@ A reflection counts only if its own label reaches the true label: one that disag
 is never overwritten, and unresolved reflections never reach the fine-tuning set.
 """
 
+from nlistral import paths
 from nlistral.io import read_jsonl
 from nlistral.llm.engine import Accept, Reject, Reprompt, Task, generate
 from nlistral.parsing import REFLECTION_FIELDS, ReplyError, parse_reply
 from nlistral.prompts import label_mismatch_feedback, reflector_messages
-from nlistral.stages import thoughts
 from nlistral.stages.generation import write_outcomes
-
-OUT = "data/reflected_thoughts/{split}_reflections.jsonl"
-FAILED = "data/reflected_thoughts/{split}_failed.jsonl"
-METRICS = "metrics/reflections_{split}.json"
 
 
 def reflection_check(true_label: int, max_attempts: int, max_reprompts: int):
@@ -41,7 +37,7 @@ def reflection_check(true_label: int, max_attempts: int, max_reprompts: int):
 
 
 def run(cfg, split: str) -> dict:
-    wrong = [t for t in read_jsonl(thoughts.OUT.format(split=split)) if not t["correct"]]
+    wrong = [t for t in read_jsonl(paths.require(paths.THOUGHTS, split)) if not t["correct"]]
     ref = cfg.reflector
     tasks = [
         Task(
@@ -74,8 +70,8 @@ def run(cfg, split: str) -> dict:
     verified = sum(r["verified"] for r in records)
     return write_outcomes(
         outcomes, records, failed,
-        out_path=OUT.format(split=split), failed_path=FAILED.format(split=split),
-        metrics_path=METRICS.format(split=split), stats=stats, backend_cfg=ref,
+        out_path=paths.REFLECTIONS.format(split=split), failed_path=paths.REFLECTIONS_FAILED.format(split=split),
+        metrics_path=paths.REFLECTIONS_METRICS.format(split=split), stats=stats, backend_cfg=ref,
         extra={"verified": verified, "unresolved": len(records) - verified,
                "success_rate": round(verified / len(wrong), 4) if wrong else 0.0},
     )  # fmt: skip

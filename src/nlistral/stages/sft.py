@@ -12,16 +12,13 @@ import random
 import statistics
 from collections import Counter
 
+from nlistral import paths
 from nlistral.data import load_split
 from nlistral.io import read_jsonl, write_csv, write_json, write_jsonl
 from nlistral.model import load_tokenizer
 from nlistral.prompts import completion_json, inst_prompt, sft_text, student_prompt
-from nlistral.stages import StageError, reflections, thoughts
+from nlistral.stages import StageError
 
-OUT = "data/finetune/{split}_ft.jsonl"
-METRICS = "metrics/sft_{split}.json"
-PLOT_ACCURACY = "metrics/plots/teacher_accuracy_by_length_{split}.csv"
-PLOT_LENGTHS = "metrics/plots/lengths_{split}.csv"
 LENGTH_FIELDS = ("id", "source", "prompt_tokens", "completion_tokens")
 ACCURACY_FIELDS = ("rationale_words", "rows", "accuracy")
 LENGTH_BUCKETS = ((0, 100), (101, 200), (201, 300), (301, None))  # rationale words, as in the study
@@ -110,8 +107,9 @@ def held_out_pairs(data_dir, split: str) -> dict:
 
 
 def run(cfg, split: str) -> dict:
-    thought_rows = read_jsonl(thoughts.OUT.format(split=split))
-    reflection_rows = read_jsonl(reflections.OUT.format(split=split))
+    thought_rows = read_jsonl(paths.require(paths.THOUGHTS, split))
+    reflection_rows = read_jsonl(paths.require(paths.REFLECTIONS, split))
+    paths.require(paths.BASE_DIR)
     rows = candidates(thought_rows, reflection_rows, cfg.sft.include_reflections)
     held_out = held_out_pairs(cfg.data.dir, split)
     tokenizer = load_tokenizer()
@@ -141,11 +139,11 @@ def run(cfg, split: str) -> dict:
         kept = balanced
     if cfg.sft.shuffle:
         rng.shuffle(kept)
-    write_jsonl(OUT.format(split=split), kept)
+    write_jsonl(paths.FINETUNE.format(split=split), kept)
 
     kept_lengths = [lengths[r["id"]] for r in kept]
-    write_csv(PLOT_LENGTHS.format(split=split), kept_lengths, LENGTH_FIELDS)
-    write_csv(PLOT_ACCURACY.format(split=split), accuracy_by_length(thought_rows), ACCURACY_FIELDS)
+    write_csv(paths.PLOT_LENGTHS.format(split=split), kept_lengths, LENGTH_FIELDS)
+    write_csv(paths.PLOT_TEACHER_ACCURACY.format(split=split), accuracy_by_length(thought_rows), ACCURACY_FIELDS)
     correct = sum(t["correct"] for t in thought_rows)
     incorrect = len(thought_rows) - correct
     verified = sum(r["verified"] for r in reflection_rows)
@@ -164,5 +162,5 @@ def run(cfg, split: str) -> dict:
         "prompt_tokens": _describe([e["prompt_tokens"] for e in kept_lengths]),
         "completion_tokens": _describe([e["completion_tokens"] for e in kept_lengths]),
     }
-    write_json(METRICS.format(split=split), metrics)
+    write_json(paths.SFT_METRICS.format(split=split), metrics)
     return metrics

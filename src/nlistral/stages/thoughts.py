@@ -1,14 +1,11 @@
 """Stage 1: the teacher LLM writes a 3-step rationale and a label for every row of a split."""
 
+from nlistral import paths
 from nlistral.data import load_split
 from nlistral.llm.engine import Accept, Reprompt, Task, generate
 from nlistral.parsing import ReplyError, parse_reply
 from nlistral.prompts import teacher_messages
 from nlistral.stages.generation import write_outcomes
-
-OUT = "data/original_thoughts/{split}_thoughts.jsonl"
-FAILED = "data/original_thoughts/{split}_failed.jsonl"
-METRICS = "metrics/thoughts_{split}.json"
 
 
 def check_thought(reply):
@@ -44,8 +41,8 @@ def run(cfg, split: str) -> dict:
     correct = sum(r["correct"] for r in records)
     return write_outcomes(
         outcomes, records, failed,
-        out_path=OUT.format(split=split), failed_path=FAILED.format(split=split),
-        metrics_path=METRICS.format(split=split), stats=stats, backend_cfg=cfg.teacher,
+        out_path=paths.THOUGHTS.format(split=split), failed_path=paths.THOUGHTS_FAILED.format(split=split),
+        metrics_path=paths.THOUGHTS_METRICS.format(split=split), stats=stats, backend_cfg=cfg.teacher,
         extra={"correct": correct, "incorrect": len(records) - correct,
                "accuracy": round(correct / len(records), 4) if records else 0.0},
     )  # fmt: skip

@@ -9,7 +9,6 @@ kept them (sft.drop_too_long: false); they are trained on in full and counted in
 import json
 import tempfile
 import time
-from pathlib import Path
 
 import mlflow
 import torch
@@ -19,15 +18,12 @@ from peft import LoraConfig
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
+from nlistral import paths
 from nlistral.io import read_jsonl, write_json
-from nlistral.model import ADAPTER_DIR, MLFLOW_RUN, load_base_model, load_tokenizer, staged_dir
+from nlistral.model import load_base_model, load_tokenizer, staged_dir
+from nlistral.paths import ADAPTER_DIR, ADAPTER_MLFLOW_RUN, FINETUNE, SFT_METRICS
 from nlistral.prompts import inst_prompt
 from nlistral.stages import StageError
-from nlistral.stages.sft import METRICS as SFT_METRICS
-
-TRAIN_FT = "data/finetune/train_ft.jsonl"
-DEV_FT = "data/finetune/dev_ft.jsonl"
-METRICS = "metrics/train.json"
 
 
 def sft_dataset(path) -> Dataset:
@@ -61,7 +57,7 @@ def data_metrics() -> dict:
     """The fine-tuning set's statistics (sft stage metrics), numeric values only, for MLflow."""
     stats = {}
     for split in ("train", "dev"):
-        stats |= flatten(json.loads(Path(SFT_METRICS.format(split=split)).read_text(encoding="utf-8")), f"sft_{split}")
+        stats |= flatten(json.loads(paths.require(SFT_METRICS, split).read_text(encoding="utf-8")), f"sft_{split}")
     return {k: v for k, v in stats.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
@@ -98,7 +94,8 @@ def build_trainer(cfg, output_dir) -> SFTTrainer:
         target_modules=list(train.lora_target_modules),
         task_type="CAUSAL_LM",
     )
-    train_rows, dev_rows = sft_dataset(TRAIN_FT), sft_dataset(DEV_FT)  # bad input fails before a 7B model loads
+    # bad input fails before a 7B model loads
+    train_rows, dev_rows = (sft_dataset(paths.require(FINETUNE, split)) for split in ("train", "dev"))
     return SFTTrainer(
         model=load_base_model(cfg, for_training=True),
         args=args,
@@ -135,10 +132,10 @@ def summarize(cfg, trainer, result, dev_loss: float, wall: float) -> dict:
 
 def run(cfg) -> dict:
     set_seed(cfg.train.seed)  # before the LoRA weights are initialised
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
-    mlflow.set_experiment(cfg.mlflow.experiment)
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = build_trainer(cfg, scratch)  # bad or empty input fails here, before an MLflow run is opened
+        trainer = build_trainer(cfg, scratch)  # bad, empty or missing input fails here, before MLflow is touched
+        mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+        mlflow.set_experiment(cfg.mlflow.experiment)
         with mlflow.start_run() as mlrun:
             mlflow.log_params(flat_params(cfg))
             mlflow.log_metrics(data_metrics())
@@ -154,9 +151,10 @@ def run(cfg) -> dict:
             with staged_dir(ADAPTER_DIR) as out:
                 trainer.model.save_pretrained(out)
                 trainer.processing_class.save_pretrained(out)
-                write_json(out / MLFLOW_RUN, {"run_id": mlrun.info.run_id, "experiment_id": mlrun.info.experiment_id})
+                run_ids = {"run_id": mlrun.info.run_id, "experiment_id": mlrun.info.experiment_id}
+                write_json(out / ADAPTER_MLFLOW_RUN.name, run_ids)
             mlflow.log_artifacts(str(ADAPTER_DIR), artifact_path="adapter")
-    write_json(METRICS, metrics)
+    write_json(paths.TRAIN_METRICS, metrics)
     print(
         f"train: loss {metrics['train_loss_first']} -> {metrics['train_loss_last']}, "
         f"dev loss {metrics['eval_loss']}, {metrics['steps']} steps in {metrics['wall_time_s']} s -> {ADAPTER_DIR}"

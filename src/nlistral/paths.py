@@ -1,0 +1,58 @@
+"""Every stage input and output, named once. dvc.yaml repeats them (DVC needs literal paths); a test checks the two
+agree. `{split}` is train or dev. Inputs under `data.dir` come from the config, not from here.
+
+`require` is how a stage checks its inputs before doing any work: a missing one is a clear error naming the file
+and the stage that writes it.
+"""
+
+from pathlib import Path
+
+# stage 1: thoughts
+THOUGHTS = "data/original_thoughts/{split}_thoughts.jsonl"
+THOUGHTS_FAILED = "data/original_thoughts/{split}_failed.jsonl"
+THOUGHTS_METRICS = "metrics/thoughts_{split}.json"
+# stage 2: reflections
+REFLECTIONS = "data/reflected_thoughts/{split}_reflections.jsonl"
+REFLECTIONS_FAILED = "data/reflected_thoughts/{split}_failed.jsonl"
+REFLECTIONS_METRICS = "metrics/reflections_{split}.json"
+# base_model
+BASE_DIR = Path("models/base")
+BASE_INFO = BASE_DIR / "base_model.json"
+# stage 3: sft
+FINETUNE = "data/finetune/{split}_ft.jsonl"
+SFT_METRICS = "metrics/sft_{split}.json"
+PLOT_TEACHER_ACCURACY = "metrics/plots/teacher_accuracy_by_length_{split}.csv"
+PLOT_LENGTHS = "metrics/plots/lengths_{split}.csv"
+# train
+ADAPTER_DIR = Path("models/adapter")
+ADAPTER_MLFLOW_RUN = ADAPTER_DIR / "mlflow_run.json"  # the training run, which `evaluate` logs into too
+TRAIN_METRICS = "metrics/train.json"
+# evaluate
+EVAL_METRICS = "metrics/eval.json"
+PREDICTIONS = "metrics/predictions.jsonl"
+CONFUSION = "metrics/confusion.csv"
+
+# Which command writes each stage output that another stage reads: (CLI command, dvc.yaml stage).
+PRODUCERS = {
+    THOUGHTS: ("thoughts --split {split}", "thoughts@{split}"),
+    REFLECTIONS: ("reflections --split {split}", "reflections@{split}"),
+    str(BASE_DIR): ("base-model", "base_model"),
+    FINETUNE: ("sft --split {split}", "sft@{split}"),
+    SFT_METRICS: ("sft --split {split}", "sft@{split}"),
+    str(ADAPTER_DIR): ("train", "train"),
+}
+
+
+class MissingInput(FileNotFoundError):
+    """A stage's input is not there yet: the message names the file and what writes it."""
+
+
+def require(template, split: str | None = None) -> Path:
+    """The input path (`{split}` filled in), or MissingInput saying which stage to run first."""
+    path = Path(str(template).format(split=split))
+    if path.exists():
+        return path
+    if str(template) not in PRODUCERS:
+        raise MissingInput(f"{path} not found")
+    command, stage = (part.format(split=split) for part in PRODUCERS[str(template)])
+    raise MissingInput(f"{path} not found: run `nlistral {command}` or `dvc repro {stage}` first")

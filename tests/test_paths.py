@@ -1,0 +1,103 @@
+"""Paths are named once (nlistral.paths) and dvc.yaml agrees; a stage run before its producer says what to run."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nlistral import paths
+
+REPO = Path(__file__).resolve().parents[1]
+SPLITS = ("train", "dev")
+
+
+def expand(entries, item=None) -> set[str]:
+    """dvc.yaml deps/outs entries (strings or {path: options}) with ${item} filled in."""
+    names = set()
+    for entry in entries:
+        name = next(iter(entry)) if isinstance(entry, dict) else entry
+        names.add(name.replace("${item}", item) if item else name)
+    return names
+
+
+def dvc_stages() -> dict[str, dict]:
+    """Stage name -> {"deps", "outs"}, foreach stages expanded per item."""
+    stages = {}
+    for name, stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items():
+        for item in stage.get("foreach") or [None]:
+            body = stage.get("do", stage)
+            stages[f"{name}@{item}" if item else name] = {
+                "deps": expand(body.get("deps", []), item),
+                "outs": expand(body.get("outs", []), item),
+            }
+    return stages
+
+
+def declared_paths() -> set[str]:
+    """Every path constant in nlistral.paths, per split; files inside an output folder are not outs themselves."""
+    values = {str(v) for k, v in vars(paths).items() if k.isupper() and isinstance(v, str | Path)}
+    expanded = {v.format(split=split) for v in values for split in SPLITS}
+    return {p for p in expanded if not any(p.startswith(f"{other}/") for other in expanded)}
+
+
+@pytest.fixture
+def sample_workdir(workdir):
+    shutil.copytree(REPO / "data" / "sample", workdir / "data" / "sample")
+    return workdir
+
+
+def test_dvc_yaml_outs_are_the_paths_module():
+    outs = set().union(*(stage["outs"] for stage in dvc_stages().values()))
+    assert outs == declared_paths()
+
+
+def test_dvc_yaml_deps_on_stage_outputs_are_in_the_paths_module():
+    produced = declared_paths()
+    for name, stage in dvc_stages().items():
+        outputs = {d for d in stage["deps"] if d.split("/")[0] in ("metrics", "models", "data") and "$" not in d}
+        assert outputs - {d for d in outputs if d.startswith("data/") and d not in produced} <= produced, name
+
+
+def test_importing_a_stage_imports_no_other_stage():
+    code = (
+        "import sys, nlistral.stages.evaluate, nlistral.stages.sft; "
+        "print(sorted(m for m in sys.modules if m.startswith('nlistral.stages.') or m.startswith('nlistral.llm')))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "['nlistral.stages.evaluate', 'nlistral.stages.sft']"
+
+
+@pytest.mark.parametrize(
+    ("args", "missing", "command", "stage"),
+    [
+        (("reflections", "--split", "dev"), "data/original_thoughts/dev_thoughts.jsonl", "thoughts --split dev",
+         "thoughts@dev"),
+        (("sft", "--split", "train"), "data/original_thoughts/train_thoughts.jsonl", "thoughts --split train",
+         "thoughts@train"),
+        (("train",), "data/finetune/train_ft.jsonl", "sft --split train", "sft@train"),
+        (("evaluate",), "models/adapter", "train", "train"),
+    ],
+)  # fmt: skip
+def test_a_stage_run_before_its_producer_names_what_to_run(sample_workdir, args, missing, command, stage):
+    workdir = sample_workdir
+    result = subprocess.run([sys.executable, "-m", "nlistral", *args], cwd=workdir, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"nlistral {args[0]}: error: {missing} not found: run `nlistral {command}` or `dvc repro {stage}` first"
+    ]
+    assert not (workdir / "mlflow.db").exists()
+
+
+def test_sft_before_base_model_names_base_model_not_the_hub(sample_workdir):
+    workdir = sample_workdir
+    for stage in ("thoughts", "reflections"):
+        subprocess.run([sys.executable, "-m", "nlistral", stage, "--split", "dev"], cwd=workdir, check=True,
+                       capture_output=True)  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "nlistral", "sft", "--split", "dev"], cwd=workdir,
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 2
+    assert "models/base not found: run `nlistral base-model` or `dvc repro base_model` first" in result.stderr
+    assert "huggingface" not in result.stderr.lower() and "Traceback" not in result.stderr
