@@ -63,3 +63,23 @@ def test_params_command_writes_the_composition(workdir):
     result = nlistral("params", "experiment=no_reflections", cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert "include_reflections: false" in (workdir / "params.yaml").read_text()
+
+
+def test_cli_overrides_reach_the_client_as_hydra_parses_them(workdir, monkeypatch):
+    """`teacher.response_format=null` sends no response_format; a key override written before its group swap holds."""
+    from llm_server import KEY, ROWS, LLMServer, stage_overrides, write_split
+
+    from nlistral import cli
+
+    write_split(workdir, ROWS)
+    monkeypatch.setenv("MISTRAL_API_KEY", KEY)
+    with LLMServer() as server:
+        overrides = stage_overrides("teacher", server.url, backend="openai")
+        assert cli.main(["thoughts", "--split", "train", "teacher.response_format=null", *overrides]) == 0
+        assert server.chat_bodies and all("response_format" not in body for body in server.chat_bodies)
+
+    with LLMServer(api_key=KEY) as server:
+        overrides = stage_overrides("teacher", server.url, backend="mistral")
+        batch_first = ["teacher.mode=batch", *overrides[1:], overrides[0]]  # the group swap written last
+        assert cli.main(["thoughts", "--split", "train", *batch_first]) == 0
+        assert server.counts["jobs"] == 1 and server.counts["chat"] == 0
