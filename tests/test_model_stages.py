@@ -11,6 +11,7 @@ from conftest import REPO
 from omegaconf import OmegaConf
 
 from nlistral import prompts
+from nlistral.config import compose_params
 from nlistral.io import read_jsonl, write_json, write_jsonl
 from nlistral.model import load_base_model, load_tokenizer
 from nlistral.stages import base_model, evaluate, train
@@ -30,6 +31,7 @@ TRAIN_KEYS = {"train_loss", "eval_loss", "steps", "epochs", "train_rows", "train
 
 def make_cfg(**overrides):
     conf = REPO / "conf"
+    backends = OmegaConf.create(compose_params(["teacher=mistral"], conf_dir=conf))
     cfg = OmegaConf.create({
         "data": {"name": "unit", "dir": "data/unit"},
         "model": OmegaConf.load(conf / "model" / "tiny.yaml"),
@@ -38,8 +40,8 @@ def make_cfg(**overrides):
         "sft": {"include_reflections": True, "balance_labels": False, "shuffle": True, "seed": 42,
                 "drop_too_long": False},
         "mlflow": {"tracking_uri": "sqlite:///mlflow.db", "experiment": "unit"},
-        "teacher": OmegaConf.load(conf / "teacher" / "mistral.yaml"),
-        "reflector": OmegaConf.load(conf / "reflector" / "offline.yaml"),
+        "teacher": backends.teacher,
+        "reflector": backends.reflector,
     })  # fmt: skip
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value)
