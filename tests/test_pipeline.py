@@ -160,10 +160,10 @@ def test_readme_sharing_commands_push_to_s3_and_a_collaborator_pulls_a_clean_pip
     ]
     for clone in (tmp_path / "earlier", tmp_path / "fresh"):
         out = run_readme_block(collaborate, clone)
-        for path in pulled:
-            assert (clone / path).read_bytes() == (pipeline / path).read_bytes(), (clone.name, path)
         assert "Data and pipelines are up to date." in out["dvc status"], (clone.name, out["dvc status"])
         assert "Running stage" not in out["dvc repro"], (clone.name, out["dvc repro"])
+        for path in pulled:
+            assert (clone / path).read_bytes() == (pipeline / path).read_bytes(), (clone.name, path)
         assert run("git", "status", "--porcelain", cwd=clone) == "", clone.name
 
 
