@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -115,21 +116,55 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_outputs_push_to_an_s3_remote_and_pull_into_a_fresh_clone(pipeline, s3_remote, tmp_path):
-    run("dvc", "remote", "add", "-d", "store", "s3://nlistral/cache", cwd=pipeline)
-    run("dvc", "remote", "modify", "store", "endpointurl", s3_remote, cwd=pipeline)
-    run("git", "add", "-A", cwd=pipeline)
-    run("git", "commit", "-qm", "results", cwd=pipeline)
-    assert "pushed" in run("dvc", "push", cwd=pipeline)
-    clone = tmp_path / "clone"
-    run("git", "clone", "-q", str(pipeline), str(clone), cwd=tmp_path)
-    assert not (clone / "data/finetune/train_ft.jsonl").exists()
-    run("dvc", "pull", cwd=clone)
-    pulled = ("data/finetune/train_ft.jsonl", "data/original_thoughts/dev_thoughts.jsonl", "metrics/predictions.jsonl",
-              "models/adapter/adapter_model.safetensors")  # fmt: skip
-    for out in pulled:
-        assert (clone / out).read_bytes() == (pipeline / out).read_bytes(), out
-    assert "Running stage" not in run("dvc", "repro", cwd=clone)  # pulled outputs satisfy the pipeline
+def readme_sharing_blocks() -> list[list[str]]:
+    """The ```bash blocks of README's sharing section, one command per line, end-of-line comments removed."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Sharing generated data", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL)
+    return [[re.sub(r"\s+#.*", "", line) for line in block.splitlines() if line.strip()] for block in blocks]
+
+
+def run_readme_block(commands, cwd, **placeholders):
+    """Runs README commands as a user pastes them, placeholders filled in; returns each command's output."""
+    outputs = {}
+    for command in commands:
+        for name, value in placeholders.items():
+            command = command.replace(f"<{name}>", value)
+        assert "<" not in command, f"unfilled placeholder in README command: {command}"
+        outputs[command] = run("bash", "-c", command, cwd=cwd)
+    return outputs
+
+
+def test_readme_sharing_commands_push_to_s3_and_a_collaborator_pulls_a_clean_pipeline(pipeline, s3_remote, tmp_path):
+    setup, generate, collaborate = readme_sharing_blocks()
+    # The project's git host: a bare repository the copy pushes to, holding the code but no results yet.
+    run("git", "init", "-q", "--bare", str(tmp_path / "origin.git"), cwd=tmp_path)
+    run("git", "remote", "add", "origin", str(tmp_path / "origin.git"), cwd=pipeline)
+    run("git", "push", "-qu", "origin", "HEAD", cwd=pipeline)
+    run("git", "clone", "-q", str(tmp_path / "origin.git"), "earlier", cwd=tmp_path)  # a teammate's existing clone
+
+    run_readme_block(setup, pipeline, bucket="nlistral", **{"endpoint-url": s3_remote})
+    pushed = run_readme_block(generate, pipeline)
+    assert "pushed" in pushed["dvc push"]
+    assert run("git", "status", "--porcelain", cwd=pipeline) == "", "the README's commit step leaves files behind"
+
+    run("git", "clone", "-q", str(tmp_path / "origin.git"), "fresh", cwd=tmp_path)
+    assert not (tmp_path / "fresh/data/finetune/train_ft.jsonl").exists()
+    pulled = [
+        "data/finetune/train_ft.jsonl",
+        "data/original_thoughts/dev_thoughts.jsonl",
+        "metrics/eval.json",
+        "metrics/plots/lengths_train.csv",
+        "metrics/predictions.jsonl",
+        "models/adapter/adapter_model.safetensors",
+    ]
+    for clone in (tmp_path / "earlier", tmp_path / "fresh"):
+        out = run_readme_block(collaborate, clone)
+        assert "Data and pipelines are up to date." in out["dvc status"], (clone.name, out["dvc status"])
+        assert "Running stage" not in out["dvc repro"], (clone.name, out["dvc repro"])
+        for path in pulled:
+            assert (clone / path).read_bytes() == (pipeline / path).read_bytes(), (clone.name, path)
+        assert run("git", "status", "--porcelain", cwd=clone) == "", clone.name
 
 
 def test_train_param_change_reruns_only_train_and_evaluate(pipeline):
