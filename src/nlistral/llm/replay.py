@@ -56,8 +56,11 @@ def recorded_answers(record: dict) -> tuple[str, dict] | None:
     (e.g. a `*_failed.jsonl` row)."""
     if "improved_thought_process" in record:
         label = record["reflected_label"] if "reflected_label" in record else record.get("predicted_label")
-        return "reflection", {"error_analysis": record.get("error_analysis"),
-                              "improved_thought_process": record["improved_thought_process"], "predicted_label": label}  # fmt: skip
+        return "reflection", {
+            "error_analysis": record.get("error_analysis"),
+            "improved_thought_process": record["improved_thought_process"],
+            "predicted_label": label,
+        }
     if "thought_process" in record and "predicted_label" in record:
         return "thought", {"thought_process": record["thought_process"], "predicted_label": record["predicted_label"]}
     return None
