@@ -9,8 +9,10 @@ and the dev recordings are empty. Only `sft@train` and what it needs are reprodu
 
 import hashlib
 import json
+import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -21,10 +23,12 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from dvc.cli import main as dvc_main
 
 from nlistral.config import compose_params
 from nlistral.io import read_jsonl
 
+pytestmark = pytest.mark.slow  # a DVC repo, real imports over HTTP, four stages
 HUB = "https://huggingface.co/datasets/jd0g/Mistral-NLI-Thoughts/resolve/main"
 GIT_IDENTITY = {f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")
                 for what, value in (("NAME", "nlistral-tests"), ("EMAIL", "tests@nlistral.invalid"))}  # fmt: skip
@@ -68,11 +72,23 @@ def hub(shared_data, tmp_path):
         thread.join()
 
 
-def run(*cmd, cwd) -> str:
-    env = {**GIT_IDENTITY, **os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout + result.stderr
+def dvc(caplog, *args) -> str:
+    """`dvc ARGS` in this process (each `dvc` process costs seconds of imports); what it logged. Stages still run
+    `nlistral` as subprocesses, as `dvc repro` always does."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dvc"):
+        code = dvc_main(list(args))
+    assert code == 0, f"dvc {' '.join(args)} failed:\n{caplog.text[-3000:]}"
+    return caplog.text
+
+
+def run_block(block: str, caplog) -> None:
+    """A README shell block, line by line: `dvc ...` in process, anything else (mkdir, git) in bash."""
+    for line in filter(None, block.splitlines()):
+        if line.startswith("dvc "):
+            dvc(caplog, *shlex.split(line)[1:])
+        else:
+            subprocess.run(["bash", "-ec", line], check=True, capture_output=True)
 
 
 def readme_imports() -> str:
@@ -85,9 +101,12 @@ def ran(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-def test_import_replay_and_update(hub, tmp_path):
+def test_import_replay_and_update(hub, tmp_path, monkeypatch, caplog):
     base_url, served = hub
     repo = tmp_path / "repo"
+    for name, value in GIT_IDENTITY.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # `nlistral`
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout.split()  # fmt: skip
     for name in files:
@@ -96,15 +115,14 @@ def test_import_replay_and_update(hub, tmp_path):
             shutil.copy(REPO / name, repo / name)
     params = compose_params(["data=study", "teacher=replay", "reflector=replay"], conf_dir=repo / "conf")
     (repo / "params.yaml").write_text(params)
-    run("git", "init", "-q", cwd=repo)
-    run("git", "add", "-A", cwd=repo)
-    run("git", "commit", "-qm", "NLIstral", cwd=repo)
+    monkeypatch.chdir(repo)
+    run_block("git init -q\ngit add -A\ngit commit -qm NLIstral", caplog)
     commands = readme_imports()
     assert commands.count(f"dvc import-url {HUB}/data/") == 7
-    run("bash", "-ec", commands.replace(HUB, base_url), cwd=repo)  # ends with `git add` + `git commit`
+    run_block(commands.replace(HUB, base_url), caplog)  # ends with `git add` + `git commit`
     assert len(list((repo / "data/study").rglob("*.dvc"))) == 7
 
-    first = run("dvc", "repro", "sft@train", cwd=repo)
+    first = dvc(caplog, "repro", "sft@train")
     assert ran(first) == {"thoughts@train", "reflections@train", "base_model", "sft@train"}
     metrics = {name: json.loads((repo / f"metrics/{name}_train.json").read_text())
                for name in ("thoughts", "reflections", "sft")}  # fmt: skip
@@ -121,9 +139,9 @@ def test_import_replay_and_update(hub, tmp_path):
         if record["id"] == 90:
             record["predicted_label"] = record["true_label"]
     path.write_text(json.dumps(records, indent=1))
-    assert "up to date" in run("dvc", "repro", "sft@train", cwd=repo)  # nothing fetched yet
-    run("dvc", "update", "data/study/reflected_thoughts/train_reflections.json.dvc", cwd=repo)
-    second = run("dvc", "repro", "sft@train", cwd=repo)
+    assert not ran(dvc(caplog, "repro", "sft@train"))  # the imports are pinned: nothing changed until `dvc update`
+    dvc(caplog, "update", "data/study/reflected_thoughts/train_reflections.json.dvc")
+    second = dvc(caplog, "repro", "sft@train")
     assert ran(second) == {"reflections@train", "sft@train"}
     rows = read_jsonl(repo / "data/finetune/train_ft.jsonl")
     assert len(rows) == 100 and "90" in {r["id"] for r in rows}
