@@ -69,6 +69,7 @@ def hub(shared_data, tmp_path):
         yield f"http://127.0.0.1:{server.server_address[1]}", root
     finally:
         server.shutdown()
+        server.server_close()
         thread.join()
 
 

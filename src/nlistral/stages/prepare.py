@@ -23,7 +23,7 @@ from nlistral.config import ConfigError
 from nlistral.data import DataError, load_split
 from nlistral.io import write_json
 
-UNLABELLED = (-1, None, "", "-")
+UNLABELLED = (-1, "-1", None, "", "-")
 
 
 def load_source(ds_cfg, source_split: str):
