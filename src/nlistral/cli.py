@@ -11,8 +11,9 @@ from nlistral.data import DataError
 from nlistral.paths import MissingInput
 from nlistral.stages import StageError
 
-SPLIT_STAGES = ("thoughts", "reflections", "sft")
+SPLIT_STAGES = ("prepare", "thoughts", "reflections", "sft")
 STAGES = {
+    "prepare": "stage 0: read a split of a public NLI dataset with `datasets` -> {data.dir}/{split}.csv",
     "thoughts": "stage 1: the teacher LLM reasons about and labels every row of a split",
     "reflections": "stage 2: a stronger LLM corrects the teacher's wrong rationales, given the true label",
     "sft": "stage 3: correct thoughts + verified reflections -> the fine-tuning set and its statistics",
@@ -35,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     for stage, summary in STAGES.items():
         cmd = sub.add_parser(stage, help=summary, description=summary)
         if stage in SPLIT_STAGES:
-            cmd.add_argument("--split", required=True, choices=("train", "dev"))
+            splits = ("train", "dev", "test") if stage == "prepare" else ("train", "dev")
+            cmd.add_argument("--split", required=True, choices=splits)
         cmd.add_argument(
             "overrides", nargs="*", metavar="KEY=VALUE", help="e.g. teacher.max_concurrency=8 or teacher=offline"
         )

@@ -1,5 +1,5 @@
 """Every stage input and output, named once. dvc.yaml repeats them (DVC needs literal paths); a test checks the two
-agree. `{split}` is train or dev. Inputs under `data.dir` come from the config, not from here.
+agree. `{split}` is train or dev (test too for prepare). Inputs under `data.dir` come from the config, not from here.
 
 `require` is how a stage checks its inputs before doing any work: a missing one is a clear error naming the file
 and the stage that writes it.
@@ -7,6 +7,8 @@ and the stage that writes it.
 
 from pathlib import Path
 
+# stage 0: prepare (datasets read with `datasets`; it writes `{data.dir}/{split}.csv`)
+PREPARE_METRICS = "metrics/prepare_{split}.json"
 # stage 1: thoughts
 THOUGHTS = "data/original_thoughts/{split}_thoughts.jsonl"
 THOUGHTS_FAILED = "data/original_thoughts/{split}_failed.jsonl"

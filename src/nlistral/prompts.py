@@ -6,6 +6,7 @@ cache (its keys cover the messages), so old and new replies never mix. Teacher a
 """
 
 import json
+import re
 
 STEP_SHAPE = (
     "Step 1: <what the premise states>. "
@@ -42,6 +43,14 @@ STUDENT_INSTRUCTION = (
 
 def pair_text(premise: str, hypothesis: str) -> str:
     return f"Premise: {premise}\nHypothesis: {hypothesis}"
+
+
+def read_pair_text(prompt: str) -> tuple[str, str]:
+    """Premise and hypothesis back from a teacher or reflector prompt (either may span several lines)."""
+    match = re.search(r"Premise: (.*?)\nHypothesis: (.*?)(?:\nInitial reasoning: |\Z)", prompt, re.DOTALL)
+    if not match:
+        raise ValueError("the prompt has no 'Premise: ...\nHypothesis: ...' block")
+    return match.group(1), match.group(2)
 
 
 def teacher_messages(premise: str, hypothesis: str) -> list[dict]:

@@ -1,7 +1,8 @@
 """The one LLM client seam: every backend answers `chat(messages) -> Reply`; `engine.generate` drives them.
 
 Backends (`backend:` in conf/teacher, conf/reflector): `offline` (llm/offline.py, a free stand-in), `mistral` and
-`openai` (llm/http.py: Mistral's API or any OpenAI-compatible server, with retries, rate limits and a reply cache).
+`openai` (llm/http.py: Mistral's API or any OpenAI-compatible server, with retries, rate limits and a reply cache),
+`replay` (llm/replay.py: answers recorded in an outputs file, e.g. the study's).
 """
 
 import threading
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 
 from nlistral.config import ConfigError
 
-BACKENDS = ("offline", "mistral", "openai")
+BACKENDS = ("offline", "mistral", "openai", "replay")
 
 
 @dataclass(frozen=True)
@@ -56,4 +57,8 @@ def make_client(backend_cfg, cache_dir):
         from nlistral.llm.http import HttpClient
 
         return HttpClient(backend_cfg, cache_dir)
+    if backend_cfg.backend == "replay":
+        from nlistral.llm.replay import ReplayClient
+
+        return ReplayClient(backend_cfg)
     raise ConfigError(f"unknown LLM backend {backend_cfg.backend!r} (choose from {', '.join(BACKENDS)})")

@@ -13,6 +13,7 @@ import json
 import re
 
 from nlistral.llm import Reply
+from nlistral.prompts import read_pair_text
 
 OVERLAP_THRESHOLD = 0.75
 
@@ -96,14 +97,6 @@ def rationale(cues: dict, label: int) -> str:
     return f"{step1} {step2} {step3}"
 
 
-def _pair(prompt: str) -> tuple[str, str]:
-    """Premise and hypothesis from a prompts.pair_text block; either may span several lines."""
-    match = re.search(r"Premise: (.*?)\nHypothesis: (.*?)(?:\nInitial reasoning: |\Z)", prompt, re.DOTALL)
-    if not match:
-        raise ValueError("offline backend: the prompt has no 'Premise: ...\nHypothesis: ...' block")
-    return match.group(1), match.group(2)
-
-
 def _reflect(cues: dict, true_label: int) -> dict:
     if true_label == 1:
         analysis = (
@@ -121,7 +114,7 @@ def _reflect(cues: dict, true_label: int) -> dict:
 class OfflineClient:
     def chat(self, messages: list[dict]) -> Reply:
         prompt = next(m["content"] for m in messages if m["role"] == "user")
-        cues = analyse(*_pair(prompt))
+        cues = analyse(*read_pair_text(prompt))
         reflecting = re.search(r"\nTrue label: ([01])$", prompt)
         if reflecting:
             true_label = int(reflecting.group(1))
