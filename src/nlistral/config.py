@@ -54,7 +54,7 @@ def apply_overrides(cfg: DictConfig, overrides, conf_dir=CONF_DIR) -> None:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except HydraException as err:
         raise ConfigError(str(err)) from None
-    group_names = groups(conf_dir)
+    group_names = groups(conf_dir) if any("." not in o.key_or_group for o in parsed) else []
     swaps, keys = [], []
     for override in parsed:
         if override.is_sweep_override():
