@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
 def _compare(args) -> None:
     from nlistral import compare
 
-    defaults = load_config().eval if PARAMS_FILE.is_file() else {"bootstrap": 10000, "seed": 42}
+    # eval.bootstrap / eval.seed from params.yaml when it has them (a NLIstral checkout), else the shipped defaults
+    defaults = (load_config().get("eval") if PARAMS_FILE.is_file() else None) or {"bootstrap": 10000, "seed": 42}
     resamples = args.bootstrap if args.bootstrap is not None else defaults["bootstrap"]
     seed = args.seed if args.seed is not None else defaults["seed"]
     compare.run(args.a, args.b, args.json, args.path, resamples, seed)
