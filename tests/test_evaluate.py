@@ -147,7 +147,11 @@ def test_teacher_baseline_over_http_parses_accounts_and_caches(workdir, monkeypa
         requests = server.counts["chat"]
     predictions = read_jsonl("metrics/predictions_teacher.jsonl")
     assert [(p["parse_method"], p["parse_error"], p["correct"]) for p in predictions] == [
-        ("fenced_json", None, True), (None, "no_json", False), (None, "truncated", False), ("json", None, False)]
+        ("fenced_json", None, True),
+        (None, "no_json", False),
+        (None, "truncated", False),
+        ("json", None, False),
+    ]
     assert predictions[2]["finish_reason"] == "length" and predictions[1]["output"] == REPLIES[ROWS[1][1]]
     assert metrics["accuracy"] == 0.25 and metrics["parse_failures_by_reason"] == {"no_json": 1, "truncated": 1}
     assert metrics["model_id"] == "test-model" and metrics["requests"] == 4 and metrics["prompt_tokens"] > 0

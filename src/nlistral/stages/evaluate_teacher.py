@@ -50,7 +50,8 @@ def run(cfg) -> dict:
     metrics |= {"backend": cfg.teacher.backend, **{k: v for k, v in stats.items() if k != "wall_s"}}
     write_jsonl(PREDICTIONS_TEACHER, records)
     write_json(EVAL_TEACHER_METRICS, metrics)
-    print(f"evaluate-teacher: {cfg.teacher.model} accuracy {metrics['accuracy']} (95% CI {metrics['accuracy_ci95']}), "
-          f"{metrics['parse_failures']}/{metrics['n']} unparsed, ${metrics['cost_usd']} -> {EVAL_TEACHER_METRICS}")
+    print(
+        f"evaluate-teacher: {cfg.teacher.model} accuracy {metrics['accuracy']} (95% CI {metrics['accuracy_ci95']}), "
+        f"{metrics['parse_failures']}/{metrics['n']} unparsed, ${metrics['cost_usd']} -> {EVAL_TEACHER_METRICS}"
+    )
     return metrics
-
