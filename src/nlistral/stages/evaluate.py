@@ -25,7 +25,7 @@ from nlistral.paths import (
     CONFUSION,
     EVAL_METRICS,
     PLOT_ACCURACY_BY_LENGTH,
-    PREDICTIONS,  # fmt: skip
+    PREDICTIONS,
     PREDICTIONS_BASE,
     PREDICTIONS_TEACHER,
 )
