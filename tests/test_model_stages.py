@@ -189,7 +189,7 @@ def test_evaluate_counts_add_up(pipeline):
     confusion = metrics["confusion"]
     assert metrics["n"] == n
     assert sum(confusion.values()) + metrics["parse_failures"] == n
-    assert sum(metrics["parse_failure_reasons"].values()) == metrics["parse_failures"]
+    assert sum(metrics["parse_failures_by_reason"].values()) == metrics["parse_failures"]
 
     predictions = read_jsonl(root / "metrics/predictions.jsonl")
     assert [p["id"] for p in predictions] == [f"test-{i}" for i in range(n)]
@@ -200,23 +200,6 @@ def test_evaluate_counts_add_up(pipeline):
         (str(p["true_label"]), "unparsed" if p["predicted_label"] is None else str(p["predicted_label"]))
         for p in predictions
     ]
-
-
-def test_an_unparseable_generation_is_a_failure_never_entailment():
-    valid = prompts.completion_json("Step 1: x. Step 2: y. Step 3: z.", 1)
-    assert evaluate.parse_generation(" " + valid, "stop") == (1, None)
-    assert evaluate.parse_generation(" " + valid, "length") == (None, "truncated")
-    assert evaluate.parse_generation("I think it is entailment, label 1.", "stop") == (None, "no_json")
-    maybe = '{"thought_process": "yes", "predicted_label": "maybe"}'
-    assert evaluate.parse_generation(maybe, "stop") == (None, "bad_label")
-
-    metrics = evaluate.score([1, 0, 1, 0, 1], [None, None, 1, 0, 0])
-    assert metrics["confusion"] == {"tp": 1, "fp": 0, "tn": 1, "fn": 1}
-    assert metrics["parse_failures"] == 2 and metrics["parse_failure_rate"] == 0.4
-    assert metrics["accuracy"] == 0.4  # failures are wrong
-    assert metrics["recall"] == round(1 / 3, 4)  # the failure on an entailment row is a miss
-    assert metrics["precision"] == 1.0  # the failure on a non-entailment row is no positive prediction
-    assert metrics["accuracy_parsed"] == round(2 / 3, 4)
 
 
 def test_4bit_base_is_quantized_by_bitsandbytes(pipeline, monkeypatch):

@@ -1,6 +1,9 @@
+import json
+
 import pytest
 
-from nlistral.parsing import REFLECTION_FIELDS, ReplyError, parse_reply
+from nlistral.io import read_jsonl
+from nlistral.parsing import REFLECTION_FIELDS, ReplyError, parse_reply, read_answer
 
 
 @pytest.mark.parametrize(
@@ -53,3 +56,64 @@ def test_reflection_fields():
                                                      "predicted_label": 1}  # fmt: skip
     with pytest.raises(ReplyError, match="improved_thought_process"):
         parse_reply('{"error_analysis": "E", "predicted_label": 1}', REFLECTION_FIELDS)
+
+
+# --- read_answer: how the evaluate stages read a generation -------------------------------------------------------
+VALID = '{"thought_process": "Step 1: A. Step 2: B. Step 3: C.", "predicted_label": 1}'
+
+
+@pytest.mark.parametrize(
+    ("text", "finish_reason", "label", "method", "error"),
+    [
+        (VALID, "stop", 1, "json", None),
+        (" " + VALID + "\n", "stop", 1, "json", None),  # the fine-tuned model's leading space
+        ("```json\n" + VALID + "\n```", "stop", 1, "fenced_json", None),
+        ("Here you go:\n```\n" + VALID + "\n```\nDone.", "stop", 1, "fenced_json", None),
+        ("Sure! " + VALID + " Hope that helps.", "stop", 1, "embedded_json", None),
+        (VALID + " and then the model rambled on", "stop", 1, "embedded_json", None),
+        # broken JSON (an unescaped quote in the reasoning) that still names its label under the key
+        ('{"thought_process": "He said "no" here.", "predicted_label": 0}', "stop", 0, "label_key", None),
+        ('{"thought_process": "He said "no".", "predicted_label": "1"}', "stop", 1, "label_key", None),
+        ('{"thought_process": "He said "no".", "predicted_label": 0.5}', "stop", None, None, "no_json"),
+        ("The hypothesis is entailed, so the label is 1.", "stop", None, None, "no_json"),  # prose: never a label
+        ("I think it is entailment, label 1.", "stop", None, None, "no_json"),
+        (VALID, "length", None, None, "truncated"),  # cut off by max_new_tokens, even with a label in it
+        ('{"thought_process": "Step 1: the premise', "length", None, None, "truncated"),
+        ("}{ ::: ]] garbage \x00 {", "stop", None, None, "no_json"),
+        ("", "stop", None, None, "no_json"),
+        ('{"thought_process": "yes", "predicted_label": "maybe"}', "stop", None, None, "bad_label"),
+        ('{"predicted_label": 1}', "stop", None, None, "missing_thought_process"),
+        ('{"thought_process": "S"}', "stop", None, None, "missing_predicted_label"),
+    ],
+)  # fmt: skip
+def test_read_answer_names_the_method_or_the_failure(text, finish_reason, label, method, error):
+    answer = read_answer(text, finish_reason)
+    assert (answer.label, answer.method, answer.error) == (label, method, error)
+
+
+def test_thoughts_keep_their_rules_broken_json_is_still_reprompted():
+    with pytest.raises(ReplyError) as err:  # label_key is an evaluation fallback only
+        parse_reply('{"thought_process": "He said "no" here.", "predicted_label": 0}')
+    assert err.value.reason == "no_json"
+
+
+def _real_completions(sample):
+    for row in read_jsonl(sample / "sample_ft.jsonl"):
+        completion = row["text"].split("[/INST]", 1)[1].removesuffix("</s>")
+        yield row["id"], completion
+
+
+def test_the_studys_real_outputs_parse(shared_data):
+    sample = shared_data / "mistral_sample"
+    completions = dict(_real_completions(sample))
+    assert len(completions) == 100
+    for row_id, completion in completions.items():
+        answer = read_answer(completion, "stop")
+        assert answer.method == "json", row_id
+        assert answer.label == int(json.loads(completion)["predicted_label"]), row_id
+        assert answer.thought_process == json.loads(completion)["thought_process"]
+    # The two real replies the study had to re-prompt (predicted_label 0.5) are failures, not labels.
+    invalid = [m["content"] for r in read_jsonl(sample / "sample_thoughts.jsonl") for m in r["chat_history"]
+               if m["role"] == "assistant"]  # fmt: skip
+    assert len(invalid) == 2
+    assert [read_answer(text, "stop").error for text in invalid] == ["bad_label", "bad_label"]

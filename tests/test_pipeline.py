@@ -29,7 +29,10 @@ METRIC_KEYS = {
     "metrics/sft_train.json": {"rows", "rows_by_source", "label_counts", "teacher_accuracy", "dropped",
                                "reflection_success_rate", "prompt_tokens", "completion_tokens"},  # fmt: skip
     "metrics/train.json": {"train_loss"},
-    "metrics/eval.json": {"accuracy", "precision", "recall", "f1", "parse_failures", "confusion"},
+    "metrics/eval.json": {"accuracy", "accuracy_ci95", "precision", "recall", "f1", "macro_f1", "parse_failures",
+                          "confusion", "comparisons"},
+    "metrics/eval_base.json": {"accuracy", "accuracy_ci95", "parse_failures_by_reason"},
+    "metrics/eval_teacher.json": {"accuracy", "accuracy_ci95", "cost_usd", "requests"},
 }
 
 
@@ -171,3 +174,22 @@ def test_train_param_change_reruns_only_train_and_evaluate(pipeline):
     out = run("dvc", "exp", "run", "-S", "train.learning_rate=0.001", cwd=pipeline)
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"train", "evaluate"}, out
+
+
+def test_an_experiment_can_be_diffed_plotted_and_compared(pipeline):
+    run("git", "add", "-A", cwd=pipeline)
+    run("git", "commit", "-qm", "before the experiment", "--allow-empty", cwd=pipeline)
+    out = run("dvc", "exp", "run", "-n", "reseeded", "-S", "eval.seed=7", cwd=pipeline)
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    # train re-runs too when an earlier test's `-S train.*` experiment left its params in the workspace
+    assert {"evaluate_base", "evaluate_teacher", "evaluate"} <= ran <= {"evaluate_base", "evaluate_teacher",
+                                                                       "evaluate", "train"}, out  # fmt: skip
+    diff = run("dvc", "metrics", "diff", "--all", "--md", cwd=pipeline)
+    assert all(f"metrics/{name}.json" in diff for name in ("eval", "eval_base", "eval_teacher"))
+    run("dvc", "plots", "show", "-o", "plots", cwd=pipeline)
+    html = (pipeline / "plots/index.html").read_text()
+    assert "Fine-tuned accuracy on the test split by rationale length (tokens)" in html
+    out = run(sys.executable, "-m", "nlistral", "compare", "HEAD", "reseeded", "--json", "cmp.json", cwd=pipeline)
+    result = json.loads((pipeline / "cmp.json").read_text())
+    assert (result["a"], result["b"], result["n"]) == ("HEAD", "reseeded", ROWS["test"])
+    assert f"B - A = {result['difference']:+.4f}" in out

@@ -9,6 +9,7 @@ from conftest import REPO
 
 from nlistral.config import load_config
 from nlistral.io import read_jsonl, write_jsonl
+from nlistral.model import load_tokenizer
 from nlistral.stages import StageError, base_model, sft
 
 
@@ -102,11 +103,17 @@ def test_balance_and_shuffle_are_seeded(stage):
 
 
 def test_plot_data_comes_from_the_outputs(stage):
-    stage([thought("1", "A man cooks.", "A person cooks.", 1), thought("2", "A cat naps.", "A dog.", 0, False)], [])
+    # 30 words but over 100 tokens: the study's buckets are in tokens of the configured tokenizer, not words.
+    wordy = {**thought("3", "A bird sings.", "An animal sings.", 1), "thought_process": "quixotic " * 30}
+    stage([thought("1", "A man cooks.", "A person cooks.", 1), thought("2", "A cat naps.", "A dog.", 0, False),
+           wordy], [])  # fmt: skip
+    tokens = len(load_tokenizer("models/base")(wordy["thought_process"], add_special_tokens=False).input_ids)
+    assert len(wordy["thought_process"].split()) == 30 and 100 < tokens <= 200
     lines = Path("metrics/plots/teacher_accuracy_by_length_train.csv").read_text().splitlines()
-    assert lines[0] == "rationale_words,rows,accuracy" and lines[1] == "0-100,2,0.5"
+    assert lines[:3] == ["rationale_tokens,rows,accuracy", "0-100,2,0.5", "101-200,1,1.0"]
+    assert lines[3:] == ["201-300,0,", "301+,0,"]
     lengths = Path("metrics/plots/lengths_train.csv").read_text().splitlines()
-    assert len(lengths) == 2 and lengths[1].startswith("1,original,")
+    assert sorted(line.split(",")[:2] for line in lengths[1:]) == [["1", "original"], ["3", "original"]]
 
 
 def test_a_pair_dropped_as_too_long_does_not_shadow_its_shorter_duplicate(stage):

@@ -6,9 +6,10 @@ import logging
 import os
 import sys
 
+from nlistral.compare import CompareError
 from nlistral.config import PARAMS_FILE, ConfigError, compose_params, load_config
 from nlistral.data import DataError
-from nlistral.paths import MissingInput
+from nlistral.paths import PREDICTIONS, MissingInput
 from nlistral.stages import StageError
 
 SPLIT_STAGES = ("prepare", "thoughts", "reflections", "sft")
@@ -20,6 +21,8 @@ STAGES = {
     "base-model": "build the tiny model (embedded profile) or save the hub model's tokenizer -> models/base",
     "train": "LoRA fine-tuning on the (4-bit) base -> models/adapter, one MLflow run",
     "evaluate": "greedy generation on the test split, parsed and scored -> metrics/eval.json",
+    "evaluate-base": "baseline: the base model without the adapter, zero-shot -> metrics/eval_base.json",
+    "evaluate-teacher": "baseline: the teacher LLM prompted directly on the test split -> metrics/eval_teacher.json",
 }
 
 # Exit codes: 2 = bad or missing input, or bad config (nothing written), 1 = the stage ran and failed.
@@ -43,7 +46,27 @@ def _parser() -> argparse.ArgumentParser:
         )
     params = sub.add_parser("params", help="compose conf/ into params.yaml (what `dvc exp run` does)")
     params.add_argument("overrides", nargs="*", metavar="OVERRIDE", help="Hydra overrides: experiment=no_reflections")
+    compare = sub.add_parser(
+        "compare", help="paired comparison of two runs' test predictions: accuracy difference, CI, McNemar",
+        description="Is B better than A? A and B: predictions files, git revisions or `dvc exp` names.",
+    )  # fmt: skip
+    compare.add_argument("a", metavar="A", help="baseline: a predictions file, a git revision or an experiment name")
+    compare.add_argument("b", metavar="B", help="candidate, as A")
+    compare.add_argument("--json", metavar="FILE", help="also write the comparison, flipped rows included, as JSON")
+    compare.add_argument("--path", default=PREDICTIONS, help=f"predictions file in a revision (default {PREDICTIONS})")
+    compare.add_argument("--bootstrap", type=int, help="bootstrap resamples (default: eval.bootstrap)")
+    compare.add_argument("--seed", type=int, help="bootstrap seed (default: eval.seed)")
     return parser
+
+
+def _compare(args) -> None:
+    from nlistral import compare
+
+    # eval.bootstrap / eval.seed from params.yaml when it has them (a NLIstral checkout), else the shipped defaults
+    defaults = (load_config().get("eval") if PARAMS_FILE.is_file() else None) or {"bootstrap": 10000, "seed": 42}
+    resamples = args.bootstrap if args.bootstrap is not None else defaults["bootstrap"]
+    seed = args.seed if args.seed is not None else defaults["seed"]
+    compare.run(args.a, args.b, args.json, args.path, resamples, seed)
 
 
 # Nothing phones home: MLflow and the Hugging Face hub client send usage telemetry unless told not to.
@@ -60,13 +83,16 @@ def main(argv=None) -> int:
             PARAMS_FILE.write_text(compose_params(args.overrides), encoding="utf-8")
             print(f"wrote {PARAMS_FILE}")
             return 0
+        if args.command == "compare":
+            _compare(args)
+            return 0
         cfg = load_config(args.overrides)
         stage = importlib.import_module(f"nlistral.stages.{args.command.replace('-', '_')}")
         if args.command in SPLIT_STAGES:
             stage.run(cfg, args.split)
         else:
             stage.run(cfg)
-    except (DataError, ConfigError, MissingInput) as err:
+    except (DataError, ConfigError, MissingInput, CompareError) as err:
         print(f"nlistral {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except StageError as err:

@@ -1,16 +1,24 @@
 """Model text -> validated fields, or a reasoned failure with a corrective message.
 
-Used for LLM replies in stages 1-2 (the feedback becomes the reprompt) and for the fine-tuned
-model's generations in `evaluate` (an unparseable output is a parse failure, never a label).
+Used for LLM replies in stages 1-2 (the feedback becomes the reprompt) and for the generations scored by the
+evaluate stages (`read_answer`: an unparseable output is a parse failure, never a label).
+
+How a reply was read is named (`Answer.method`): `json` (the reply is one JSON object), `fenced_json` (the
+object sits in a Markdown code fence), `embedded_json` (the object sits in prose), or, for evaluation only,
+`label_key` (no valid JSON object, but a literal `"predicted_label": 0|1` key, e.g. in JSON broken by an
+unescaped quote inside the reasoning). A label in prose alone ("the answer is 1") is never read.
 """
 
 import json
 import re
+from dataclasses import dataclass
 
 THOUGHT_FIELDS = ("thought_process",)
 REFLECTION_FIELDS = ("error_analysis", "improved_thought_process")
 
 _LABELS = {0: 0, 1: 1, "0": 0, "1": 1, "true": 1, "false": 0}  # True == 1 and False == 0 as keys
+_FENCE = re.compile(r"```[A-Za-z]*[ \t]*\n(.*?)```", re.DOTALL)
+_LABEL_KEY = re.compile(r'"predicted_label"\s*:\s*"?\s*([01])(?![\d.])')
 
 
 class ReplyError(ValueError):
@@ -23,15 +31,24 @@ class ReplyError(ValueError):
 
 
 def _json_objects(text: str):
-    """Yield every JSON object embedded in `text` (code fences, prose around it), in order."""
+    """Yield (start, end, object) for every JSON object embedded in `text` (code fences, prose around it)."""
     decoder = json.JSONDecoder()
     for match in re.finditer(r"\{", text):
         try:
-            value, _ = decoder.raw_decode(text, match.start())
+            value, end = decoder.raw_decode(text, match.start())
         except json.JSONDecodeError:
             continue
         if isinstance(value, dict):
-            yield value
+            yield match.start(), end, value
+
+
+def _method(text: str, start: int, end: int) -> str:
+    """How the object at text[start:end] was found: the whole reply, inside a code fence, or inside prose."""
+    if not text[:start].strip() and not text[end:].strip():
+        return "json"
+    if any(fence.start(1) <= start and end <= fence.end(1) for fence in _FENCE.finditer(text)):
+        return "fenced_json"
+    return "embedded_json"
 
 
 def parse_label(value) -> int:
@@ -54,13 +71,19 @@ def parse_reply(text: str, fields=THOUGHT_FIELDS, finish_reason: str | None = No
 
     The text of each field is kept exactly as the model wrote it.
     """
+    return _read(text, fields, finish_reason)[0]
+
+
+def _read(text: str, fields, finish_reason: str | None) -> tuple[dict, str]:
+    """(parsed fields, method) or ReplyError; see parse_reply."""
     if finish_reason in ("length", "model_length"):
         raise ReplyError("truncated", "Your reply was cut off by the length limit. Answer again, more concisely.")
-    objects = [o for o in _json_objects(text or "") if any(k in o for k in (*fields, "predicted_label"))]
-    if not objects:
+    text = text or ""
+    found = [(s, e, o) for s, e, o in _json_objects(text) if any(k in o for k in (*fields, "predicted_label"))]
+    if not found:
         keys = ", ".join(f'"{f}"' for f in (*fields, "predicted_label"))
         raise ReplyError("no_json", f"Your reply held no JSON object. Answer with one JSON object with keys {keys}.")
-    obj = objects[0]
+    start, end, obj = found[0]
     parsed = {}
     for field in fields:
         value = obj.get(field)
@@ -77,4 +100,29 @@ def parse_reply(text: str, fields=THOUGHT_FIELDS, finish_reason: str | None = No
             'The key "predicted_label" was missing; it must be the number 0 (no entailment) or 1 (entailment).',
         )
     parsed["predicted_label"] = parse_label(obj["predicted_label"])
-    return parsed
+    return parsed, _method(text, start, end)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A scored generation: a label and how it was read, or no label and why (`error`, a ReplyError reason)."""
+
+    label: int | None
+    method: str | None
+    error: str | None
+    thought_process: str | None = None
+
+
+def read_answer(text: str, finish_reason: str | None) -> Answer:
+    """The evaluation parser: parse_reply's rules for a thought, plus the `label_key` fallback (module doc).
+
+    A reply cut off by the length limit is a failure even when it holds a label: it did not finish its answer.
+    """
+    try:
+        parsed, method = _read(text, THOUGHT_FIELDS, finish_reason)
+    except ReplyError as err:
+        match = _LABEL_KEY.search(text or "") if err.reason == "no_json" else None
+        if match is None:
+            return Answer(None, None, err.reason)
+        return Answer(int(match.group(1)), "label_key", None)
+    return Answer(parsed["predicted_label"], method, None, parsed["thought_process"])

@@ -33,6 +33,12 @@ TRAIN_METRICS = "metrics/train.json"
 EVAL_METRICS = "metrics/eval.json"
 PREDICTIONS = "metrics/predictions.jsonl"
 CONFUSION = "metrics/confusion.csv"
+PLOT_ACCURACY_BY_LENGTH = "metrics/plots/accuracy_by_length.csv"
+# evaluate_base, evaluate_teacher: the baselines, same rows and format
+EVAL_BASE_METRICS = "metrics/eval_base.json"
+PREDICTIONS_BASE = "metrics/predictions_base.jsonl"
+EVAL_TEACHER_METRICS = "metrics/eval_teacher.json"
+PREDICTIONS_TEACHER = "metrics/predictions_teacher.jsonl"
 
 # Which command writes each stage output that another stage reads: (CLI command, dvc.yaml stage).
 PRODUCERS = {

@@ -18,10 +18,10 @@ from nlistral.io import read_jsonl, write_csv, write_json, write_jsonl
 from nlistral.model import load_tokenizer
 from nlistral.prompts import completion_json, inst_prompt, sft_text, student_prompt
 from nlistral.stages import StageError
+from nlistral.stats import accuracy_by_length
 
 LENGTH_FIELDS = ("id", "source", "prompt_tokens", "completion_tokens")
-ACCURACY_FIELDS = ("rationale_words", "rows", "accuracy")
-LENGTH_BUCKETS = ((0, 100), (101, 200), (201, 300), (301, None))  # rationale words, as in the study
+ACCURACY_FIELDS = ("rationale_tokens", "rows", "accuracy")
 
 
 def pair_key(premise: str, hypothesis: str) -> tuple[str, str]:
@@ -81,18 +81,10 @@ def balance(rows, rng) -> list[dict]:
     return [r for r in rows if id(r) in keep]
 
 
-def accuracy_by_length(thought_rows) -> list[dict]:
-    table = []
-    for low, high in LENGTH_BUCKETS:
-        rows = [t for t in thought_rows if len(t["thought_process"].split()) >= low and (
-            high is None or len(t["thought_process"].split()) <= high)]  # fmt: skip
-        correct = sum(t["correct"] for t in rows)
-        table.append({
-            "rationale_words": f"{low}-{high}" if high else f"{low}+",
-            "rows": len(rows),
-            "accuracy": round(correct / len(rows), 4) if rows else None,
-        })  # fmt: skip
-    return table
+def teacher_accuracy_by_length(thought_rows, tokenizer) -> list[dict]:
+    """Teacher accuracy per rationale-length bucket, in tokens of the configured tokenizer (the study's buckets)."""
+    lengths = [len(tokenizer(t["thought_process"], add_special_tokens=False).input_ids) for t in thought_rows]
+    return accuracy_by_length(lengths, [t["correct"] for t in thought_rows])
 
 
 def held_out_pairs(data_dir, split: str) -> dict:
@@ -143,7 +135,8 @@ def run(cfg, split: str) -> dict:
 
     kept_lengths = [lengths[r["id"]] for r in kept]
     write_csv(paths.PLOT_LENGTHS.format(split=split), kept_lengths, LENGTH_FIELDS)
-    write_csv(paths.PLOT_TEACHER_ACCURACY.format(split=split), accuracy_by_length(thought_rows), ACCURACY_FIELDS)
+    write_csv(paths.PLOT_TEACHER_ACCURACY.format(split=split), teacher_accuracy_by_length(thought_rows, tokenizer),
+              ACCURACY_FIELDS)
     correct = sum(t["correct"] for t in thought_rows)
     incorrect = len(thought_rows) - correct
     verified = sum(r["verified"] for r in reflection_rows)
