@@ -28,7 +28,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 import torch
-from accelerate import PartialState
 from datasets import Dataset
 from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
@@ -195,6 +194,7 @@ def training_args(cfg, output_dir) -> SFTConfig:
             greater_is_better=False,
             restore_callback_states_from_checkpoint=True,  # early stopping's patience counter resumes too
             dataloader_pin_memory=torch.cuda.is_available(),
+            use_cpu=not torch.cuda.is_available(),  # several CPU processes (accelerate launch) then use gloo
             ddp_find_unused_parameters=False,
             seed=train.seed,
             report_to="none",  # MLflow is logged by MlflowCurves: the Trainer's callback would end our run early
@@ -328,15 +328,14 @@ def summarize(cfg, trainer, result, resumed_from: int | None, wall: float) -> di
 
 def run(cfg) -> dict:
     set_seed(cfg.train.seed)  # before the LoRA weights are initialised
-    processes = PartialState()
     run_dir = CHECKPOINTS / fingerprint(cfg)  # missing input fails here, before MLflow is touched
     trainer = build_trainer(cfg, run_dir)  # bad or empty input and bad train.* values fail here
+    main = trainer.is_world_process_zero()  # one process unless started by `accelerate launch`
     checkpoint = latest_checkpoint(run_dir) if cfg.train.resume == "auto" else None
-    if checkpoint is None and processes.is_main_process:
+    if checkpoint is None and main:
         shutil.rmtree(run_dir, ignore_errors=True)  # partial or unwanted checkpoints of this configuration
-    processes.wait_for_everyone()
+    trainer.accelerator.wait_for_everyone()
     resumed_from = checkpoint_step(checkpoint) if checkpoint else None
-    main = processes.is_main_process
     with open_mlflow_run(cfg, run_dir, resuming=checkpoint is not None) if main else nullcontext() as mlrun:
         if main:
             mlflow.set_tags(run_tags(cfg))
