@@ -149,7 +149,7 @@ def test_warmup_ratio_and_steps_together_are_an_error(base, monkeypatch):
     cfg.train.warmup_ratio = None
     assert train.training_args(cfg, "unused").warmup_steps == 10
     cfg = make_cfg(**{**FP32, "train.save_steps": 3})
-    with pytest.raises(ConfigError, match="save_steps"):
+    with pytest.raises(ConfigError, match="round multiple of the evaluation steps"):
         train.training_args(cfg, "unused")
 
 
@@ -168,14 +168,14 @@ def test_a_checkpoint_of_another_run_is_never_resumed(base, tmp_path, monkeypatc
     assert train.fingerprint(cfg) != same  # other fine-tuning data
 
 
-KILL_RUN = ["model.load_in_4bit=false", "train.max_steps=200", "train.per_device_batch_size=4", "train.eval_steps=10",
+KILL_RUN = ["model.load_in_4bit=false", "train.max_steps=40", "train.per_device_batch_size=4", "train.eval_steps=10",
             "train.save_steps=10", "train.logging_steps=5", "train.early_stopping_patience=0",
             "mlflow.experiment=kill"]  # fmt: skip
 
 
 def test_kill_9_then_rerun_resumes_the_same_run_from_its_checkpoint(base, tmp_path):
     root = repo_copy(base, tmp_path)
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "nlistral", "train", *KILL_RUN], cwd=root, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
@@ -196,15 +196,15 @@ def test_kill_9_then_rerun_resumes_the_same_run_from_its_checkpoint(base, tmp_pa
     finally:
         os.chdir(REPO)
     checkpointed = train.checkpoint_step(state.parent)
-    assert metrics["resumed_from_step"] is not None and checkpointed <= metrics["resumed_from_step"] < 200
-    assert metrics["steps"] == metrics["total_steps"] == 200
+    assert metrics["resumed_from_step"] is not None and checkpointed <= metrics["resumed_from_step"] < 40
+    assert metrics["steps"] == metrics["total_steps"] == 40
     assert json.loads((root / "models/adapter/mlflow_run.json").read_text())["run_id"] == run_id
     [run] = client.search_runs([client.get_experiment_by_name("kill").experiment_id])
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
     steps = {m.step for m in client.get_metric_history(run_id, "loss")}
-    assert {5, 200} <= steps  # the curve spans the crash
+    assert {5, 40} <= steps  # the curve spans the crash
     with open(root / "metrics/train_history.csv", newline="") as handle:
-        assert [int(r["step"]) for r in csv.DictReader(handle) if r["loss"]] == list(range(5, 201, 5))
+        assert [int(r["step"]) for r in csv.DictReader(handle) if r["loss"]] == list(range(5, 41, 5))
 
 
 @pytest.mark.parametrize("experiment", ["ablation0", "ablation1", "ablation2"])
@@ -218,9 +218,8 @@ def test_study_experiment_composes_and_trains_two_steps(experiment, base, tmp_pa
     root = repo_copy(base, tmp_path)
     monkeypatch.chdir(root)
     metrics = train.run(cfg)
-    assert metrics["steps"] == 2 and metrics["best_step"] == 2
-    effective_batch = cfg.train.per_device_batch_size * cfg.train.gradient_accumulation_steps
-    assert metrics["epochs"] == round(2 * effective_batch / 30, 2)
+    assert metrics["steps"] == metrics["total_steps"] == metrics["best_step"] == 2
+    assert (root / "models/adapter/adapter_model.safetensors").is_file()
 
 
 def test_chatml_model_trains_on_the_completion_only_and_evaluates(tmp_path, monkeypatch):
@@ -305,7 +304,7 @@ def test_two_process_ddp_on_cpu_writes_one_adapter_and_one_run(base, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((root / "metrics/train.json").read_text())
     assert metrics["processes"] == 2 and metrics["steps"] == 4
-    assert metrics["epochs"] == round(4 * 2 * 4 / 30, 2)  # each step sees 2 processes x 4 rows
+    assert metrics["epochs"] == 1.0  # each process reads half the 30 rows: 4 batches of 4 (one process: 8)
     assert (root / "models/adapter/adapter_model.safetensors").is_file()
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     [run] = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
