@@ -220,7 +220,8 @@ class MlflowCurves(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         values = {name: logs[key] for key, name in self.NAMES.items() if key in (logs or {})}
-        if state.is_world_process_zero and ("loss" in values or "eval_loss" in values):
+        # only into the stage's run: outside one (a trainer built by hand), MLflow would start a stray run
+        if mlflow.active_run() and state.is_world_process_zero and ("loss" in values or "eval_loss" in values):
             mlflow.log_metrics(values, step=state.global_step)
 
 
