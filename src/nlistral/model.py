@@ -39,6 +39,7 @@ def quantization_config(cfg) -> BitsAndBytesConfig | None:
         bnb_4bit_quant_type=cfg.model.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=cfg.model.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=compute_dtype(cfg),
+        bnb_4bit_quant_storage=getattr(torch, cfg.model.bnb_4bit_quant_storage),  # FSDP: the compute dtype
     )
 
 

@@ -29,6 +29,7 @@ PLOT_LENGTHS = "metrics/plots/lengths_{split}.csv"
 ADAPTER_DIR = Path("models/adapter")
 ADAPTER_MLFLOW_RUN = ADAPTER_DIR / "mlflow_run.json"  # the training run, which `evaluate` logs into too
 TRAIN_METRICS = "metrics/train.json"
+TRAIN_HISTORY = "metrics/train_history.csv"  # loss, dev loss, learning rate, grad norm, tokens/s by step
 # evaluate
 EVAL_METRICS = "metrics/eval.json"
 PREDICTIONS = "metrics/predictions.jsonl"

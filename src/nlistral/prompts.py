@@ -84,6 +84,16 @@ def completion_json(thought_process: str, label: int) -> str:
     return json.dumps({"thought_process": thought_process, "predicted_label": int(label)}, ensure_ascii=False)
 
 
+def student_chat_prompt(tokenizer, prompt: str) -> str:
+    """What the student model sees before it answers: `prompt` as the user turn of the tokenizer's chat template,
+    with the generation prompt (Mistral: `<s>[INST] {prompt} [/INST]`; ChatML: `...<|im_start|>assistant\n`).
+
+    The text already holds the template's special tokens: tokenize it with `add_special_tokens=False`.
+    """
+    messages = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
 def inst_prompt(prompt: str) -> str:
     """Mistral instruction format without BOS: the tokenizer adds `<s>`, training appends `</s>`."""
     return f"[INST] {prompt} [/INST]"

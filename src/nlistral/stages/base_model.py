@@ -17,16 +17,26 @@ from nlistral.io import write_json
 from nlistral.model import staged_dir
 from nlistral.paths import BASE_DIR, BASE_INFO
 
-SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
-
 # Mistral's [INST] format (matches prompts.sft_text): BOS once, then `[INST] user [/INST] assistant</s>` turns.
-CHAT_TEMPLATE = (
+MISTRAL_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
     "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}"
     "{% else %}{{ raise_exception('Only user and assistant roles are supported') }}{% endif %}"
     "{% endfor %}"
 )
+# ChatML (Qwen and others): no BOS, `<|im_start|>role\ncontent<|im_end|>\n` turns, <|im_end|> ends the answer.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# `model.tiny.chat_format` -> (template, special tokens, whether the tokenizer adds BOS)
+CHAT_FORMATS = {
+    "mistral": (MISTRAL_TEMPLATE, {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"},
+                True),
+    "chatml": (CHATML_TEMPLATE, {"unk_token": "<unk>", "eos_token": "<|im_end|>", "pad_token": "<pad>",
+                                 "additional_special_tokens": ["<|im_start|>"]}, False),
+}  # fmt: skip
 
 
 def tokenizer_corpus(data_dir) -> list[str]:
@@ -42,24 +52,31 @@ def tokenizer_corpus(data_dir) -> list[str]:
     return fixed + [prompts.student_prompt(r.premise, r.hypothesis) for r in rows.itertuples()]
 
 
-def build_tokenizer(corpus, vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (no unknown bytes) that, like Mistral's, adds BOS and no EOS when encoding."""
-    tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+def build_tokenizer(corpus, vocab_size: int, chat_format: str = "mistral") -> PreTrainedTokenizerFast:
+    """Byte-level BPE (no unknown bytes) with the chat format's special tokens in its vocabulary (none added later).
+
+    Like Mistral's (and unlike ChatML models'), the "mistral" tokenizer adds BOS and no EOS when encoding.
+    """
+    template, special_tokens, adds_bos = CHAT_FORMATS[chat_format]
+    specials = [v for k, v in special_tokens.items() if k != "additional_special_tokens"]
+    specials += special_tokens.get("additional_special_tokens", [])
+    tok = Tokenizer(models.BPE(unk_token=special_tokens["unk_token"]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS.values()),
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer=trainer)
-    bos = SPECIAL_TOKENS["bos_token"]
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
-    )
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
-    tokenizer.chat_template = CHAT_TEMPLATE
+    if adds_bos:
+        bos = special_tokens["bos_token"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, **special_tokens)
+    tokenizer.chat_template = template
     return tokenizer
 
 
@@ -84,15 +101,18 @@ def build_tiny_model(tiny, tokenizer, max_positions: int) -> MistralForCausalLM:
 def run(cfg) -> dict:
     with staged_dir(BASE_DIR) as out:
         if cfg.model.build_tiny:
-            tokenizer = build_tokenizer(tokenizer_corpus(cfg.data.dir), cfg.model.tiny.vocab_size)
+            tiny = cfg.model.tiny
+            tokenizer = build_tokenizer(tokenizer_corpus(cfg.data.dir), tiny.vocab_size, tiny.chat_format)
             model = build_tiny_model(cfg.model.tiny, tokenizer, max_positions=4 * cfg.model.max_seq_length)
             model.save_pretrained(out)
             info = {"name_or_path": str(BASE_DIR), "revision": None, "built_tiny": True,
                     "parameters": model.num_parameters()}  # fmt: skip
         else:
             tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision)
-            if tokenizer.pad_token is None:  # Mistral ships none; <unk> never occurs in text, unlike </s>
-                tokenizer.pad_token = tokenizer.unk_token
+            if tokenizer.pad_token is None:  # never a new token: the embedding matrix keeps its size
+                # Mistral ships no pad; <unk> never occurs in text. Without <unk>, EOS: padding is masked out of the
+                # loss by position (TRL's collator), so the EOS the model must learn still counts.
+                tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
             info = {"name_or_path": cfg.model.name_or_path, "revision": cfg.model.revision, "built_tiny": False}
         info["vocab_size"] = len(tokenizer)
         tokenizer.save_pretrained(out)

@@ -1,36 +1,62 @@
 """Stage: (Q)LoRA fine-tuning of models/base on the SFT rows -> models/adapter, metrics/train.json, one MLflow run.
 
-Each row becomes prompt = "[INST] {prompt} [/INST]", completion = " {completion}". TRL's SFTTrainer tokenizes the
-prompt (the tokenizer adds the one BOS), appends EOS to the completion, and masks the prompt tokens out of the loss.
-Nothing is truncated (max_length=None): rows over model.max_seq_length tokens reach here only if the sft stage
-kept them (sft.drop_too_long: false); they are trained on in full and counted in `rows_over_max_seq_length`.
+Each row is a two-turn chat (user: prompt, assistant: completion) rendered by the tokenizer's chat template, so any
+chat model trains with no code change (Mistral's template gives `<s>[INST] {prompt} [/INST] {completion}</s>`).
+TRL's SFTTrainer masks the prompt tokens out of the loss. Nothing is truncated (max_length=None): rows over
+model.max_seq_length tokens reach here only if the sft stage kept them; they are counted in
+`rows_over_max_seq_length`.
+
+Training evaluates on the dev set every `train.eval_steps` steps and at the last step, stops early after
+`train.early_stopping_patience` evaluations without a lower dev loss, and keeps the checkpoint with the lowest dev
+loss as the adapter. Checkpoints live in checkpoints/<fingerprint>/, outside DVC's outs (which DVC deletes before a
+stage runs); the fingerprint covers the config and the fine-tuning data, so a re-run after a crash continues its own
+run's latest checkpoint (optimizer, scheduler, RNG, early-stopping state, MLflow run) and never another's.
+
+Under `accelerate launch` (several processes) every process trains; only the main one logs to MLflow and writes.
 """
 
+import hashlib
 import json
-import tempfile
+import os
+import re
+import shutil
+import subprocess
 import time
+from contextlib import nullcontext
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 import torch
 from datasets import Dataset
+from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 from peft import LoraConfig
-from transformers import set_seed
+from transformers import EarlyStoppingCallback, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from nlistral import paths
-from nlistral.io import read_jsonl, write_json
-from nlistral.model import load_base_model, load_tokenizer, staged_dir
-from nlistral.paths import ADAPTER_DIR, ADAPTER_MLFLOW_RUN, FINETUNE, SFT_METRICS
-from nlistral.prompts import inst_prompt
+from nlistral.config import ConfigError
+from nlistral.io import read_jsonl, write_csv, write_json
+from nlistral.model import base_info, load_base_model, load_tokenizer, staged_dir
+from nlistral.paths import ADAPTER_DIR, ADAPTER_MLFLOW_RUN, FINETUNE, SFT_METRICS, TRAIN_HISTORY, TRAIN_METRICS
 from nlistral.stages import StageError
+
+CHECKPOINTS = Path("checkpoints")  # resume state, not a stage output: git- and dvc-ignored, see the module doc
+CHECKPOINT_RUN = "mlflow_run.json"  # beside the checkpoints: the MLflow run a resumed training continues
+HISTORY_FIELDS = ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s")
+# The MLflow UI opens an experiment of this kind on its runs (MLflow 3 shows GenAI traces first otherwise).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def sft_dataset(path) -> Dataset:
+    """Conversational prompt/completion rows: TRL renders them with the chat template, loss on the completion."""
     rows = read_jsonl(path)
     if not rows:
         raise StageError(f"{path} has no rows to train on")
-    return Dataset.from_list([{"prompt": inst_prompt(r["prompt"]), "completion": " " + r["completion"]} for r in rows])
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
+                               "completion": [{"role": "assistant", "content": r["completion"]}]}
+                              for r in rows])  # fmt: skip
 
 
 def flatten(node, prefix: str) -> dict:
@@ -61,32 +87,148 @@ def data_metrics() -> dict:
     return {k: v for k, v in stats.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
+def md5(path) -> str:
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+def fingerprint(cfg) -> str:
+    """Identifies a training run: model + train config (less `resume`), base model, fine-tuning data."""
+    train = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items() if k != "resume"}
+    identity = {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "train": train,
+        "base": base_info(),
+        "data": {split: md5(paths.require(FINETUNE, split)) for split in ("train", "dev")},
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def git(*args) -> str | None:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def run_tags(cfg) -> dict:
+    """Where the run came from: code version, DVC experiment, data digests, base model."""
+    info = base_info()
+    tags = {
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": None if git("rev-parse", "HEAD") is None else str(bool(git("status", "--porcelain"))),
+        "dvc_exp_name": os.environ.get("DVC_EXP_NAME"),
+        "base_model": info["name_or_path"] if not info.get("built_tiny") else f"tiny ({cfg.model.name})",
+        "base_model_revision": info.get("revision"),
+    }
+    tags |= {f"{split}_ft_md5": md5(paths.require(FINETUNE, split)) for split in ("train", "dev")}
+    return {k: v for k, v in tags.items() if v is not None}
+
+
+def tracking_uri(uri: str) -> str:
+    """A relative sqlite path is relative to the repo DVC runs in (DVC_ROOT: for a queued experiment, the user's repo,
+    not its temporary copy), so sweeps log into the repo's own mlflow.db."""
+    prefix = "sqlite:///"
+    root = os.environ.get("DVC_ROOT")
+    if root and uri.startswith(prefix) and not Path(uri[len(prefix) :]).is_absolute():
+        return prefix + str(Path(root) / uri[len(prefix) :])
+    return uri
+
+
+def redacted_params(cfg) -> str:
+    """The composed config as YAML, for the run's artifacts; credentials in a URL (user:pass@host) removed."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for role in ("teacher", "reflector"):
+        url = data.get(role, {}).get("base_url")
+        if url:
+            parts = urlsplit(url)
+            data[role]["base_url"] = urlunsplit(parts._replace(netloc=parts.hostname or ""))
+    return OmegaConf.to_yaml(OmegaConf.create(data))
+
+
+def warmup(train) -> float | int:
+    """`warmup_ratio` (a fraction of the steps) or `warmup_steps` (a count), never both."""
+    if train.warmup_ratio is not None and train.warmup_steps is not None:
+        raise ConfigError(
+            f"train.warmup_ratio ({train.warmup_ratio}) and train.warmup_steps ({train.warmup_steps}) are both set: "
+            "set the one you mean and the other to null"
+        )
+    if train.warmup_steps is not None:
+        return int(train.warmup_steps)
+    ratio = float(train.warmup_ratio or 0.0)
+    if not 0.0 <= ratio < 1.0:
+        raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {ratio}")
+    return ratio  # transformers 5: a float in [0, 1) is a ratio of the steps
+
+
+def training_args(cfg, output_dir) -> SFTConfig:
+    train = cfg.train
+    if train.resume not in ("auto", "never"):
+        raise ConfigError(f"train.resume must be 'auto' or 'never', got {train.resume!r}")
+    try:
+        return SFTConfig(
+            output_dir=str(output_dir),
+            max_length=None,  # never truncate
+            completion_only_loss=True,
+            num_train_epochs=train.num_epochs,
+            max_steps=train.max_steps,
+            per_device_train_batch_size=train.per_device_batch_size,
+            per_device_eval_batch_size=train.per_device_batch_size,
+            gradient_accumulation_steps=train.gradient_accumulation_steps,
+            learning_rate=train.learning_rate,
+            warmup_steps=warmup(train),
+            weight_decay=train.weight_decay,
+            max_grad_norm=train.max_grad_norm,
+            lr_scheduler_type=train.lr_scheduler_type,
+            optim=train.optim,
+            activation_checkpointing=train.gradient_checkpointing,
+            bf16=cfg.model.dtype == "bfloat16",
+            logging_steps=train.logging_steps,
+            include_num_input_tokens_seen="non_padding",  # -> train_tokens_per_second in every log
+            eval_strategy="steps",
+            eval_steps=train.eval_steps,
+            save_strategy="steps",
+            save_steps=train.save_steps,
+            save_total_limit=train.save_total_limit,
+            load_best_model_at_end=True,
+            metric_for_best_model="eval_loss",
+            greater_is_better=False,
+            restore_callback_states_from_checkpoint=True,  # early stopping's patience counter resumes too
+            dataloader_pin_memory=torch.cuda.is_available(),
+            use_cpu=not torch.cuda.is_available(),  # several CPU processes (accelerate launch) then use gloo
+            ddp_find_unused_parameters=False,
+            seed=train.seed,
+            report_to="none",  # MLflow is logged by MlflowCurves: the Trainer's callback would end our run early
+        )
+    except ValueError as err:  # e.g. save_steps not a multiple of eval_steps
+        raise ConfigError(f"train: {err}") from err
+
+
+class EvaluateAtEnd(TrainerCallback):
+    """Evaluate and save at the last step too, so the tail of training can be the best checkpoint."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_evaluate = control.should_save = True
+        return control
+
+
+class MlflowCurves(TrainerCallback):
+    """Loss, dev loss, learning rate, grad norm and tokens/s into the open MLflow run as they are logged."""
+
+    NAMES = {"loss": "loss", "eval_loss": "eval_loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm",
+             "train_tokens_per_second": "tokens_per_s"}  # fmt: skip
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        values = {name: logs[key] for key, name in self.NAMES.items() if key in (logs or {})}
+        # only into the stage's run: outside one (a trainer built by hand), MLflow would start a stray run
+        if mlflow.active_run() and state.is_world_process_zero and ("loss" in values or "eval_loss" in values):
+            mlflow.log_metrics(values, step=state.global_step)
+
+
 def build_trainer(cfg, output_dir) -> SFTTrainer:
     """The trainer with its tokenized datasets (`trainer.train_dataset`: input_ids, labels with -100 on the prompt)."""
     train = cfg.train
-    args = SFTConfig(
-        output_dir=output_dir,
-        max_length=None,  # never truncate
-        completion_only_loss=True,
-        num_train_epochs=train.num_epochs,
-        max_steps=train.max_steps,
-        per_device_train_batch_size=train.per_device_batch_size,
-        per_device_eval_batch_size=train.per_device_batch_size,
-        gradient_accumulation_steps=train.gradient_accumulation_steps,
-        learning_rate=train.learning_rate,
-        warmup_steps=float(train.warmup_ratio),  # transformers 5: a float in [0, 1) is a ratio of the steps
-        weight_decay=train.weight_decay,
-        lr_scheduler_type=train.lr_scheduler_type,
-        optim=train.optim,
-        activation_checkpointing=train.gradient_checkpointing,
-        bf16=cfg.model.dtype == "bfloat16",
-        logging_steps=train.logging_steps,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        seed=train.seed,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",  # MLflow is logged by hand: its Trainer callback would end our run early
-    )
+    args = training_args(cfg, output_dir)
     lora = LoraConfig(
         r=train.lora_r,
         lora_alpha=train.lora_alpha,
@@ -96,6 +238,9 @@ def build_trainer(cfg, output_dir) -> SFTTrainer:
     )
     # bad input fails before a 7B model loads
     train_rows, dev_rows = (sft_dataset(paths.require(FINETUNE, split)) for split in ("train", "dev"))
+    callbacks = [EvaluateAtEnd(), MlflowCurves()]
+    if train.early_stopping_patience > 0:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
     return SFTTrainer(
         model=load_base_model(cfg, for_training=True),
         args=args,
@@ -103,20 +248,71 @@ def build_trainer(cfg, output_dir) -> SFTTrainer:
         eval_dataset=dev_rows,
         processing_class=load_tokenizer(),
         peft_config=lora,
+        callbacks=callbacks,
     )
 
 
-def summarize(cfg, trainer, result, dev_loss: float, wall: float) -> dict:
+def checkpoint_step(path) -> int:
+    return int(re.fullmatch(r"checkpoint-(\d+)", Path(path).name).group(1))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (trainer_state.json is written last; a kill mid-save leaves none)."""
+    complete = [p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(complete, key=checkpoint_step, default=None)
+
+
+def open_mlflow_run(cfg, run_dir: Path, resuming: bool):
+    """Start (or, when resuming, continue) the run; its id is stored beside the checkpoints."""
+    mlflow.set_tracking_uri(tracking_uri(cfg.mlflow.tracking_uri))
+    experiment = mlflow.set_experiment(cfg.mlflow.experiment)
+    for key, value in EXPERIMENT_KIND.items():
+        if key not in experiment.tags:
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+    stored = run_dir / CHECKPOINT_RUN
+    run_id = json.loads(stored.read_text(encoding="utf-8"))["run_id"] if resuming and stored.is_file() else None
+    if run_id:
+        try:
+            mlflow.get_run(run_id)
+        except MlflowException:  # the checkpoint outlived its tracking store
+            run_id = None
+    mlrun = mlflow.start_run(run_id=run_id)
+    write_json(stored, {"run_id": mlrun.info.run_id, "experiment_id": mlrun.info.experiment_id})
+    return mlrun
+
+
+def history(log_history) -> list[dict]:
+    """One row per logged step: training and evaluation entries of the same step merged."""
+    rows = {}
+    for entry in log_history:
+        if "loss" not in entry and "eval_loss" not in entry:
+            continue
+        row = rows.setdefault(entry["step"], {"step": entry["step"]})
+        row["epoch"] = round(entry["epoch"], 4)
+        if "train_tokens_per_second" in entry:
+            row["tokens_per_s"] = round(entry["train_tokens_per_second"], 1)
+        row |= {k: entry[k] for k in ("loss", "eval_loss", "learning_rate", "grad_norm") if k in entry}
+    return [rows[step] for step in sorted(rows)]
+
+
+def summarize(cfg, trainer, result, resumed_from: int | None, wall: float) -> dict:
     lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     trainable, total = trainer.model.get_nb_trainable_parameters()
+    state = trainer.state
+    best_step = checkpoint_step(state.best_model_checkpoint)
     return {
         "train_loss": round(result.training_loss, 4),
         "train_loss_first": round(losses[0], 4) if losses else None,
         "train_loss_last": round(losses[-1], 4) if losses else None,
-        "eval_loss": round(dev_loss, 4),
-        "steps": result.global_step,
-        "epochs": round(trainer.state.epoch, 2),
+        "eval_loss": round(state.best_metric, 4),  # the adapter's: the best checkpoint's
+        "best_step": best_step,
+        "best_eval_loss": round(state.best_metric, 4),
+        "stopped_early": state.global_step < state.max_steps,
+        "resumed_from_step": resumed_from,
+        "steps": state.global_step,
+        "total_steps": state.max_steps,
+        "epochs": round(state.epoch, 2),
         "train_rows": len(lengths),
         "dev_rows": len(trainer.eval_dataset),
         "train_tokens": sum(lengths),
@@ -125,38 +321,52 @@ def summarize(cfg, trainer, result, dev_loss: float, wall: float) -> dict:
         "rows_over_max_seq_length": sum(n > cfg.model.max_seq_length for n in lengths),
         "trainable_params": trainable,
         "total_params": total,
+        "processes": trainer.args.world_size,
         "wall_time_s": round(wall, 2),
-        "steps_per_second": round(result.global_step / wall, 2),
+        "steps_per_second": round((state.global_step - (resumed_from or 0)) / wall, 2),
     }
 
 
 def run(cfg) -> dict:
     set_seed(cfg.train.seed)  # before the LoRA weights are initialised
-    with tempfile.TemporaryDirectory() as scratch:
-        trainer = build_trainer(cfg, scratch)  # bad, empty or missing input fails here, before MLflow is touched
-        mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
-        mlflow.set_experiment(cfg.mlflow.experiment)
-        with mlflow.start_run() as mlrun:
+    run_dir = CHECKPOINTS / fingerprint(cfg)  # missing input fails here, before MLflow is touched
+    trainer = build_trainer(cfg, run_dir)  # bad or empty input and bad train.* values fail here
+    main = trainer.is_world_process_zero()  # one process unless started by `accelerate launch`
+    checkpoint = latest_checkpoint(run_dir) if cfg.train.resume == "auto" else None
+    if checkpoint is None and main:
+        shutil.rmtree(run_dir, ignore_errors=True)  # partial or unwanted checkpoints of this configuration
+    trainer.accelerator.wait_for_everyone()
+    resumed_from = checkpoint_step(checkpoint) if checkpoint else None
+    with open_mlflow_run(cfg, run_dir, resuming=checkpoint is not None) if main else nullcontext() as mlrun:
+        if main:
+            mlflow.set_tags(run_tags(cfg))
             mlflow.log_params(flat_params(cfg))
             mlflow.log_metrics(data_metrics())
-            start = time.perf_counter()
-            result = trainer.train()
-            wall = time.perf_counter() - start
-            metrics = summarize(cfg, trainer, result, trainer.evaluate()["eval_loss"], wall)
-            for entry in trainer.state.log_history:  # the loss curve
-                if "loss" in entry:
-                    step = {k: entry[k] for k in ("loss", "grad_norm", "learning_rate") if k in entry}
-                    mlflow.log_metrics(step, step=entry["step"])
-            mlflow.log_metrics({k: v for k, v in metrics.items() if v is not None})
-            with staged_dir(ADAPTER_DIR) as out:
-                trainer.model.save_pretrained(out)
-                trainer.processing_class.save_pretrained(out)
-                run_ids = {"run_id": mlrun.info.run_id, "experiment_id": mlrun.info.experiment_id}
-                write_json(out / ADAPTER_MLFLOW_RUN.name, run_ids)
-            mlflow.log_artifacts(str(ADAPTER_DIR), artifact_path="adapter")
-    write_json(paths.TRAIN_METRICS, metrics)
+            if checkpoint:
+                print(f"train: resuming from {checkpoint} (step {resumed_from})")
+        start = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        wall = time.perf_counter() - start
+        if not main:
+            return {}
+        metrics = summarize(cfg, trainer, result, resumed_from, wall)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
+        with staged_dir(ADAPTER_DIR) as out:  # the best checkpoint's weights (load_best_model_at_end)
+            trainer.model.save_pretrained(out)
+            trainer.processing_class.save_pretrained(out)
+            write_json(out / ADAPTER_MLFLOW_RUN.name, {"run_id": mlrun.info.run_id,
+                                                       "experiment_id": mlrun.info.experiment_id})  # fmt: skip
+        write_csv(TRAIN_HISTORY, history(trainer.state.log_history), HISTORY_FIELDS)
+        mlflow.log_artifacts(str(ADAPTER_DIR), artifact_path="adapter")
+        mlflow.log_text(redacted_params(cfg), "params.yaml")
+        for split in ("train", "dev"):
+            mlflow.log_artifact(str(paths.require(SFT_METRICS, split)), artifact_path="sft")
+    write_json(TRAIN_METRICS, metrics)
+    shutil.rmtree(run_dir, ignore_errors=True)  # finished: the adapter is out, nothing left to resume
     print(
-        f"train: loss {metrics['train_loss_first']} -> {metrics['train_loss_last']}, "
-        f"dev loss {metrics['eval_loss']}, {metrics['steps']} steps in {metrics['wall_time_s']} s -> {ADAPTER_DIR}"
+        f"train: loss {metrics['train_loss_first']} -> {metrics['train_loss_last']}, best dev loss "
+        f"{metrics['best_eval_loss']} at step {metrics['best_step']}"
+        f"{' (stopped early)' if metrics['stopped_early'] else ''}, {metrics['steps']} steps in "
+        f"{metrics['wall_time_s']} s -> {ADAPTER_DIR}"
     )
     return metrics
