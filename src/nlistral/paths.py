@@ -27,10 +27,23 @@ PLOT_LENGTHS = "metrics/plots/lengths_{split}.csv"
 ADAPTER_DIR = Path("models/adapter")
 ADAPTER_MLFLOW_RUN = ADAPTER_DIR / "mlflow_run.json"  # the training run, which `evaluate` logs into too
 TRAIN_METRICS = "metrics/train.json"
+TRAIN_HISTORY = "metrics/train_history.csv"
 # evaluate
 EVAL_METRICS = "metrics/eval.json"
 PREDICTIONS = "metrics/predictions.jsonl"
 CONFUSION = "metrics/confusion.csv"
+PLOT_ACCURACY_BY_LENGTH = "metrics/plots/accuracy_by_length.csv"
+# evaluate_base, evaluate_teacher: the baselines, same rows and format
+EVAL_BASE_METRICS = "metrics/eval_base.json"
+PREDICTIONS_BASE = "metrics/predictions_base.jsonl"
+EVAL_TEACHER_METRICS = "metrics/eval_teacher.json"
+PREDICTIONS_TEACHER = "metrics/predictions_teacher.jsonl"
+# report: read only the files above; the cards are its own outs (a stage cannot write into another's out folder)
+REPORT_DIR = Path("reports")
+REPORT_RESULTS = REPORT_DIR / "results.md"
+REPORT_MODEL_CARD = REPORT_DIR / "model_card.md"
+REPORT_DATASET_CARD = REPORT_DIR / "dataset_card.md"
+REPORT_PAGE = REPORT_DIR / "index.html"
 
 # Which command writes each stage output that another stage reads: (CLI command, dvc.yaml stage).
 PRODUCERS = {
@@ -40,6 +53,16 @@ PRODUCERS = {
     FINETUNE: ("sft --split {split}", "sft@{split}"),
     SFT_METRICS: ("sft --split {split}", "sft@{split}"),
     str(ADAPTER_DIR): ("train", "train"),
+    TRAIN_METRICS: ("train", "train"),
+    TRAIN_HISTORY: ("train", "train"),
+    EVAL_METRICS: ("evaluate", "evaluate"),
+    PREDICTIONS: ("evaluate", "evaluate"),
+    CONFUSION: ("evaluate", "evaluate"),
+    PLOT_ACCURACY_BY_LENGTH: ("evaluate", "evaluate"),
+    THOUGHTS_METRICS: ("thoughts --split {split}", "thoughts@{split}"),
+    REFLECTIONS_METRICS: ("reflections --split {split}", "reflections@{split}"),
+    PLOT_TEACHER_ACCURACY: ("sft --split {split}", "sft@{split}"),
+    str(REPORT_MODEL_CARD): ("report", "report"),
 }
 
 
