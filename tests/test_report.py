@@ -320,14 +320,15 @@ json.dump({"n": 20, "accuracy": acc, "accuracy_ci95": [max(acc - 0.2, 0), min(ac
 """
 
 
-def git_dvc(*cmd, cwd):
-    env = {**GIT_IDENTITY, **os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+def git(*cmd, cwd):
+    done = subprocess.run(cmd, cwd=cwd, env={**GIT_IDENTITY, **os.environ}, capture_output=True, text=True)
     assert done.returncode == 0, f"{cmd}:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
     return done.stdout
 
 
 def test_report_experiments_lists_two_experiments_side_by_side(tmp_path, monkeypatch, capsys):
+    from dvc.repo import Repo
+
     from nlistral import cli
 
     root = tmp_path / "exp"
@@ -337,15 +338,19 @@ def test_report_experiments_lists_two_experiments_side_by_side(tmp_path, monkeyp
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"evaluate": {
         "cmd": f"{sys.executable} stage.py", "deps": ["stage.py"], "params": ["right"],
         "outs": ["metrics/predictions.jsonl", {"metrics/eval.json": {"cache": False}}]}}}))  # fmt: skip
-    git_dvc("git", "init", "-q", cwd=root)
-    git_dvc("dvc", "init", "-q", cwd=root)
-    git_dvc("dvc", "repro", "-q", cwd=root)
-    git_dvc("git", "add", "-A", cwd=root)
-    git_dvc("git", "commit", "-qm", "baseline", cwd=root)
-    git_dvc("dvc", "exp", "run", "-n", "better", "-S", "right=18", cwd=root)
-    git_dvc("dvc", "exp", "run", "-n", "worse", "-S", "right=6", cwd=root)
-
     monkeypatch.chdir(root)
+    for name, value in GIT_IDENTITY.items():
+        monkeypatch.setenv(name, value)
+    git("git", "init", "-q", cwd=root)
+    repo = Repo.init(str(root))  # DVC in-process: a `dvc` subprocess costs seconds of imports per call
+    repo.reproduce()
+    git("git", "add", "-A", cwd=root)
+    git("git", "commit", "-qm", "baseline", cwd=root)
+    repo.experiments.run(name="better", params=["right=18"])
+    repo.experiments.run(name="worse", params=["right=6"])
+    repo.close()
+    capsys.readouterr()  # what DVC printed
+
     assert cli.main(["report", "--experiments", "better", "worse", "--reference", "worse"]) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]}

@@ -101,8 +101,7 @@ def table(runs: dict, reference: str) -> str:
 def compare_experiments(experiments: list[str] | None, reference: str | None) -> str:
     names = experiments or all_experiments()
     reference = reference or names[0]
-    if reference not in names:
-        names = [reference, *names]
+    names = [reference, *(name for name in names if name != reference)]  # the reference first
     text = table({name: load(name) for name in names}, reference)
     print(text)
     return text

@@ -17,7 +17,7 @@ LOCAL_ONLY = {ADAPTER_MLFLOW_RUN.name}  # this machine's MLflow run id means not
 def export(dest) -> Path:
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise DataError(f"{dest} exists and is not an empty folder: export writes a new one")
+        raise DataError(dest, "exists and is not an empty folder: export writes a new one")
     adapter, card = paths.require(ADAPTER_DIR), paths.require(REPORT_MODEL_CARD)
     staging = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
@@ -27,7 +27,8 @@ def export(dest) -> Path:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    dest.rmdir() if dest.exists() else None
+    if dest.exists():  # an empty folder
+        dest.rmdir()
     staging.rename(dest)
     print(f"export: {adapter} + {card} -> {dest} (README.md is the model card)")
     return dest
