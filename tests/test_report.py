@@ -161,13 +161,14 @@ def test_cards_have_hugging_face_metadata(reported):
 
     card = ModelCard((reported / paths.REPORT_MODEL_CARD).read_text())
     assert card.data.library_name == "peft" and card.data.base_model == "models/base"
-    assert card.data.license == "other" and card.data.pipeline_tag == "text-generation"
+    assert card.data.license == "mit" and card.data.pipeline_tag == "text-generation"
     _, results = model_index_to_eval_results(card.data.to_dict()["model-index"])
     eval_json = json.loads((reported / paths.EVAL_METRICS).read_text())
     assert {r.metric_type: r.metric_value for r in results} == {"accuracy": eval_json["accuracy"],
                                                                 "f1": eval_json["macro_f1"]}  # fmt: skip
     data_card = DatasetCard((reported / paths.REPORT_DATASET_CARD).read_text())
     assert data_card.data.configs[0]["data_files"][0] == {"split": "train", "path": "train_ft.jsonl"}
+    assert data_card.data.license == "mit"
 
 
 def source_values(root) -> tuple[list[float], list[str]]:
@@ -276,7 +277,9 @@ def test_page_in_headless_chromium(reported, tmp_path):
     tuned = read_jsonl(reported / paths.PREDICTIONS)
     train_rows = read_jsonl(reported / paths.THOUGHTS.format(split="train"))
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium", args=[
+        chromium = shutil.which("chromium")
+        assert chromium, "this test needs Debian's chromium package: `make browser` (apt-get install -y chromium)"
+        browser = pw.chromium.launch(executable_path=chromium, args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--no-first-run"])  # fmt: skip
         page = browser.new_page(viewport={"width": 1280, "height": 1400})

@@ -222,7 +222,8 @@ def charts(ctx) -> dict[str, str]:
         ax.imshow(counts, cmap="Blues")
         for i, row in enumerate(counts):
             for j, count in enumerate(row):
-                ax.text(j, i, str(count), ha="center", va="center")
+                dark = count > max(map(max, counts)) / 2
+                ax.text(j, i, str(count), ha="center", va="center", color="white" if dark else "black")
         ax.set_xticks(range(len(predicted)), predicted)
         ax.set_yticks([0, 1], ["0", "1"])
         ax.set_xlabel("predicted label")
@@ -250,10 +251,11 @@ def charts(ctx) -> dict[str, str]:
         series.append(("fine-tuned, test", ctx["accuracy_by_length"]))
         buckets = [next(iter(row.values())) for row in series[0][1]]
         for k, (label, rows) in enumerate(series):
+            unit = next(iter(rows[0])).removeprefix("rationale_")  # the CSV's bucket column: rationale_<unit>
             heights = [float(r["accuracy"]) * 100 if r["accuracy"] else 0 for r in rows]
-            ax.bar([i + k * width for i in range(len(buckets))], heights, width, label=label)
+            ax.bar([i + k * width for i in range(len(buckets))], heights, width, label=f"{label} ({unit})")
         ax.set_xticks([i + width for i in range(len(buckets))], buckets)
-        ax.set_xlabel(f"rationale length ({next(iter(series[0][1][0])).replace('rationale_', '')})")
+        ax.set_xlabel("rationale length")
         ax.set_ylabel("accuracy, %")
         ax.set_ylim(0, 100)
         ax.legend(fontsize=7)
