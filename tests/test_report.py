@@ -226,7 +226,8 @@ def test_every_number_in_results_and_cards_is_a_metrics_value(reported):
             assert any(abs(Decimal(repr(v * scale)) - shown) <= half_unit for v in numbers), (name, token)
 
 
-def test_without_baselines_the_table_says_not_evaluated(outputs, tmp_path, monkeypatch):
+def test_without_baselines_the_table_says_not_evaluated_and_a_real_profile_has_no_warning(outputs, tmp_path,
+                                                                                        monkeypatch):
     shutil.copytree(outputs, tmp_path / "repo")
     monkeypatch.chdir(tmp_path / "repo")
     eval_json = json.loads(Path(paths.EVAL_METRICS).read_text())
@@ -235,9 +236,10 @@ def test_without_baselines_the_table_says_not_evaluated(outputs, tmp_path, monke
     for path in (paths.EVAL_BASE_METRICS, paths.PREDICTIONS_BASE, paths.EVAL_TEACHER_METRICS,
                  paths.PREDICTIONS_TEACHER):
         Path(path).unlink()
-    report.run(load_config())
+    report.run(load_config(["model.name=mistral7b", "teacher.backend=mistral", "reflector.backend=mistral"]))
     results = Path(paths.REPORT_RESULTS).read_text()
     assert "| base zero-shot | not evaluated |" in results and "| teacher | not evaluated |" in results
+    assert "not a result" not in results and "not a result" not in Path(paths.REPORT_MODEL_CARD).read_text()
 
 
 def test_report_before_evaluate_names_the_stage_and_writes_nothing(outputs, tmp_path, monkeypatch, capsys):
