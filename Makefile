@@ -8,7 +8,7 @@ export PATH := $(BIN):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup run test params lint
+.PHONY: setup run test params lint browser
 
 setup: $(VENV)/.installed
 
@@ -27,12 +27,17 @@ run: setup
 	@echo "Outputs: data/{original_thoughts,reflected_thoughts,finetune}/, models/adapter/, metrics/"
 	@echo "Metrics: $(VENV)/bin/dvc metrics show (every stage)    Plots: $(VENV)/bin/dvc plots show"
 	@echo "Runs:    $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"
+	@echo "Report:  reports/results.md, reports/index.html (open in a browser), model and dataset cards"
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/pytest
 
 params: setup
 	nlistral params
+
+# The report page's test runs in a real headless Chromium: Debian's package (root; CI runs this from .ci/run).
+browser:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 
 lint: setup
 	ruff check .

@@ -23,8 +23,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
     cfg = load_config()
-    prompts = student_prompts(load_split(cfg.data.dir, "test").head(args.rows))
     tokenizer = load_tokenizer(ADAPTER_DIR)
+    prompts = student_prompts(load_split(cfg.data.dir, "test").head(args.rows), tokenizer)
     for four_bit in (True, False):
         cfg.model.load_in_4bit = four_bit
         model = load_adapter_model(cfg)

@@ -4,6 +4,9 @@ from pathlib import Path
 
 import pytest
 
+# One math thread per process: the tiny models gain nothing from more, and test processes (stages under
+# `dvc repro`, DDP ranks) then do not oversubscribe the 2 cores CI has.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"

@@ -111,7 +111,7 @@ def test_batched_generation_equals_one_row_at_a_time(evaluated):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         model, tokenizer = load_adapter_model(cfg), load_tokenizer("models/adapter")
-        prompts = student_prompts(eval_rows(cfg))[:4]
+        prompts = student_prompts(eval_rows(cfg), tokenizer)[:4]
         assert generate(model, tokenizer, prompts, 4, 12) == generate(model, tokenizer, prompts, 1, 12)
 
 

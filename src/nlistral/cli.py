@@ -23,6 +23,7 @@ STAGES = {
     "evaluate": "greedy generation on the test split, parsed and scored -> metrics/eval.json",
     "evaluate-base": "baseline: the base model without the adapter, zero-shot -> metrics/eval_base.json",
     "evaluate-teacher": "baseline: the teacher LLM prompted directly on the test split -> metrics/eval_teacher.json",
+    "report": "the metrics files -> reports/results.md, model and dataset cards, index.html (a row browser)",
 }
 
 # Exit codes: 2 = bad or missing input, or bad config (nothing written), 1 = the stage ran and failed.
@@ -44,6 +45,15 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "overrides", nargs="*", metavar="KEY=VALUE", help="e.g. teacher.max_concurrency=8 or teacher=offline"
         )
+    report = sub.choices["report"]
+    chosen = report.add_mutually_exclusive_group()
+    chosen.add_argument("--experiments", nargs="+", metavar="EXP",
+                        help="print the test table across these DVC experiments (names or git revisions) instead")
+    chosen.add_argument("--all", action="store_true", help="the same across every experiment of this commit")
+    report.add_argument("--reference", metavar="EXP", help="compare each experiment against this one "
+                        "(default: the first listed)")  # fmt: skip
+    export = sub.add_parser("export", help="adapter + tokenizer + model card (as README.md) -> DIR, for the HF Hub")
+    export.add_argument("dir", metavar="DIR", help="a new or empty folder")
     params = sub.add_parser("params", help="compose conf/ into params.yaml (what `dvc exp run` does)")
     params.add_argument("overrides", nargs="*", metavar="OVERRIDE", help="Hydra overrides: experiment=no_reflections")
     compare = sub.add_parser(
@@ -76,7 +86,10 @@ TELEMETRY_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_DISABLE_TELEMETRY":
 def main(argv=None) -> int:
     for name, value in TELEMETRY_OFF.items():
         os.environ.setdefault(name, value)
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "reference", None) and not (args.experiments or args.all):
+        parser.error("--reference needs --experiments or --all")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "params":
@@ -85,6 +98,16 @@ def main(argv=None) -> int:
             return 0
         if args.command == "compare":
             _compare(args)
+            return 0
+        if args.command == "export":
+            from nlistral.export import export
+
+            export(args.dir)
+            return 0
+        if args.command == "report" and (args.experiments or args.all):
+            from nlistral.experiments import compare_experiments
+
+            compare_experiments(args.experiments, args.reference)
             return 0
         cfg = load_config(args.overrides)
         stage = importlib.import_module(f"nlistral.stages.{args.command.replace('-', '_')}")

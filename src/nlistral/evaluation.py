@@ -21,7 +21,7 @@ from nlistral.config import ConfigError
 from nlistral.data import load_split
 from nlistral.model import base_info
 from nlistral.parsing import read_answer
-from nlistral.prompts import inst_prompt, student_prompt
+from nlistral.prompts import student_chat_prompt, student_prompt
 from nlistral.stats import accuracy_ci
 
 ENGINES = ("hf", "vllm")
@@ -40,9 +40,10 @@ def eval_rows(cfg):
     return rows if cfg.eval.limit is None else rows.head(cfg.eval.limit)
 
 
-def student_prompts(rows) -> list[str]:
-    """The prompt the student (fine-tuned or base) sees for each row: the one it was trained on."""
-    return [inst_prompt(student_prompt(r.premise, r.hypothesis)) for r in rows.itertuples()]
+def student_prompts(rows, tokenizer) -> list[str]:
+    """The prompt the student (fine-tuned or base) sees for each row: the one it was trained on, in the tokenizer's
+    chat template (special tokens included: tokenize with add_special_tokens=False)."""
+    return [student_chat_prompt(tokenizer, student_prompt(r.premise, r.hypothesis)) for r in rows.itertuples()]
 
 
 @torch.inference_mode()
@@ -53,7 +54,8 @@ def generate(model, tokenizer, prompts, batch_size: int, max_new_tokens: int) ->
     results = [None] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch"):
         batch = order[start : start + batch_size]
-        enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True).to(model.device)
+        enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = enc.to(model.device)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         for i, ids in zip(batch, out[:, enc["input_ids"].shape[1] :].tolist(), strict=True):
             stopped = tokenizer.eos_token_id in ids
@@ -77,7 +79,7 @@ def check_engine(cfg) -> None:
             ) from None
 
 
-def vllm_generate(cfg, prompts, adapter_dir=None) -> list[Generation]:
+def vllm_generate(cfg, prompts, tokenizer, adapter_dir=None) -> list[Generation]:
     """Greedy generations through vLLM, the adapter (if any) served with its LoRA support at its trained rank."""
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
@@ -96,16 +98,17 @@ def vllm_generate(cfg, prompts, adapter_dir=None) -> list[Generation]:
     )
     params = SamplingParams(temperature=0.0, max_tokens=cfg.eval.max_new_tokens)
     lora = LoRARequest("adapter", 1, str(adapter_dir)) if adapter_dir else None
-    outputs = llm.generate(prompts, params, lora_request=lora)
+    token_prompts = [{"prompt_token_ids": tokenizer(p, add_special_tokens=False).input_ids} for p in prompts]
+    outputs = llm.generate(token_prompts, params, lora_request=lora)  # token ids: the template's BOS only once
     return [Generation(o.outputs[0].text, o.outputs[0].finish_reason, len(o.outputs[0].token_ids)) for o in outputs]
 
 
 def run_generation(cfg, rows, load_model, tokenizer, adapter_dir=None) -> tuple[list[Generation], float]:
     """Generations for `rows` with the configured engine, and the seconds they took (model loading excluded)."""
-    prompts = student_prompts(rows)
+    prompts = student_prompts(rows, tokenizer)
     if cfg.eval.engine == "vllm":
         start = time.perf_counter()
-        return vllm_generate(cfg, prompts, adapter_dir), time.perf_counter() - start
+        return vllm_generate(cfg, prompts, tokenizer, adapter_dir), time.perf_counter() - start
     model = load_model()
     start = time.perf_counter()
     outputs = generate(model, tokenizer, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens)

@@ -40,6 +40,12 @@ EVAL_BASE_METRICS = "metrics/eval_base.json"
 PREDICTIONS_BASE = "metrics/predictions_base.jsonl"
 EVAL_TEACHER_METRICS = "metrics/eval_teacher.json"
 PREDICTIONS_TEACHER = "metrics/predictions_teacher.jsonl"
+# report: read only the files above; the cards are its own outs (a stage cannot write into another's out folder)
+REPORT_DIR = Path("reports")
+REPORT_RESULTS = REPORT_DIR / "results.md"
+REPORT_MODEL_CARD = REPORT_DIR / "model_card.md"
+REPORT_DATASET_CARD = REPORT_DIR / "dataset_card.md"
+REPORT_PAGE = REPORT_DIR / "index.html"
 
 # Which command writes each stage output that another stage reads: (CLI command, dvc.yaml stage).
 PRODUCERS = {
@@ -49,6 +55,16 @@ PRODUCERS = {
     FINETUNE: ("sft --split {split}", "sft@{split}"),
     SFT_METRICS: ("sft --split {split}", "sft@{split}"),
     str(ADAPTER_DIR): ("train", "train"),
+    TRAIN_METRICS: ("train", "train"),
+    TRAIN_HISTORY: ("train", "train"),
+    EVAL_METRICS: ("evaluate", "evaluate"),
+    PREDICTIONS: ("evaluate", "evaluate"),
+    CONFUSION: ("evaluate", "evaluate"),
+    PLOT_ACCURACY_BY_LENGTH: ("evaluate", "evaluate"),
+    THOUGHTS_METRICS: ("thoughts --split {split}", "thoughts@{split}"),
+    REFLECTIONS_METRICS: ("reflections --split {split}", "reflections@{split}"),
+    PLOT_TEACHER_ACCURACY: ("sft --split {split}", "sft@{split}"),
+    str(REPORT_MODEL_CARD): ("report", "report"),
 }
 
 

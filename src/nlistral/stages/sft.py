@@ -16,7 +16,7 @@ from nlistral import paths
 from nlistral.data import load_split
 from nlistral.io import read_jsonl, write_csv, write_json, write_jsonl
 from nlistral.model import load_tokenizer
-from nlistral.prompts import completion_json, inst_prompt, sft_text, student_prompt
+from nlistral.prompts import completion_json, sft_text, student_chat_prompt, student_prompt
 from nlistral.stages import StageError
 from nlistral.stats import accuracy_by_length
 
@@ -52,8 +52,8 @@ def candidates(thought_rows, reflection_rows, include_reflections: bool) -> list
 
 
 def token_lengths(tokenizer, row) -> tuple[int, int]:
-    """Prompt tokens (with BOS) and completion tokens (with EOS), as training sees them."""
-    prompt = len(tokenizer(inst_prompt(row["prompt"])).input_ids)
+    """Prompt tokens (the chat template's, BOS included) and completion tokens (with EOS), as training sees them."""
+    prompt = len(tokenizer(student_chat_prompt(tokenizer, row["prompt"]), add_special_tokens=False).input_ids)
     completion = len(tokenizer(" " + row["completion"], add_special_tokens=False).input_ids) + 1
     return prompt, completion
 

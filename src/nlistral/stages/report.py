@@ -1,0 +1,336 @@
+"""Stage: the metrics and output files -> reports/results.md, model_card.md, dataset_card.md and index.html.
+
+Reads only what earlier stages wrote (metrics/, data/original_thoughts, data/reflected_thoughts, data/finetune) and
+params.yaml; every figure in the reports is a value from one of those files, formatted, never recomputed. The
+baselines (metrics/eval_base.json, eval_teacher.json) may be absent: their rows then say "not evaluated".
+"""
+
+import base64
+import csv
+import io
+import json
+import os
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+from omegaconf import OmegaConf
+
+from nlistral import paths
+from nlistral.io import atomic_open, read_jsonl
+
+SPLITS = ("train", "dev")
+BASELINES = ("base", "teacher")
+MODEL_NAMES = {"fine-tuned": "fine-tuned", "base": "base zero-shot", "teacher": "teacher"}
+
+
+def read_json(template, split=None) -> dict:
+    return json.loads(paths.require(template, split).read_text(encoding="utf-8"))
+
+
+def read_csv(template, split=None) -> list[dict]:
+    with open(paths.require(template, split), encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def optional_json(path) -> dict | None:
+    return json.loads(Path(path).read_text(encoding="utf-8")) if Path(path).is_file() else None
+
+
+def is_embedded(cfg) -> bool:
+    """The embedded profile: stand-in LLMs or the tiny model, whose numbers only show that the code runs."""
+    return cfg.model.name == "tiny" or "offline" in (cfg.teacher.backend, cfg.reflector.backend)
+
+
+def provenance() -> dict:
+    """Experiment name (DVC_EXP_NAME, else the git branch), git revision and date."""
+
+    def git(*args):
+        done = subprocess.run(["git", *args], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    return {
+        "experiment": os.environ.get("DVC_EXP_NAME") or git("rev-parse", "--abbrev-ref", "HEAD") or "workspace",
+        "revision": git("rev-parse", "--short", "HEAD") or "no git revision",
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def test_results() -> dict:
+    """Model -> its eval metrics, fine-tuned first; a missing baseline is left out."""
+    results = {"fine-tuned": read_json(paths.EVAL_METRICS)}
+    for name, path in (("base", paths.EVAL_BASE_METRICS), ("teacher", paths.EVAL_TEACHER_METRICS)):
+        if (metrics := optional_json(path)) is not None:
+            results[name] = metrics
+    return results
+
+
+def collect(cfg) -> dict:
+    """Everything the templates show, read from the files (see module doc)."""
+    splits = {
+        split: {
+            "thoughts": read_json(paths.THOUGHTS_METRICS, split),
+            "reflections": read_json(paths.REFLECTIONS_METRICS, split),
+            "sft": read_json(paths.SFT_METRICS, split),
+            "teacher_by_length": read_csv(paths.PLOT_TEACHER_ACCURACY, split),
+        }
+        for split in SPLITS
+    }
+    removal_reasons = sorted({reason for s in splits.values() for reason in s["sft"]["dropped"]})
+    results = test_results()
+    return {
+        "run": provenance(),
+        "embedded": is_embedded(cfg),
+        "cfg": OmegaConf.to_container(cfg, resolve=True),
+        "splits": splits,
+        "removal_reasons": removal_reasons,
+        "train": read_json(paths.TRAIN_METRICS),
+        "results": results,
+        "comparisons": results["fine-tuned"].get("comparisons", {}),
+        "accuracy_by_length": read_csv(paths.PLOT_ACCURACY_BY_LENGTH),
+        "model_names": MODEL_NAMES,
+    }
+
+
+# --- formatting: every number is shown as stored (percentages of stored fractions), so it can be checked
+
+
+def pct(value, signed=False) -> str:
+    """0.8958 -> "89.58%" (fractions are stored with 4 decimals: 2 decimals of a percentage are exact)."""
+    if value is None:
+        return "–"
+    return f"{value * 100:+.2f}" if signed else f"{value * 100:.2f}%"
+
+
+def interval(bounds, signed=False) -> str:
+    low, high = bounds
+    if signed:
+        return f"[{pct(low, True)} pp, {pct(high, True)} pp]"
+    return f"[{pct(low)}, {pct(high)}]"
+
+
+def pvalue(value) -> str:
+    return "–" if value is None else f"{value:.3g}"
+
+
+def num(value) -> str:
+    """An int, a float or null from a metrics file, as written there."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:g}" if abs(value) >= 1e-4 or value == 0 else f"{value:.3g}"
+
+
+def env() -> Environment:
+    environment = Environment(
+        loader=PackageLoader("nlistral", "templates"),
+        autoescape=select_autoescape(["html"]),  # model output is untrusted: escaped everywhere in the page
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    environment.filters.update(pct=pct, interval=interval, pvalue=pvalue, num=num)
+    return environment
+
+
+# --- cards
+
+
+def model_card_metadata(ctx) -> str:
+    """The model card's YAML front matter (Hugging Face's model card metadata), written by yaml so it parses."""
+    cfg, tuned = ctx["cfg"], ctx["results"]["fine-tuned"]
+    data_name = cfg["data"]["name"]
+    meta = {
+        "base_model": tuned["model_id"],
+        "library_name": "peft",
+        "pipeline_tag": "text-generation",
+        "license": cfg["model"].get("license") or "other",
+        "tags": ["nli", "natural-language-inference", "chain-of-thought", "lora", "qlora", "nlistral"],
+        "model-index": [{
+            "name": f"nlistral-{data_name}",
+            "results": [{
+                "task": {"type": "text-classification", "name": "Natural language inference"},
+                "dataset": {"name": data_name, "type": data_name, "split": "test"},
+                "metrics": [
+                    {"type": "accuracy", "value": tuned["accuracy"], "name": "Accuracy"},
+                    {"type": "f1", "value": tuned["macro_f1"], "name": "Macro F1"},
+                ],
+            }],
+        }],
+    }  # fmt: skip
+    return yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
+
+
+def dataset_card_metadata(ctx) -> str:
+    cfg = ctx["cfg"]
+    meta = {
+        "license": cfg["data"].get("license") or "other",
+        "language": ["en"],
+        "task_categories": ["text-classification", "text-generation"],
+        "task_ids": ["natural-language-inference"],
+        "tags": ["chain-of-thought", "synthetic", "nlistral"],
+        "pretty_name": f"NLIstral chain-of-thought fine-tuning set ({cfg['data']['name']})",
+        "configs": [{
+            "config_name": "default",
+            "data_files": [{"split": split, "path": Path(paths.FINETUNE.format(split=split)).name}
+                           for split in SPLITS],
+        }],
+    }  # fmt: skip
+    return yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
+
+
+# --- the page: charts (matplotlib, as SVG data URIs) and the row browser's data
+
+
+def svg_uri(figure) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
+    return "data:image/svg+xml;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def charts(ctx) -> dict[str, str]:
+    """Name -> SVG data URI. Images, not inline SVG: text in them (ids, labels) can never become markup."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    made = {}
+    with matplotlib.rc_context({"svg.hashsalt": "nlistral", "svg.fonttype": "none", "font.size": 9}):
+        results = ctx["results"]
+        fig = Figure(figsize=(6, 0.5 + 0.5 * len(results)))
+        ax = fig.subplots()
+        names = list(results)[::-1]
+        acc = [results[n]["accuracy"] * 100 for n in names]
+        errors = [[a - results[n]["accuracy_ci95"][0] * 100 for n, a in zip(names, acc, strict=True)],
+                  [results[n]["accuracy_ci95"][1] * 100 - a for n, a in zip(names, acc, strict=True)]]  # fmt: skip
+        ax.barh([MODEL_NAMES[n] for n in names], acc, xerr=errors, color="#4c78a8", capsize=4)
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("test accuracy, % (bars: 95% bootstrap CI)")
+        made["accuracy"] = svg_uri(fig)
+
+        confusion = read_csv(paths.CONFUSION)
+        predicted = ["0", "1", *sorted({r["predicted"] for r in confusion} - {"0", "1"})]
+        counts = [[sum(r["actual"] == a and r["predicted"] == p for r in confusion) for p in predicted]
+                  for a in ("0", "1")]  # fmt: skip
+        fig = Figure(figsize=(1.2 + 1.1 * len(predicted), 2.6))
+        ax = fig.subplots()
+        ax.imshow(counts, cmap="Blues")
+        for i, row in enumerate(counts):
+            for j, count in enumerate(row):
+                dark = count > max(map(max, counts)) / 2
+                ax.text(j, i, str(count), ha="center", va="center", color="white" if dark else "black")
+        ax.set_xticks(range(len(predicted)), predicted)
+        ax.set_yticks([0, 1], ["0", "1"])
+        ax.set_xlabel("predicted label")
+        ax.set_ylabel("true label")
+        ax.set_title("fine-tuned model, test split")
+        made["confusion"] = svg_uri(fig)
+
+        history = read_csv(paths.TRAIN_HISTORY)
+        fig = Figure(figsize=(6, 3))
+        ax = fig.subplots()
+        for column, label in (("loss", "train loss"), ("eval_loss", "dev loss")):
+            points = [(int(r["step"]), float(r[column])) for r in history if r[column] not in ("", None)]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o" if column == "eval_loss" else None, label=label)
+        ax.axvline(ctx["train"]["best_step"], color="grey", linestyle="--", label="best step")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        made["loss"] = svg_uri(fig)
+
+        fig = Figure(figsize=(6, 3))
+        ax = fig.subplots()
+        width = 0.8 / (len(SPLITS) + 1)
+        series = [(f"teacher, {split}", ctx["splits"][split]["teacher_by_length"]) for split in SPLITS]
+        series.append(("fine-tuned, test", ctx["accuracy_by_length"]))
+        buckets = [next(iter(row.values())) for row in series[0][1]]
+        for k, (label, rows) in enumerate(series):
+            unit = next(iter(rows[0])).removeprefix("rationale_")  # the CSV's bucket column: rationale_<unit>
+            heights = [float(r["accuracy"]) * 100 if r["accuracy"] else 0 for r in rows]
+            ax.bar([i + k * width for i in range(len(buckets))], heights, width, label=f"{label} ({unit})")
+        ax.set_xticks([i + width for i in range(len(buckets))], buckets)
+        ax.set_xlabel("rationale length")
+        ax.set_ylabel("accuracy, %")
+        ax.set_ylim(0, 100)
+        ax.legend(fontsize=7)
+        made["by_length"] = svg_uri(fig)
+    return made
+
+
+def prediction_view(row) -> dict:
+    return {"label": row["predicted_label"], "correct": row["correct"], "parse_error": row["parse_error"],
+            "output": row["output"]}  # fmt: skip
+
+
+def test_rows() -> list[dict]:
+    """One entry per test row: the fine-tuned model's prediction and the baselines' for the same row."""
+    tuned = read_jsonl(paths.require(paths.PREDICTIONS))
+    others = {name: {str(r["id"]): r for r in read_jsonl(path)}
+              for name, path in (("base", paths.PREDICTIONS_BASE), ("teacher", paths.PREDICTIONS_TEACHER))
+              if Path(path).is_file()}  # fmt: skip
+    rows = []
+    for row in tuned:
+        key = str(row["id"])
+        models = {"fine-tuned": prediction_view(row)}
+        models |= {name: prediction_view(by_id[key]) for name, by_id in others.items() if key in by_id}
+        base = models.get("base")
+        rows.append({
+            "id": key, "premise": row["premise"], "hypothesis": row["hypothesis"], "gold": row["true_label"],
+            "models": models,
+            "wrong": not row["correct"],
+            "parse_failure": row["predicted_label"] is None,
+            "flipped": base is not None and base["correct"] != row["correct"],
+        })  # fmt: skip
+    return rows
+
+
+def training_rows() -> list[dict]:
+    """Train and dev rows as the teacher and the reflector saw them, and whether they reached the fine-tuning set."""
+    rows = []
+    for split in SPLITS:
+        reflections = {str(r["id"]): r for r in read_jsonl(paths.require(paths.REFLECTIONS, split))}
+        sources = {str(r["id"]): r["source"] for r in read_jsonl(paths.require(paths.FINETUNE, split))}
+        for thought in read_jsonl(paths.require(paths.THOUGHTS, split)):
+            key = str(thought["id"])
+            reflection = reflections.get(key)
+            rows.append({
+                "id": key, "split": split, "premise": thought["premise"], "hypothesis": thought["hypothesis"],
+                "gold": thought["true_label"], "teacher_label": thought["predicted_label"],
+                "rationale": thought["thought_process"],
+                "error_analysis": reflection and reflection["error_analysis"],
+                "improved": reflection and reflection["improved_thought_process"],
+                "reflected_label": reflection and reflection["reflected_label"],
+                "finetune": sources.get(key),
+                "wrong": not thought["correct"],
+                "reflected": reflection is not None,
+                "unresolved": reflection is not None and not reflection["verified"],
+            })  # fmt: skip
+    return rows
+
+
+def render(ctx) -> dict[Path, str]:
+    """Report file -> its text."""
+    templates = env()
+    ctx = {**ctx, "model_card_metadata": model_card_metadata(ctx), "dataset_card_metadata": dataset_card_metadata(ctx)}
+    page = {**ctx, "charts": charts(ctx), "browser": {"test": test_rows(), "train": training_rows()}}
+    return {
+        paths.REPORT_RESULTS: templates.get_template("results.md.j2").render(ctx),
+        paths.REPORT_MODEL_CARD: templates.get_template("model_card.md.j2").render(ctx),
+        paths.REPORT_DATASET_CARD: templates.get_template("dataset_card.md.j2").render(ctx),
+        paths.REPORT_PAGE: templates.get_template("index.html.j2").render(page),
+    }
+
+
+def run(cfg) -> dict[Path, str]:
+    reports = render(collect(cfg))  # everything is read and rendered before anything is written
+    for path, text in reports.items():
+        with atomic_open(path) as handle:
+            handle.write(text)
+    print(f"report: wrote {', '.join(str(p) for p in reports)}")
+    return reports

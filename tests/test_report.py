@@ -1,0 +1,374 @@
+"""The report stage: results.md and the cards hold only numbers from the metrics files, the page is safe and works in
+a real headless Chromium, `nlistral export` gives a folder peft loads, `--experiments` compares DVC experiments.
+
+The thoughts/reflections/sft outputs are made by the real stages on data/sample (offline LLMs, tiny tokenizer); the
+train and evaluate outputs are written here in the formats of CONTRACT.md (metrics/train.json, train_history.csv,
+eval*.json, predictions*.jsonl, confusion.csv, plots/accuracy_by_length.csv).
+"""
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+from nlistral import paths
+from nlistral.config import load_config
+from nlistral.experiments import paired_comparison
+from nlistral.io import read_jsonl, write_csv, write_json, write_jsonl
+from nlistral.stages import base_model, reflections, report, sft, thoughts
+
+INJECTED = '<script>document.title = "pwned"; window.pwned = true;</script><img src=x onerror="window.pwned = true">'
+GIT_IDENTITY = {f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")
+                for what, value in (("NAME", "nlistral-tests"), ("EMAIL", "tests@nlistral.invalid"))}  # fmt: skip
+
+
+def predictions(rows, right, failed=lambda i: False, inject=False) -> list[dict]:
+    """predictions*.jsonl rows: row i is right when right(i), a parse failure when failed(i)."""
+    out = []
+    for i, row in enumerate(rows):
+        label = None if failed(i) else (row["label"] if right(i) else 1 - row["label"])
+        reply = {"thought_process": "Step 1 ...", "predicted_label": label}
+        output = (INJECTED if inject and i == 0 else "") + ("no json here" if label is None else json.dumps(reply))
+        out.append({
+            "id": row["id"], "premise": row["premise"], "hypothesis": row["hypothesis"], "true_label": row["label"],
+            "predicted_label": label, "correct": label == row["label"],
+            "parse_method": None if label is None else "json", "parse_error": "no_json" if label is None else None,
+            "finish_reason": "stop", "output_tokens": 20 + i, "output": output,
+        })  # fmt: skip
+    return out
+
+
+def eval_metrics(model, model_id, preds, ci) -> dict:
+    n = len(preds)
+    correct = sum(p["correct"] for p in preds)
+    failures = sum(p["predicted_label"] is None for p in preds)
+    conf = {k: sum(p["true_label"] == t and p["predicted_label"] == q for p in preds)
+            for k, t, q in (("tp", 1, 1), ("fp", 0, 1), ("tn", 0, 0), ("fn", 1, 0))}  # fmt: skip
+    return {
+        "model": model, "model_id": model_id, "n": n, "accuracy": round(correct / n, 4), "accuracy_ci95": ci,
+        "precision": 0.7143, "recall": 0.6818, "f1": 0.6977, "macro_precision": 0.7011, "macro_recall": 0.6955,
+        "macro_f1": 0.6932, "parse_failures": failures, "parse_failure_rate": round(failures / n, 4),
+        "parse_failures_by_reason": {"no_json": failures} if failures else {},
+        "accuracy_parsed": round(correct / (n - failures), 4), "confusion": conf,
+        "samples_per_s": 12.5, "output_tokens_per_s": 310.2, "wall_time_s": 3.52,
+    }  # fmt: skip
+
+
+def write_train_and_eval_outputs(cfg):
+    """What the train and evaluate stages write (CONTRACT.md), for the sample's test rows."""
+    with open(Path(cfg.data.dir) / "test.csv", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        row["label"] = int(row["label"])
+    tuned = predictions(rows, lambda i: i % 5, failed=lambda i: i % 11 == 3, inject=True)
+    base = predictions(rows, lambda i: i % 2 == 0)
+    teacher = predictions(rows, lambda i: i % 3)
+    write_jsonl(paths.PREDICTIONS, tuned)
+    write_jsonl(paths.PREDICTIONS_BASE, base)
+    write_jsonl(paths.PREDICTIONS_TEACHER, teacher)
+    results = eval_metrics("fine-tuned", "models/base", tuned, [0.6136, 0.8636])
+    results["comparisons"] = {
+        name: {"a": name, "b": "fine-tuned", **paired_comparison([p["correct"] for p in preds],
+                                                                 [p["correct"] for p in tuned], 1000, 7)}
+        for name, preds in (("base", base), ("teacher", teacher))
+    }  # fmt: skip
+    write_json(paths.EVAL_METRICS, results)
+    write_json(paths.EVAL_BASE_METRICS, eval_metrics("base", "models/base", base, [0.3409, 0.6364]))
+    write_json(paths.EVAL_TEACHER_METRICS, eval_metrics("teacher", "overlap-heuristic-v1", teacher, [0.5227, 0.7955]))
+    write_csv(paths.CONFUSION, [{"actual": p["true_label"], "predicted": "unparsed" if p["predicted_label"] is None
+                                 else p["predicted_label"]} for p in tuned], ("actual", "predicted"))  # fmt: skip
+    write_csv(paths.PLOT_ACCURACY_BY_LENGTH, [{"rationale_tokens": "0-100", "rows": 40, "accuracy": 0.725},
+              {"rationale_tokens": "101-200", "rows": 4, "accuracy": 0.5},
+              {"rationale_tokens": "201-300", "rows": 0, "accuracy": None},
+              {"rationale_tokens": "301+", "rows": 0, "accuracy": None}], ("rationale_tokens", "rows", "accuracy"))
+    write_json(paths.TRAIN_METRICS, {
+        "train_loss": 2.8731, "train_loss_first": 6.1022, "train_loss_last": 1.2207, "eval_loss": 1.3391, "steps": 40,
+        "epochs": 2.5, "train_rows": 128, "dev_rows": 44, "train_tokens": 28416, "loss_tokens": 17664,
+        "max_row_tokens": 262, "rows_over_max_seq_length": 0, "trainable_params": 81920, "total_params": 1072512,
+        "wall_time_s": 41.3, "steps_per_second": 0.97, "best_step": 30, "best_eval_loss": 1.2875,
+        "stopped_early": True, "resumed_from_step": None, "total_steps": 160,
+    })  # fmt: skip
+    history = []
+    for step in range(5, 45, 5):
+        history.append({"step": step, "epoch": round(step / 16, 4), "loss": round(6.5 - step * 0.12, 4),
+                        "eval_loss": round(5.0 - step * 0.12, 4) if step % 10 == 0 else "",
+                        "learning_rate": 0.002, "grad_norm": 0.91, "tokens_per_s": 702.1})  # fmt: skip
+    write_csv(paths.TRAIN_HISTORY, history, history[0].keys())
+
+
+@pytest.fixture(scope="session")
+def outputs(tmp_path_factory):
+    """A repo root holding every file the report reads; the earlier stages really ran there."""
+    root = tmp_path_factory.mktemp("report")
+    shutil.copytree(REPO / "conf", root / "conf")
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    shutil.copytree(REPO / "data" / "sample", root / "data" / "sample")
+    cwd, cache = os.getcwd(), os.environ.get("NLISTRAL_CACHE_DIR")
+    os.chdir(root)
+    os.environ["NLISTRAL_CACHE_DIR"] = str(root / ".cache")
+    try:
+        cfg = load_config()
+        for split in report.SPLITS:
+            thoughts.run(cfg, split)
+            reflections.run(cfg, split)
+        base_model.run(cfg)
+        for split in report.SPLITS:
+            sft.run(cfg, split)
+        rows = read_jsonl(paths.THOUGHTS.format(split="train"))  # a rationale is model output: anything can be in it
+        rows[0]["thought_process"] = INJECTED + rows[0]["thought_process"]
+        write_jsonl(paths.THOUGHTS.format(split="train"), rows)
+        write_train_and_eval_outputs(cfg)
+        git("git", "init", "-q", cwd=root)  # the reports name the git revision: a real one, digits and all
+        git("git", "add", "params.yaml", cwd=root)
+        git("git", "commit", "-qm", "params", cwd=root)
+    finally:
+        os.chdir(cwd)
+        os.environ.pop("NLISTRAL_CACHE_DIR") if cache is None else os.environ.update(NLISTRAL_CACHE_DIR=cache)
+    return root
+
+
+@pytest.fixture
+def reported(outputs, monkeypatch):
+    """The report stage run on `outputs` (cwd = that root)."""
+    monkeypatch.chdir(outputs)
+    monkeypatch.setenv("DVC_EXP_NAME", "unit-exp")
+    report.run(load_config())
+    return outputs
+
+
+def test_report_writes_results_cards_and_page(reported):
+    results = (reported / paths.REPORT_RESULTS).read_text()
+    assert results.startswith("# NLIstral results: unit-exp\n")
+    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=reported, capture_output=True, text=True)
+    assert f"git revision `{revision.stdout.strip()}`" in results
+    assert "**The embedded profile's numbers are not a result.**" in results
+    eval_json = json.loads((reported / paths.EVAL_METRICS).read_text())
+    base = eval_json["comparisons"]["base"]
+    row = next(line for line in results.splitlines() if line.startswith("| base zero-shot |"))
+    assert f"{base['mcnemar_p']:.3g}" in row and report.pct(base["difference"], True) in row
+    assert "| teacher | `overlap-heuristic-v1` | 44 |" in results
+    for split in ("train", "dev"):
+        assert f"| {split} |" in (reported / paths.REPORT_DATASET_CARD).read_text()
+
+
+def test_cards_have_hugging_face_metadata(reported):
+    from huggingface_hub import DatasetCard, ModelCard
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    card = ModelCard((reported / paths.REPORT_MODEL_CARD).read_text())
+    assert card.data.library_name == "peft" and card.data.base_model == "models/base"
+    assert card.data.license == "mit" and card.data.pipeline_tag == "text-generation"
+    _, results = model_index_to_eval_results(card.data.to_dict()["model-index"])
+    eval_json = json.loads((reported / paths.EVAL_METRICS).read_text())
+    assert {r.metric_type: r.metric_value for r in results} == {"accuracy": eval_json["accuracy"],
+                                                                "f1": eval_json["macro_f1"]}  # fmt: skip
+    data_card = DatasetCard((reported / paths.REPORT_DATASET_CARD).read_text())
+    assert data_card.data.configs[0]["data_files"][0] == {"split": "train", "path": "train_ft.jsonl"}
+    assert data_card.data.license == "mit"
+
+
+def source_values(root) -> tuple[list[float], list[str]]:
+    """Every number in the metrics files and params.yaml, and every string value that contains a digit."""
+    numbers, strings = [], []
+
+    def walk(node):
+        if isinstance(node, dict):
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+        elif isinstance(node, bool) or node is None:
+            return
+        elif isinstance(node, int | float):
+            numbers.append(float(node))
+        elif isinstance(node, str):
+            try:
+                numbers.append(float(node))
+            except ValueError:
+                if re.search(r"\d", node):
+                    strings.append(node)
+
+    for path in [*(root / "metrics").rglob("*.json"), root / "params.yaml"]:
+        walk(yaml.safe_load(path.read_text()))
+    for path in (root / "metrics").rglob("*.csv"):
+        walk(list(csv.DictReader(path.open())))
+    return numbers, strings
+
+
+NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?:%| pp)?")
+PROSE = ("95% CI", "95%")  # words of the text, not results
+
+
+def test_every_number_in_results_and_cards_is_a_metrics_value(reported):
+    numbers, strings = source_values(reported)
+    for name in (paths.REPORT_RESULTS, paths.REPORT_MODEL_CARD, paths.REPORT_DATASET_CARD):
+        text = (reported / name).read_text()
+        # the provenance lines (date, git revision) are the only ones with numbers that are not metrics
+        text = "\n".join(line for line in text.splitlines() if "git revision" not in line)
+        for phrase in sorted(strings, key=len, reverse=True) + list(PROSE):  # ids and labels such as 0-100
+            text = text.replace(phrase, " ")
+        found = NUMBER.findall(text)
+        assert len(found) > 20, name  # the check cannot pass on an empty document
+        for token in found:
+            scale = 100 if token.endswith(("%", " pp")) else 1
+            shown = Decimal(token.removesuffix("%").removesuffix(" pp"))
+            half_unit = Decimal(10) ** shown.as_tuple().exponent / 2
+            assert any(abs(Decimal(repr(v * scale)) - shown) <= half_unit for v in numbers), (name, token)
+
+
+def test_without_baselines_the_table_says_not_evaluated_and_a_real_profile_has_no_warning(outputs, tmp_path,
+                                                                                        monkeypatch):
+    shutil.copytree(outputs, tmp_path / "repo")
+    monkeypatch.chdir(tmp_path / "repo")
+    eval_json = json.loads(Path(paths.EVAL_METRICS).read_text())
+    del eval_json["comparisons"]
+    write_json(paths.EVAL_METRICS, eval_json)
+    for path in (paths.EVAL_BASE_METRICS, paths.PREDICTIONS_BASE, paths.EVAL_TEACHER_METRICS,
+                 paths.PREDICTIONS_TEACHER):
+        Path(path).unlink()
+    report.run(load_config(["model.name=mistral7b", "teacher.backend=mistral", "reflector.backend=mistral"]))
+    results = Path(paths.REPORT_RESULTS).read_text()
+    assert "| base zero-shot | not evaluated |" in results and "| teacher | not evaluated |" in results
+    assert "not a result" not in results and "not a result" not in Path(paths.REPORT_MODEL_CARD).read_text()
+
+
+def test_report_before_evaluate_names_the_stage_and_writes_nothing(outputs, tmp_path, monkeypatch, capsys):
+    from nlistral import cli
+
+    shutil.copytree(outputs, tmp_path / "repo", ignore=shutil.ignore_patterns("reports"))
+    monkeypatch.chdir(tmp_path / "repo")
+    Path(paths.EVAL_METRICS).unlink()
+    assert cli.main(["report"]) == 2
+    error = capsys.readouterr().err
+    assert "metrics/eval.json not found: run `nlistral evaluate` or `dvc repro evaluate` first" in error
+    assert not Path("reports").exists()
+
+
+def test_export_gives_a_folder_peft_loads_with_the_card_as_readme(reported, tmp_path, monkeypatch):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from nlistral import cli
+    from nlistral.model import load_base_model
+
+    cfg = load_config()
+    model = get_peft_model(load_base_model(cfg), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    adapter = reported / paths.ADAPTER_DIR
+    model.save_pretrained(adapter)
+    shutil.copy(reported / paths.BASE_DIR / "tokenizer.json", adapter / "tokenizer.json")
+    write_json(adapter / paths.ADAPTER_MLFLOW_RUN.name, {"run_id": "abc"})
+    try:
+        assert cli.main(["export", str(tmp_path / "hub")]) == 0
+        hub = tmp_path / "hub"
+        assert (hub / "README.md").read_text() == (reported / paths.REPORT_MODEL_CARD).read_text()
+        assert not (hub / paths.ADAPTER_MLFLOW_RUN.name).exists()
+        loaded = PeftModel.from_pretrained(load_base_model(cfg), hub)
+        assert loaded.peft_config["default"].r == 4
+        assert cli.main(["export", str(hub)]) == 2  # never over an existing folder
+    finally:
+        shutil.rmtree(adapter)
+
+
+def test_page_in_headless_chromium(reported, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    tuned = read_jsonl(reported / paths.PREDICTIONS)
+    train_rows = read_jsonl(reported / paths.THOUGHTS.format(split="train"))
+    with sync_playwright() as pw:
+        chromium = shutil.which("chromium")
+        assert chromium, "this test needs Debian's chromium package: `make browser` (apt-get install -y chromium)"
+        browser = pw.chromium.launch(executable_path=chromium, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--no-first-run"])  # fmt: skip
+        page = browser.new_page(viewport={"width": 1280, "height": 1400})
+        page.goto((reported / paths.REPORT_PAGE).as_uri())
+        assert page.locator("#headline tr").count() == 4  # header + fine-tuned, base, teacher
+        assert page.locator("#count").inner_text() == str(len(tuned))
+        page.check('label[data-for="test"] input[data-flag="wrong"]')
+        wrong = sum(not p["correct"] for p in tuned)
+        assert page.locator("#count").inner_text() == str(wrong)
+        assert page.locator("#rows details.row").count() == wrong
+        page.check('label[data-for="test"] input[data-flag="parse_failure"]')
+        assert page.locator("#rows details.row").count() == sum(p["predicted_label"] is None for p in tuned)
+        page.uncheck('label[data-for="test"] input[data-flag="parse_failure"]')
+        page.locator("#rows details.row").first.locator("summary").click()  # row 0: its output holds the script
+        assert INJECTED in page.locator("#rows details.row").first.inner_text()
+        page.screenshot(path=tmp_path / "report.png", full_page=True)
+
+        page.click("#tab-train")
+        assert page.locator("#count").inner_text() == str(len(train_rows) + len(read_jsonl(
+            reported / paths.THOUGHTS.format(split="dev"))))  # fmt: skip
+        page.fill("#search", "pwned")
+        assert page.locator("#rows details.row").count() == 1
+        page.locator("#rows details.row summary").click()
+        assert INJECTED in page.locator("#rows details.row").inner_text()
+        assert page.evaluate("window.pwned") is None and page.title() == "NLIstral report: unit-exp"
+        browser.close()
+    print(f"screenshot: {tmp_path / 'report.png'}")
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+EXP_STAGE = """
+import json, sys
+import yaml
+right = yaml.safe_load(open("params.yaml"))["right"]
+rows = [{"id": str(i), "true_label": i % 2, "correct": i < right} for i in range(20)]
+with open("metrics/predictions.jsonl", "w") as f:
+    f.writelines(json.dumps(r) + "\\n" for r in rows)
+acc = right / 20
+json.dump({"n": 20, "accuracy": acc, "accuracy_ci95": [max(acc - 0.2, 0), min(acc + 0.2, 1)], "macro_f1": acc,
+           "parse_failure_rate": 0.0}, open("metrics/eval.json", "w"))
+"""
+
+
+def git(*cmd, cwd):
+    done = subprocess.run(cmd, cwd=cwd, env={**GIT_IDENTITY, **os.environ}, capture_output=True, text=True)
+    assert done.returncode == 0, f"{cmd}:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+    return done.stdout
+
+
+def test_report_experiments_lists_two_experiments_side_by_side(tmp_path, monkeypatch, capsys):
+    from dvc.repo import Repo
+
+    from nlistral import cli
+
+    root = tmp_path / "exp"
+    (root / "metrics").mkdir(parents=True)
+    (root / "stage.py").write_text(EXP_STAGE)
+    (root / "params.yaml").write_text("right: 10\n")
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"evaluate": {
+        "cmd": f"{sys.executable} stage.py", "deps": ["stage.py"], "params": ["right"],
+        "outs": ["metrics/predictions.jsonl", {"metrics/eval.json": {"cache": False}}]}}}))  # fmt: skip
+    monkeypatch.chdir(root)
+    for name, value in GIT_IDENTITY.items():
+        monkeypatch.setenv(name, value)
+    git("git", "init", "-q", cwd=root)
+    repo = Repo.init(str(root))  # DVC in-process: a `dvc` subprocess costs seconds of imports per call
+    repo.reproduce()
+    git("git", "add", "-A", cwd=root)
+    git("git", "commit", "-qm", "baseline", cwd=root)
+    repo.experiments.run(name="better", params=["right=18"])
+    repo.experiments.run(name="worse", params=["right=6"])
+    repo.close()
+    capsys.readouterr()  # what DVC printed
+
+    assert cli.main(["report", "--experiments", "better", "worse", "--reference", "worse"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]}
+    assert list(rows) == ["`worse`", "`better`"]
+    assert rows["`better`"][:2] == ["20", "90.00%"] and rows["`worse`"][1] == "30.00%"
+    assert rows["`better`"][7].startswith("+60.00 pp [") and rows["`worse`"][7] == "reference"
+    # 12 rows right only in `better`, none the other way: exact McNemar p = 2 * 0.5**12
+    assert float(rows["`better`"][8]) == pytest.approx(2 * 0.5**12, rel=1e-2)
+    assert cli.main(["report", "--all"]) == 0
+    assert {"`HEAD`", "`better`", "`worse`"} <= {line.split("|")[1].strip() for line in capsys.readouterr().out
+                                                 .splitlines()[2:]}  # fmt: skip
