@@ -80,7 +80,7 @@ def test_importing_a_stage_imports_no_other_stage():
          "thoughts@dev"),
         (("sft", "--split", "train"), "data/original_thoughts/train_thoughts.jsonl", "thoughts --split train",
          "thoughts@train"),
-        (("train",), "data/finetune/train_ft.jsonl", "sft --split train", "sft@train"),
+        (("train",), "models/base", "base-model", "base_model"),
         (("evaluate",), "models/adapter", "train", "train"),
     ],
 )  # fmt: skip

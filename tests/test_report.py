@@ -22,9 +22,9 @@ from conftest import REPO
 
 from nlistral import paths
 from nlistral.config import load_config
-from nlistral.experiments import paired_comparison
 from nlistral.io import read_jsonl, write_csv, write_json, write_jsonl
 from nlistral.stages import base_model, reflections, report, sft, thoughts
+from nlistral.stats import paired_comparison
 
 INJECTED = '<script>document.title = "pwned"; window.pwned = true;</script><img src=x onerror="window.pwned = true">'
 GIT_IDENTITY = {f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")

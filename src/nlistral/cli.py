@@ -69,14 +69,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _bootstrap_settings(args) -> tuple[int, int]:
+    """--bootstrap/--seed, else eval.bootstrap/eval.seed from params.yaml (a NLIstral checkout), else the defaults."""
+    defaults = (load_config().get("eval") if PARAMS_FILE.is_file() else None) or {"bootstrap": 10000, "seed": 42}
+    resamples = args.bootstrap if getattr(args, "bootstrap", None) is not None else defaults["bootstrap"]
+    seed = args.seed if getattr(args, "seed", None) is not None else defaults["seed"]
+    return resamples, seed
+
+
 def _compare(args) -> None:
     from nlistral import compare
 
-    # eval.bootstrap / eval.seed from params.yaml when it has them (a NLIstral checkout), else the shipped defaults
-    defaults = (load_config().get("eval") if PARAMS_FILE.is_file() else None) or {"bootstrap": 10000, "seed": 42}
-    resamples = args.bootstrap if args.bootstrap is not None else defaults["bootstrap"]
-    seed = args.seed if args.seed is not None else defaults["seed"]
-    compare.run(args.a, args.b, args.json, args.path, resamples, seed)
+    compare.run(args.a, args.b, args.json, args.path, *_bootstrap_settings(args))
 
 
 # Nothing phones home: MLflow and the Hugging Face hub client send usage telemetry unless told not to.
@@ -107,7 +111,7 @@ def main(argv=None) -> int:
         if args.command == "report" and (args.experiments or args.all):
             from nlistral.experiments import compare_experiments
 
-            compare_experiments(args.experiments, args.reference)
+            compare_experiments(args.experiments, args.reference, *_bootstrap_settings(args))
             return 0
         cfg = load_config(args.overrides)
         stage = importlib.import_module(f"nlistral.stages.{args.command.replace('-', '_')}")

@@ -7,38 +7,13 @@ accuracy difference with a paired-bootstrap 95% CI and the exact McNemar p-value
 
 import json
 
-import numpy as np
-from scipy.stats import binomtest
-
 from nlistral import paths
 from nlistral.config import ConfigError
 from nlistral.stages.report import interval, pct, pvalue
+from nlistral.stats import paired_comparison
 
-RESAMPLES = 10_000
-SEED = 42
 COLUMNS = ("experiment", "rows", "accuracy", "95% CI", "macro F1", "parse failures", "base zero-shot", "teacher",
            "minus reference", "McNemar p")  # fmt: skip
-
-
-def paired_comparison(a_correct, b_correct, resamples: int = RESAMPLES, seed: int = SEED) -> dict:
-    """B minus A on the same rows: the difference, its paired (row-resampling) percentile bootstrap 95% CI, and the
-    exact McNemar p-value (binomial test on the discordant rows). Same keys as eval.json's `comparisons`."""
-    a, b = np.asarray(a_correct, dtype=int), np.asarray(b_correct, dtype=int)
-    diff = b - a
-    samples = np.random.default_rng(seed).integers(0, len(diff), size=(resamples, len(diff)))
-    means = diff[samples].mean(axis=1)
-    a_right_b_wrong, a_wrong_b_right = int(np.sum(diff == -1)), int(np.sum(diff == 1))
-    discordant = a_right_b_wrong + a_wrong_b_right
-    return {
-        "n": len(diff),
-        "accuracy_a": round(float(a.mean()), 4),
-        "accuracy_b": round(float(b.mean()), 4),
-        "difference": round(float(diff.mean()), 4),
-        "difference_ci95": [round(float(q), 4) for q in np.percentile(means, [2.5, 97.5])],
-        "mcnemar_p": float(binomtest(a_wrong_b_right, discordant, 0.5).pvalue) if discordant else 1.0,
-        "a_right_b_wrong": a_right_b_wrong,
-        "a_wrong_b_right": a_wrong_b_right,
-    }
 
 
 def all_experiments() -> list[str]:
@@ -77,7 +52,7 @@ def load(rev: str) -> dict:
     }
 
 
-def table(runs: dict, reference: str) -> str:
+def table(runs: dict, reference: str, resamples: int, seed: int) -> str:
     """The markdown table, one row per experiment, compared with `reference` on the rows they share."""
     ref = runs[reference]["correct"]
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -89,7 +64,7 @@ def table(runs: dict, reference: str) -> str:
             versus = ("reference", "–")
         else:
             ids = list(ref)
-            c = paired_comparison([ref[i] for i in ids], [run["correct"][i] for i in ids])
+            c = paired_comparison([ref[i] for i in ids], [run["correct"][i] for i in ids], resamples, seed)
             versus = (f"{pct(c['difference'], True)} pp {interval(c['difference_ci95'], True)}", pvalue(c["mcnemar_p"]))
         cells = [f"`{name}`", str(result["n"]), pct(result["accuracy"]), interval(result["accuracy_ci95"]),
                  f"{result['macro_f1']:g}", pct(result["parse_failure_rate"]),
@@ -98,10 +73,10 @@ def table(runs: dict, reference: str) -> str:
     return "\n".join(lines)
 
 
-def compare_experiments(experiments: list[str] | None, reference: str | None) -> str:
+def compare_experiments(experiments: list[str] | None, reference: str | None, resamples: int, seed: int) -> str:
     names = experiments or all_experiments()
     reference = reference or names[0]
     names = [reference, *(name for name in names if name != reference)]  # the reference first
-    text = table({name: load(name) for name in names}, reference)
+    text = table({name: load(name) for name in names}, reference, resamples, seed)
     print(text)
     return text
