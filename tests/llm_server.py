@@ -281,5 +281,5 @@ def write_split(root, rows, split="train") -> None:
 def stage_overrides(role: str, url: str, backend: str = "mistral", **settings) -> list[str]:
     """`nlistral` overrides pointing `role` (teacher/reflector) at a loopback server, with test-sized timings."""
     base = {"base_url": url, "model": "test-model", "requests_per_second": 0, "tokens_per_minute": 0,
-            "backoff_base_s": 0.01, "timeout_s": 2, "max_concurrency": 1, "batch_poll_s": 0.01}  # fmt: skip
+            "backoff_base_s": 0.01, "timeout_s": 30, "max_concurrency": 1, "batch_poll_s": 0.01}  # fmt: skip
     return [f"{role}={backend}", "data.dir=data"] + [f"{role}.{k}={v}" for k, v in {**base, **settings}.items()]

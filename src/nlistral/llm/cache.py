@@ -38,14 +38,20 @@ class ReplyCache:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
+        self._closed = False
 
     def get(self, key: str) -> str | None:
         with self._lock:
+            if self._closed:
+                return None
             row = self._db.execute("SELECT response FROM replies WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
     def put(self, key: str, request: str, response: str) -> None:
+        """Store a paid reply; one that arrives after `close` (the stage was stopped) is dropped."""
         with self._lock:
+            if self._closed:
+                return
             self._db.execute(
                 "INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?)", (key, request, response, time.time())
             )
@@ -66,4 +72,5 @@ class ReplyCache:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._db.close()
