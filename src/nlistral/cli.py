@@ -39,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "overrides", nargs="*", metavar="KEY=VALUE", help="e.g. teacher.max_concurrency=8 or teacher=offline"
         )
+    estimate = sub.add_parser("estimate", help="what stages 1-2 will send and cost (sends nothing)")
+    estimate.add_argument("--split", action="append", choices=("train", "dev"), help="default: both")
+    estimate.add_argument("--json", action="store_true", help="one JSON object")
+    estimate.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. teacher=mistral")
     params = sub.add_parser("params", help="compose conf/ into params.yaml (what `dvc exp run` does)")
     params.add_argument("overrides", nargs="*", metavar="OVERRIDE", help="Hydra overrides: experiment=no_reflections")
     return parser
@@ -59,6 +63,9 @@ def main(argv=None) -> int:
             print(f"wrote {PARAMS_FILE}")
             return 0
         cfg = load_config(args.overrides)
+        if args.command == "estimate":
+            importlib.import_module("nlistral.estimate").run(cfg, args.split or ["train", "dev"], args.json)
+            return 0
         stage = importlib.import_module(f"nlistral.stages.{args.command.replace('-', '_')}")
         if args.command in SPLIT_STAGES:
             stage.run(cfg, args.split)

@@ -80,7 +80,7 @@ def _reserve(budget, missing: dict) -> tuple[float, dict]:
     held, unpaid = 0.0, {}
     for key, body in list(missing.items()):
         try:
-            held += budget.reserve(budget.worst(body["messages"], body["max_tokens"])) or 0.0
+            held += budget.reserve(budget.worst(body["messages"], body["max_tokens"]), wait=False) or 0.0
         except RequestFailed as err:
             unpaid[key] = err
             del missing[key]

@@ -39,16 +39,18 @@ class Budget:
     def worst(self, messages: list[dict], max_tokens: int) -> float:
         return self.cost(worst_prompt_tokens(messages), max_tokens)
 
-    def reserve(self, usd: float) -> float | None:
+    def reserve(self, usd: float, wait: bool = True) -> float | None:
         """Hold `usd` for a request about to be sent; RequestFailed('budget') if it could cross the cap.
 
-        Waits while requests in flight hold what it needs; returns None (send nothing) once cancelled.
+        Waits while requests in flight hold what it needs (with `wait`; a batch round, whose holds settle only when
+        its job ends, does not); returns None (send nothing) once cancelled.
         """
         with self._changed:
             while True:
                 if self._cancelled:
                     return None
-                if self.exhausted or self.spent + usd > self.cap:
+                committed = self.spent + (0.0 if wait else self.reserved)
+                if self.exhausted or committed + usd > self.cap:
                     self.exhausted = True
                     self.refused += 1
                     raise RequestFailed(

@@ -56,6 +56,16 @@ class ReplyCache:
                 "INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?)", (key, request, response, time.time())
             )
 
+    def completion_tokens(self, model: str) -> tuple[float, int]:
+        """(mean completion tokens, number) of the stored replies of `model`; (0, 0) if there are none."""
+        with self._lock:
+            mean, count = self._db.execute(
+                "SELECT AVG(json_extract(response, '$.usage.completion_tokens')), COUNT(*) FROM replies "
+                "WHERE json_extract(request, '$.model') = ? AND json_valid(response)",
+                (model,),
+            ).fetchone()
+        return (mean or 0.0), count
+
     def batch_job(self, request_set: str) -> str | None:
         with self._lock:
             row = self._db.execute("SELECT job_id FROM batch_jobs WHERE request_set = ?", (request_set,)).fetchone()

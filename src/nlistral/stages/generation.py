@@ -17,7 +17,7 @@ def prompt_version(template_messages: list[dict]) -> str:
 def provenance(backend_cfg, version: str, prompt_tokens: int, completion_tokens: int, n_samples: int = 1) -> dict:
     """What wrote a row, and what its replies cost at the configured prices (the same whether paid now or cached)."""
     factor = BATCH_PRICE_FACTOR if backend_cfg.mode == "batch" else 1.0
-    cost = (prompt_tokens * backend_cfg.price_input_per_mtok + completion_tokens * backend_cfg.price_output_per_mtok)
+    cost = prompt_tokens * backend_cfg.price_input_per_mtok + completion_tokens * backend_cfg.price_output_per_mtok
     return {
         "model": backend_cfg.model,
         "prompt_version": version,

@@ -61,16 +61,18 @@ def run(cfg, split: str) -> dict:
             failed.append({**base, "reason": outcome.reason, "error": outcome.error, "raw": outcome.raw, **source})
             continue
         value = outcome.value
-        records.append({
-            **base,
-            "error_analysis": value["error_analysis"],
-            "improved_thought_process": value["improved_thought_process"],
-            "reflected_label": value["predicted_label"],
-            "verified": value["verified"],
-            "attempts": value["attempts"],
-            "teacher_model": thought.get("model"),
-            **source,
-        })
+        records.append(
+            {
+                **base,
+                "error_analysis": value["error_analysis"],
+                "improved_thought_process": value["improved_thought_process"],
+                "reflected_label": value["predicted_label"],
+                "verified": value["verified"],
+                "attempts": value["attempts"],
+                "teacher_model": thought.get("model"),
+                **source,
+            }
+        )
     verified = sum(r["verified"] for r in records)
     return write_outcomes(
         outcomes, records, failed,
