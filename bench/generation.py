@@ -25,6 +25,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 from llm_server import LLMServer, many_rows  # noqa: E402
 
+from nlistral.config import compose_params  # noqa: E402
 from nlistral.llm.engine import Task, generate  # noqa: E402
 from nlistral.prompts import teacher_messages  # noqa: E402
 from nlistral.stages.thoughts import check_thought  # noqa: E402
@@ -43,7 +44,7 @@ def lost_rows(task_ids, outcomes) -> int:
 def run_once(rate: int, concurrency: int, limited: bool, seconds: float) -> dict:
     rows = many_rows(int(rate * seconds))
     tasks = [Task(str(i), teacher_messages(p, h), check_thought, 2) for i, (p, h, _) in enumerate(rows)]
-    cfg = OmegaConf.load(REPO / "conf" / "teacher" / "mistral.yaml")
+    cfg = OmegaConf.create(compose_params(["teacher=mistral"], REPO / "conf")).teacher  # inherits conf/llm/
     with LLMServer(latency=LATENCY_S, rate=rate, models=[cfg.model]) as server, tempfile.TemporaryDirectory() as cache:
         cfg.base_url = server.url
         cfg.max_concurrency = concurrency
