@@ -12,7 +12,8 @@
 - `echo_auth`: error bodies (injected statuses, failed batch lines) echo the request's Authorization header, as a
   careless proxy might, so the key-leak tests can catch a key that is passed on.
 - `counts` counts requests by route (chat, models, files, jobs, poll, download, batch_lines); `chat_bodies`,
-  `arrivals`, `admitted`, `uploads` and `auth` keep what arrived and when.
+  `arrivals`, `admitted`, `uploads` and `auth` keep what arrived and when; `billed` keeps the `usage` of every
+  answer it gave (chat replies and batch lines): what a provider would bill.
 """
 
 import json
@@ -85,6 +86,7 @@ class LLMServer:
         self.arrivals = []  # time.monotonic() of each chat request
         self.admitted = []  # ... of each one the rate limit let through
         self.auth = []
+        self.billed = []
         self.files = {}
         self.uploads = []  # the (purpose, content) of each POST /v1/files
         self.jobs = {}
@@ -165,7 +167,10 @@ class LLMServer:
         if isinstance(answer, str):
             answer = {"content": answer}
         finish = fault.get("finish_reason") or answer.get("finish_reason", "stop")
-        return _send(h, 200, completion(body, answer["content"], finish))
+        payload = completion(body, answer["content"], finish)
+        with self._lock:
+            self.billed.append(payload["usage"])
+        return _send(h, 200, payload)
 
     def _error(self, h, message: str) -> dict:
         return {"message": message, **({"authorization": h.headers.get("Authorization")} if self.echo_auth else {})}
@@ -231,6 +236,7 @@ class LLMServer:
             answer = self.reply(body)
             content = answer if isinstance(answer, str) else answer["content"]
             response = {"status_code": 200, "body": completion(body, content)}
+            self.billed.append(response["body"]["usage"])
             out.append({"id": uuid.uuid4().hex, "custom_id": line["custom_id"], "response": response, "error": None})
         for name, records in (("output_file", out), ("error_file", err)):
             if records:
@@ -281,5 +287,5 @@ def write_split(root, rows, split="train") -> None:
 def stage_overrides(role: str, url: str, backend: str = "mistral", **settings) -> list[str]:
     """`nlistral` overrides pointing `role` (teacher/reflector) at a loopback server, with test-sized timings."""
     base = {"base_url": url, "model": "test-model", "requests_per_second": 0, "tokens_per_minute": 0,
-            "backoff_base_s": 0.01, "timeout_s": 2, "max_concurrency": 1, "batch_poll_s": 0.01}  # fmt: skip
+            "backoff_base_s": 0.01, "timeout_s": 30, "max_concurrency": 1, "batch_poll_s": 0.01}  # fmt: skip
     return [f"{role}={backend}", "data.dir=data"] + [f"{role}.{k}={v}" for k, v in {**base, **settings}.items()]

@@ -69,13 +69,15 @@ def _wait_for(condition, timeout=30.0):
 def test_kill_9_mid_stage_resends_only_what_was_in_flight(workdir):
     rows, concurrency = 30, 3
     write_split(workdir, many_rows(rows))
-    with LLMServer(latency=0.1) as server:
+    with LLMServer() as server:
+        server.faults = [{}] * 10 + [{"hang": 120}] * rows  # 10 answers, then every request hangs until the kill
         proc = _cli(workdir, server, max_concurrency=concurrency)
-        _wait_for(lambda: server.counts["chat"] >= 10)
+        _wait_for(lambda: server.counts["chat"] >= 10 + concurrency)
         proc.kill()
         proc.wait()
         sent_before = server.counts["chat"]
-        assert sent_before < rows and not (workdir / OUT).exists()
+        assert sent_before == 10 + concurrency and not (workdir / OUT).exists()
+        server.faults = []
         rerun = _cli(workdir, server, max_concurrency=concurrency)
         out, err = rerun.communicate(timeout=60)
         assert rerun.returncode == 0, err

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -54,14 +55,14 @@ def test_request_carries_model_params_and_bearer_key(server):
          "retries_rate_limited"),
         ({"status": 500}, "retries_server_error"),
         ({"status": 503}, "retries_server_error"),
-        ({"hang": 3}, "retries_timeout"),
+        ({"hang": 60}, "retries_timeout"),
         ({"reset": True}, "retries_connection"),
         ({"body": "<html>502 Bad Gateway</html>"}, "retries_bad_response"),
     ],
 )  # fmt: skip
 def test_transient_fault_is_retried_and_uses_no_reprompt(server, fault, cause):
     server.faults = [fault]
-    metrics = run(server, timeout_s=0.5)
+    metrics = run(server, timeout_s=3 if "hang" in fault else 30)  # a loopback answer within 3 s, a hang never
     assert metrics["ok"] == len(ROWS) and metrics["failed"] == 0
     assert metrics[cause] == metrics["retries"] == 1 and metrics["reprompts"] == 0
     assert metrics["requests"] == server.counts["chat"] == len(ROWS) + 1
@@ -78,11 +79,12 @@ def test_429_pauses_every_thread_for_retry_after(server, workdir):
     assert all(t - first >= 0.9 for t in later)  # the 3 already in flight finish; nothing new starts for 1 s
 
 
-def test_client_limit_keeps_under_the_server_rate_limit(server, workdir):
-    write_split(workdir, many_rows(20))
+def test_client_limit_paces_requests_instead_of_bursting(server, workdir):
+    write_split(workdir, many_rows(12))
     server.rate = 10  # at most 10 requests in any 1 s window, else 429
-    metrics = run(server, max_concurrency=8, requests_per_second=10)
-    assert metrics["ok"] == 20 and metrics["http_429"] == 0 and metrics["retries"] == 0
+    metrics = run(server, max_concurrency=8, requests_per_second=5)  # 8 threads would send 12 at once unpaced
+    assert metrics["ok"] == 12 and metrics["http_429"] == 0 and metrics["retries"] == 0
+    # 11 requests spaced >= 1/5 s apart span 2 s: only a delay of over 1 s could squeeze them into one 1 s window
 
 
 @pytest.mark.parametrize(
@@ -165,26 +167,30 @@ def test_401_wakes_threads_waiting_in_the_limiter_and_they_send_nothing(server, 
     write_split(workdir, many_rows(8))
     server.faults = [{"status": 401}]
     with pytest.raises(ConfigError, match="MISTRAL_API_KEY"):
-        run(server, max_concurrency=4, requests_per_second=2)  # three threads queue for their turn behind the 401
+        run(server, max_concurrency=4, requests_per_second=0.5)  # three threads queue 2 s apart behind the 401
     assert server.counts["chat"] == 1
 
 
-def test_ctrl_c_during_a_retry_after_pause_exits_at_once_sending_nothing_more(server, workdir):
-    server.faults = [{"status": 429, "headers": {"Retry-After": "30"}}]
-    cmd = [sys.executable, "-m", "nlistral", "thoughts", "--split", "train", *stage_overrides("teacher", server.url)]
+def test_ctrl_c_exits_at_once_with_one_request_in_flight_and_one_paused(server, workdir):
+    """One request hangs for a minute, the other waits out a 30 s Retry-After: Ctrl-C still ends the stage at once."""
+    server.faults = [{"status": 429, "headers": {"Retry-After": "30"}}, {"hang": 60}]
+    overrides = stage_overrides("teacher", server.url, max_concurrency=2, timeout_s=120)
+    cmd = [sys.executable, "-m", "nlistral", "thoughts", "--split", "train", *overrides]
     proc = subprocess.Popen(cmd, cwd=workdir, env={**os.environ, "MISTRAL_API_KEY": KEY}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
-        while server.counts["chat"] < 1:  # the 429 arrives; every thread now waits 30 s
-            assert proc.poll() is None
+        deadline = time.monotonic() + 60
+        while server.counts["chat"] < 2:  # both requests arrived: one got its 429, the other hangs
+            assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.02)
-        time.sleep(0.5)  # let the worker take in the 429 and queue behind the pause
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=20)  # a guard: without the fix it waits out the 30 s
+        _, err = proc.communicate(timeout=25)  # a guard: waiting for the hang or the pause takes 30-60 s
     finally:
         proc.kill()
     assert proc.returncode == 130 and "interrupted" in err
-    assert server.counts["chat"] == 1
+    assert server.counts["chat"] == 2  # nothing more was sent
+    with sqlite3.connect(workdir / ".cache" / "llm" / "replies.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM replies").fetchone() == (0,)  # no reply, no half-written one
 
 
 @pytest.mark.parametrize("value", ["sk-5ec4e7-pasted-key", "AbCdEf0123456789xYzSecret"])

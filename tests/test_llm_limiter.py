@@ -22,12 +22,29 @@ def test_token_budget_holds_requests_until_usage_frees_it():
     assert not waiting.is_alive()
 
 
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
 def test_a_request_over_the_whole_budget_waits_for_an_empty_window_then_goes():
-    limiter = Limiter(tokens_per_minute=100)
+    clock = Clock()
+    limiter = Limiter(tokens_per_minute=100, clock=clock)
     assert limiter.acquire(500)  # alone in the window: allowed, or it could never run
     waiting = _acquire_in_thread(limiter, 10)
     waiting.join(0.3)
-    assert waiting.is_alive()
+    assert waiting.is_alive()  # the window still holds the 500
+    clock.now += 59
+    waiting.join(1.5)
+    assert waiting.is_alive()  # a second before the 500 leave the window
+    clock.now += 2
+    waiting.join(30)  # the waiting thread re-reads the clock within a second
+    assert not waiting.is_alive()
 
 
 def test_refused_request_gives_its_tokens_back():

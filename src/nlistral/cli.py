@@ -54,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: the first listed)")  # fmt: skip
     export = sub.add_parser("export", help="adapter + tokenizer + model card (as README.md) -> DIR, for the HF Hub")
     export.add_argument("dir", metavar="DIR", help="a new or empty folder")
+    estimate = sub.add_parser("estimate", help="what stages 1-2 will send and cost (sends nothing)")
+    estimate.add_argument("--split", action="append", choices=("train", "dev"), help="default: both")
+    estimate.add_argument("--json", action="store_true", help="one JSON object")
+    estimate.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. teacher=mistral")
     params = sub.add_parser("params", help="compose conf/ into params.yaml (what `dvc exp run` does)")
     params.add_argument("overrides", nargs="*", metavar="OVERRIDE", help="Hydra overrides: experiment=no_reflections")
     compare = sub.add_parser(
@@ -114,6 +118,9 @@ def main(argv=None) -> int:
             compare_experiments(args.experiments, args.reference, *_bootstrap_settings(args))
             return 0
         cfg = load_config(args.overrides)
+        if args.command == "estimate":
+            importlib.import_module("nlistral.estimate").run(cfg, args.split or ["train", "dev"], args.json)
+            return 0
         stage = importlib.import_module(f"nlistral.stages.{args.command.replace('-', '_')}")
         if args.command in SPLIT_STAGES:
             stage.run(cfg, args.split)

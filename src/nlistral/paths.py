@@ -13,6 +13,7 @@ PREPARE_METRICS = "metrics/prepare_{split}.json"
 THOUGHTS = "data/original_thoughts/{split}_thoughts.jsonl"
 THOUGHTS_FAILED = "data/original_thoughts/{split}_failed.jsonl"
 THOUGHTS_METRICS = "metrics/thoughts_{split}.json"
+PLOT_AGREEMENT = "metrics/plots/teacher_agreement_{split}.csv"
 # stage 2: reflections
 REFLECTIONS = "data/reflected_thoughts/{split}_reflections.jsonl"
 REFLECTIONS_FAILED = "data/reflected_thoughts/{split}_failed.jsonl"
@@ -22,6 +23,7 @@ BASE_DIR = Path("models/base")
 BASE_INFO = BASE_DIR / "base_model.json"
 # stage 3: sft
 FINETUNE = "data/finetune/{split}_ft.jsonl"
+AUDIT_SUSPECT = "data/audit/{split}_suspect.jsonl"
 SFT_METRICS = "metrics/sft_{split}.json"
 PLOT_TEACHER_ACCURACY = "metrics/plots/teacher_accuracy_by_length_{split}.csv"
 PLOT_LENGTHS = "metrics/plots/lengths_{split}.csv"

@@ -8,6 +8,9 @@ hash of the round's request set, so a re-run after a crash resumes that job inst
 stored job the API no longer knows (404 or another refusal) is forgotten and a new one started. A request that a job
 leaves unanswered is asked again in the next round, up to `max_retries` rounds.
 
+With a budget (`budget_usd`), a round sends only the requests whose worst case still fits (in order); the others
+fail their rows with reason `budget`, unsent. The job's replies are then billed at their `usage`.
+
 If the Batch API itself fails (an upload, a poll or a download still failing after `max_retries` retries), the
 round's uncached requests fail their rows with reason `batch_<cause>` (e.g. `batch_server_error`), so the stage
 writes what it has and fails like any stage with too many failed rows. The job id stays stored: a re-run resumes
@@ -32,9 +35,10 @@ POLL_MAX_S = 60.0
 def run_rounds(client, conversations, accounts, poll_s: float) -> None:
     cache = client.cache
     while active := [conv for conv in conversations if not conv.done]:
-        asks = [(conv, client.body(conv.messages)) for conv in active]
+        asks = [(conv, client.body(conv.messages, conv.task.sample)) for conv in active]
         asks = [(conv, body, client.key(body)) for conv, body in asks]
         missing = {key: body for _, body, key in asks if cache.get(key) is None}
+        held, unpaid = _reserve(client.budget, missing)
         fetched, errors, broken = set(), {}, None
         try:
             if missing:
@@ -42,7 +46,15 @@ def run_rounds(client, conversations, accounts, poll_s: float) -> None:
         except RequestFailed as err:
             log.warning("the Batch API failed (%s); this round's %d requests fail their rows", err, len(missing))
             broken = RequestFailed(f"batch_{err.reason}", err.detail)
+        finally:
+            if held:  # the replies fetched are billed at their usage; a failed job keeps its worst case
+                billed = sum(_cost(client.budget, cache.get(key)) for key in fetched)
+                client.budget.settle(held, billed if broken is None else held)
         for conv, _, key in asks:
+            if key in unpaid:
+                conv.fail(unpaid[key])
+                accounts.row_done(conv)
+                continue
             raw = cache.get(key)
             if raw is None:
                 conv.failed_rounds += 1
@@ -56,6 +68,28 @@ def run_rounds(client, conversations, accounts, poll_s: float) -> None:
             conv.feed(reply)
             if conv.done:
                 accounts.row_done(conv)
+
+
+def _reserve(budget, missing: dict) -> tuple[float, dict]:
+    """Reserve the worst case of the requests that fit the budget, in order; take the others out of `missing`.
+
+    -> (the amount held, {key: RequestFailed('budget')} of those not sent).
+    """
+    if budget is None or not missing:
+        return 0.0, {}
+    held, unpaid = 0.0, {}
+    for key, body in list(missing.items()):
+        try:
+            held += budget.reserve(budget.worst(body["messages"], body["max_tokens"]), wait=False) or 0.0
+        except RequestFailed as err:
+            unpaid[key] = err
+            del missing[key]
+    return held, unpaid
+
+
+def _cost(budget, raw: str | None) -> float:
+    reply = parse_completion(raw) if raw else None
+    return budget.cost(reply.prompt_tokens, reply.completion_tokens) if reply else 0.0
 
 
 def _run_job(client, requests: dict, accounts, poll_s: float) -> tuple[set, dict]:

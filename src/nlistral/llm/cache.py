@@ -38,17 +38,33 @@ class ReplyCache:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
+        self._closed = False
 
     def get(self, key: str) -> str | None:
         with self._lock:
+            if self._closed:
+                return None
             row = self._db.execute("SELECT response FROM replies WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
     def put(self, key: str, request: str, response: str) -> None:
+        """Store a paid reply; one that arrives after `close` (the stage was stopped) is dropped."""
         with self._lock:
+            if self._closed:
+                return
             self._db.execute(
                 "INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?)", (key, request, response, time.time())
             )
+
+    def completion_tokens(self, model: str) -> tuple[float, int]:
+        """(mean completion tokens, number) of the stored replies of `model`; (0, 0) if there are none."""
+        with self._lock:
+            mean, count = self._db.execute(
+                "SELECT AVG(json_extract(response, '$.usage.completion_tokens')), COUNT(*) FROM replies "
+                "WHERE json_extract(request, '$.model') = ? AND json_valid(response)",
+                (model,),
+            ).fetchone()
+        return (mean or 0.0), count
 
     def batch_job(self, request_set: str) -> str | None:
         with self._lock:
@@ -66,4 +82,5 @@ class ReplyCache:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._db.close()

@@ -4,12 +4,16 @@
 reprompt (the feedback goes back as a user turn), up to `max_reprompts` times. Transport trouble (429, 5xx,
 timeouts) is retried inside the client and never uses up reprompts. In `mode: sync` up to `max_concurrency`
 conversations run at once; in `mode: batch` (Mistral) every round of requests goes out as one batch job.
+With `budget_usd` set, no request is sent that could take the run's spend past it (llm/budget.py).
+
+Ctrl-C returns at once: the worker threads are daemons, so requests still in flight are abandoned (their replies,
+should they arrive before the process ends, are stored only if the cache is still open; nothing is half-written).
 """
 
+import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
@@ -17,6 +21,7 @@ from tqdm import tqdm
 from nlistral.config import ConfigError
 from nlistral.llm import Reply, RequestFailed, Tally, make_client
 from nlistral.llm.batch import run_rounds
+from nlistral.llm.budget import Budget
 from nlistral.llm.cache import cache_location
 from nlistral.llm.http import RETRY_CAUSES
 
@@ -47,6 +52,7 @@ class Task:
     messages: list[dict]
     check: Callable[[Reply], Accept | Reprompt | Reject]
     max_reprompts: int
+    sample: int = 0  # self-consistency: sample i is the same request sent with seed + i
 
 
 @dataclass
@@ -57,6 +63,8 @@ class Outcome:
     raw: str | None = None  # the last reply's text
     reprompts: list[str] = field(default_factory=list)  # reasons, in order
     error: str | None = None  # for a row that got no usable answer: what the server said or did
+    prompt_tokens: int = 0  # over all of its replies, paid now or earlier (cached)
+    completion_tokens: int = 0
 
 
 class Conversation:
@@ -69,9 +77,16 @@ class Conversation:
         self.done = False
         self.failed_rounds = 0  # batch mode: rounds in which its request got no reply
 
+    def ask(self, client) -> Reply:
+        if self.task.sample:
+            return client.chat(self.messages, sample=self.task.sample)
+        return client.chat(self.messages)
+
     def feed(self, reply: Reply) -> None:
         outcome = self.outcome
         outcome.raw = reply.text
+        outcome.prompt_tokens += reply.prompt_tokens
+        outcome.completion_tokens += reply.completion_tokens
         verdict = self.task.check(reply)
         if isinstance(verdict, Accept):
             outcome.value, self.done = verdict.value, True
@@ -133,6 +148,11 @@ def generate(backend_cfg, tasks: list[Task], desc: str, cache_dir: str | None) -
     conversations = [Conversation(task) for task in tasks]
     start = time.monotonic()
     price_factor = BATCH_PRICE_FACTOR if mode == "batch" else 1.0
+    budget = None
+    if backend_cfg.get("budget_usd") is not None and hasattr(client, "budget"):  # the offline stand-in is free
+        budget = client.budget = Budget(
+            backend_cfg.budget_usd, backend_cfg.price_input_per_mtok, backend_cfg.price_output_per_mtok, price_factor
+        )
     try:
         with tqdm(total=len(tasks), desc=desc, unit="row") as bar:
             accounts = Accounts(backend_cfg, bar, price_factor)
@@ -144,34 +164,60 @@ def generate(backend_cfg, tasks: list[Task], desc: str, cache_dir: str | None) -
         if hasattr(client, "close"):
             client.close()
     stats = _stats(client, accounts, mode)
+    if budget is not None:
+        stats["budget_usd"] = budget.cap
     return [c.outcome for c in conversations], {**stats, "mode": mode, "wall_s": round(time.monotonic() - start, 3)}
 
 
 def _run_sync(client, conversations: list[Conversation], max_concurrency: int, accounts: Accounts) -> None:
+    """Up to `max_concurrency` daemon worker threads take conversations from a queue; this thread records them."""
+    todo, done = queue.SimpleQueue(), queue.SimpleQueue()
+    for conv in conversations:
+        todo.put(conv)
     halt = threading.Event()
 
-    def converse(conv: Conversation) -> Conversation:
-        while not conv.done and not halt.is_set():
+    def work() -> None:
+        while not halt.is_set():
             try:
-                reply = client.chat(conv.messages)
-            except RequestFailed as err:
-                conv.fail(err)
-                break
-            accounts.reply(reply)
-            conv.feed(reply)
-        return conv
+                conv = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                while not conv.done and not halt.is_set():
+                    try:
+                        reply = conv.ask(client)
+                    except RequestFailed as err:
+                        conv.fail(err)
+                        break
+                    accounts.reply(reply)
+                    conv.feed(reply)
+            except BaseException as err:  # a 401 or a bug: the recording thread re-raises it
+                done.put(err)
+                return
+            done.put(conv)
 
-    pool = ThreadPoolExecutor(max_workers=max(1, max_concurrency))
+    for _ in range(min(len(conversations), max(1, max_concurrency))):
+        threading.Thread(target=work, daemon=True).start()
     try:
-        for future in as_completed([pool.submit(converse, conv) for conv in conversations]):
-            accounts.row_done(future.result())
-    except BaseException:  # a 401, Ctrl-C: stop starting requests; replies already paid are in the cache
+        for _ in conversations:
+            finished = _next(done)
+            if isinstance(finished, BaseException):
+                raise finished
+            accounts.row_done(finished)
+    except BaseException:  # a 401, Ctrl-C: stop now; requests in flight are abandoned, paid replies are cached
         halt.set()
         if hasattr(client, "stop"):
             client.stop()
-        pool.shutdown(wait=True, cancel_futures=True)
         raise
-    pool.shutdown()
+
+
+def _next(done: queue.SimpleQueue):
+    """The next finished conversation; waits in short steps so that Ctrl-C is handled at once on every platform."""
+    while True:
+        try:
+            return done.get(timeout=0.2)
+        except queue.Empty:
+            continue
 
 
 def _stats(client, accounts: Accounts, mode: str) -> dict:

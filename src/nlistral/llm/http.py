@@ -16,6 +16,7 @@ import os
 import random
 import re
 import threading
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -127,15 +128,17 @@ class HttpClient:
         self._fatal = None
         self._local = threading.local()
         self._sessions = []
-        self._key_locks = {}
-        self._key_locks_lock = threading.Lock()
+        self._claims = {}  # cache key -> [lock, holders] of the requests in flight
+        self._claims_lock = threading.Lock()
+        self.budget = None  # a Budget, set by the engine when budget_usd is set
 
     # --- what is asked -------------------------------------------------------------------------------------------
-    def body(self, messages: list[dict]) -> dict:
+    def body(self, messages: list[dict], sample: int = 0) -> dict:
         cfg = self.cfg
         body = {"model": self.model, "messages": messages, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
-        if cfg.seed is not None:
-            body["random_seed" if self.backend == "mistral" else "seed"] = cfg.seed
+        seed = cfg.seed + sample if cfg.seed is not None else (sample or None)
+        if seed is not None:
+            body["random_seed" if self.backend == "mistral" else "seed"] = seed
         if cfg.response_format:
             body["response_format"] = {"type": cfg.response_format}
         return body
@@ -146,20 +149,37 @@ class HttpClient:
         return hashlib.sha256(asked.encode()).hexdigest()
 
     # --- chat ----------------------------------------------------------------------------------------------------
-    def chat(self, messages: list[dict]) -> Reply:
-        body = self.body(messages)
+    def chat(self, messages: list[dict], sample: int = 0) -> Reply:
+        """The reply to `messages` (sample i > 0: the same request with seed + i), from the cache or the server."""
+        body = self.body(messages, sample)
         key = self.key(body)
-        with self._key_lock(key):  # identical requests in flight at once are sent (and paid) once
+        with self._claim(key):  # identical requests in flight at once are sent (and paid) once
             if (raw := self.cache.get(key)) is not None:
                 return replace(parse_completion(raw), cached=True)
             self.ensure_ready()
-            raw, reply = self.request("POST", CHAT_PATH, parse=_chat_reply, tokens=_estimate_tokens(body), json=body)
-            self.cache.put(key, json.dumps(body, ensure_ascii=False), raw)
+            budget = self.budget
+            worst = budget.worst(messages, body["max_tokens"]) if budget else 0.0
+            raw, reply = self.request(
+                "POST", CHAT_PATH, parse=_chat_reply, tokens=_estimate_tokens(body), worst_usd=worst,
+                bill=lambda value: budget.cost(value[1].prompt_tokens, value[1].completion_tokens), json=body,
+            )  # fmt: skip
+            self.cache.put(key, json.dumps(body, ensure_ascii=False), raw)  # dropped if the stage already stopped
             return reply
 
-    def _key_lock(self, key: str) -> threading.Lock:
-        with self._key_locks_lock:
-            return self._key_locks.setdefault(key, threading.Lock())
+    @contextmanager
+    def _claim(self, key: str):
+        """Hold `key` while its request is in flight; only keys in flight have an entry (none outlive the request)."""
+        with self._claims_lock:
+            claim = self._claims.setdefault(key, [threading.Lock(), 0])
+            claim[1] += 1
+        try:
+            with claim[0]:
+                yield
+        finally:
+            with self._claims_lock:
+                claim[1] -= 1
+                if not claim[1]:
+                    del self._claims[key]
 
     # --- setup: key and model, checked before the first request (a fully cached run needs neither) ----------------
     def ensure_ready(self) -> None:
@@ -226,59 +246,64 @@ class HttpClient:
         return RequestFailed("interrupted", "the stage was stopped")
 
     # --- one HTTP call, with retries -----------------------------------------------------------------------------
-    def request(self, method: str, path: str, *, parse, tokens: int = 0, retries: int | None = None, **kwargs):
+    def request(self, method: str, path: str, *, parse, tokens: int = 0, worst_usd: float = 0.0, bill=None,
+                retries: int | None = None, **kwargs):  # fmt: skip
         """Send until `parse(response) -> (value, tokens used)` accepts a 2xx response; return the value.
 
-        Raises ConfigError on 401 (and in every thread after it), RequestFailed when retries run out or the server
-        refuses the request (other 4xx).
+        `tokens` is the limiter's estimate; with a budget, each attempt reserves `worst_usd` and is billed
+        `bill(value)` (see llm/budget.py). Raises ConfigError on 401 (and in every thread after it), RequestFailed
+        when retries run out, the server refuses the request (other 4xx) or the budget is spent.
         """
         retries = self.max_retries if retries is None else retries
         is_chat = path == CHAT_PATH
         for attempt in range(retries + 1):
-            if self._stop.is_set():
-                raise self._stopped()
-            ticket = self.limiter.acquire(tokens)
-            if self._stop.is_set():  # stopped while it waited for its turn: send nothing
-                if ticket is not None:
-                    self.limiter.settle(ticket, 0)
-                raise self._stopped()
-            server_wait = None
-            if is_chat:
-                self.tally.add("requests")
-            try:
-                resp = self._session().request(
-                    method, self.base_url + path, headers=self._headers, timeout=self.timeout_s, **kwargs
-                )
-            except requests.Timeout:
-                cause, detail = "timeout", f"no response within timeout_s={self.timeout_s}"
-            except requests.RequestException as err:
-                cause, detail = "connection", f"connection failed ({type(err).__name__})"
-            else:
-                reset_wait = exhausted_wait(resp.headers)
-                if resp.status_code == 401:
-                    self.limiter.settle(ticket, 0)
-                    raise self._auth_error()
-                if resp.ok:
-                    try:
-                        value, used = parse(resp)
-                    except (ValueError, KeyError, TypeError, IndexError):
-                        cause = "bad_response"
-                        detail = f"HTTP {resp.status_code}, unreadable body: {self._snippet(resp)}"
-                    else:
-                        self.limiter.settle(ticket, used)
-                        if reset_wait:
-                            self.limiter.pause(reset_wait)
-                        return value
-                elif resp.status_code == 429:
-                    self.tally.add("http_429")
-                    cause, detail = "rate_limited", f"HTTP 429: {self._snippet(resp)}"
-                    server_wait = max(retry_after(resp.headers) or 0.0, reset_wait) or None
-                elif resp.status_code >= 500:
-                    cause, detail = "server_error", f"HTTP {resp.status_code}: {self._snippet(resp)}"
+            held = self.budget.reserve(worst_usd) if worst_usd and self.budget else None
+            ticket, used, cost = None, 0, 0.0
+            try:  # whatever happens below, the limiter and the budget learn what this attempt used
+                if self._stop.is_set() or (ticket := self.limiter.acquire(tokens)) is None or self._stop.is_set():
+                    raise self._stopped()  # stopped before or while it waited for its turn: send nothing
+                server_wait = None
+                if is_chat:
+                    self.tally.add("requests")
+                cost = worst_usd  # until the server says otherwise, it may have billed this request
+                try:
+                    resp = self._session().request(
+                        method, self.base_url + path, headers=self._headers, timeout=self.timeout_s, **kwargs
+                    )
+                except requests.Timeout:
+                    cause, detail = "timeout", f"no response within timeout_s={self.timeout_s}"
+                except requests.RequestException as err:
+                    cause, detail = "connection", f"connection failed ({type(err).__name__})"
                 else:
-                    self.limiter.settle(ticket, 0)
-                    raise RequestFailed(f"http_{resp.status_code}", f"{method} {path}: {self._snippet(resp)}")
-            self.limiter.settle(ticket, 0)
+                    reset_wait = exhausted_wait(resp.headers)
+                    if not resp.ok:
+                        cost = 0.0  # refused requests are not billed
+                    if resp.status_code == 401:
+                        raise self._auth_error()
+                    if resp.ok:
+                        try:
+                            value, used = parse(resp)
+                        except (ValueError, KeyError, TypeError, IndexError):
+                            cause = "bad_response"
+                            detail = f"HTTP {resp.status_code}, unreadable body: {self._snippet(resp)}"
+                        else:
+                            cost = bill(value) if held is not None else 0.0
+                            if reset_wait:
+                                self.limiter.pause(reset_wait)
+                            return value
+                    elif resp.status_code == 429:
+                        self.tally.add("http_429")
+                        cause, detail = "rate_limited", f"HTTP 429: {self._snippet(resp)}"
+                        server_wait = max(retry_after(resp.headers) or 0.0, reset_wait) or None
+                    elif resp.status_code >= 500:
+                        cause, detail = "server_error", f"HTTP {resp.status_code}: {self._snippet(resp)}"
+                    else:
+                        raise RequestFailed(f"http_{resp.status_code}", f"{method} {path}: {self._snippet(resp)}")
+            finally:
+                if ticket is not None:
+                    self.limiter.settle(ticket, used)
+                if held is not None:
+                    self.budget.settle(held, cost)
             if attempt == retries:
                 raise RequestFailed(cause, f"{detail} (after {retries} retries)")
             self.tally.add(f"retries_{cause}")
@@ -311,6 +336,8 @@ class HttpClient:
         """Make every thread give up now: those waiting for the limiter or a retry send nothing more (Ctrl-C)."""
         self._stop.set()
         self.limiter.cancel()
+        if self.budget:
+            self.budget.cancel()
 
     def close(self) -> None:
         for session in self._sessions:

@@ -8,15 +8,17 @@ WINDOW_S = 60.0
 # Requests are paced at 97% of requests_per_second: R+1 evenly spaced requests then span 1.03 s, so up to 30 ms of
 # network jitter cannot squeeze them into one 1 s window of a provider counting "R per second".
 HEADROOM = 0.97
+RECHECK_S = 1.0  # a waiting thread re-reads the clock at least this often
 
 
 class Limiter:
     """Requests start evenly spaced at HEADROOM * requests_per_second (no bursts); the tokens of the requests started
     in any 60 s window stay within tokens_per_minute (estimated before sending, corrected with `usage` by `settle`);
     `pause` holds every thread back, e.g. for a 429's Retry-After; `cancel` releases every waiting thread for good.
-    A limit of 0 is no limit."""
+    A limit of 0 is no limit. `clock` is time.monotonic (tests pass one they can move)."""
 
-    def __init__(self, requests_per_second=0, tokens_per_minute=0):
+    def __init__(self, requests_per_second=0, tokens_per_minute=0, clock=time.monotonic):
+        self.clock = clock
         self.interval = 1.0 / (HEADROOM * requests_per_second) if requests_per_second else 0.0
         self.tokens_per_minute = tokens_per_minute or 0
         self._changed = threading.Condition()
@@ -32,7 +34,7 @@ class Limiter:
             while True:
                 if self._cancelled:
                     return None
-                now = time.monotonic()
+                now = self.clock()
                 wait = max(self._resume_at, self._next_start) - now
                 if wait <= 0 and self.tokens_per_minute:
                     wait = self._token_wait(now, tokens)
@@ -43,7 +45,7 @@ class Limiter:
                         self._window.append(ticket)
                         self._window_tokens += tokens
                     return ticket
-                self._changed.wait(wait)  # woken early when a settle frees tokens
+                self._changed.wait(min(wait, RECHECK_S))  # woken early when a settle frees tokens
 
     def settle(self, ticket: list, tokens: int) -> None:
         """Replace a request's estimate with the tokens it really used (0 if it was refused)."""
@@ -55,7 +57,7 @@ class Limiter:
 
     def pause(self, seconds: float) -> None:
         with self._changed:
-            self._resume_at = max(self._resume_at, time.monotonic() + seconds)
+            self._resume_at = max(self._resume_at, self.clock() + seconds)
 
     def cancel(self) -> None:
         """Wake every waiting thread (and any later one) with no ticket: the stage is stopping."""

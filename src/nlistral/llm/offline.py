@@ -112,7 +112,8 @@ def _reflect(cues: dict, true_label: int) -> dict:
 
 
 class OfflineClient:
-    def chat(self, messages: list[dict]) -> Reply:
+    def chat(self, messages: list[dict], sample: int = 0) -> Reply:
+        """Deterministic: every self-consistency sample gets the same answer."""
         prompt = next(m["content"] for m in messages if m["role"] == "user")
         cues = analyse(*read_pair_text(prompt))
         reflecting = re.search(r"\nTrue label: ([01])$", prompt)
@@ -122,5 +123,5 @@ class OfflineClient:
         else:
             answer = {"thought_process": rationale(cues, cues["label"]), "predicted_label": cues["label"]}
         text = json.dumps(answer)
-        return Reply(text, "stop", prompt_tokens=sum(len(m["content"]) // 4 for m in messages),
-                     completion_tokens=len(text) // 4)
+        prompt_tokens = sum(len(m["content"]) // 4 for m in messages)
+        return Reply(text, "stop", prompt_tokens=prompt_tokens, completion_tokens=len(text) // 4)

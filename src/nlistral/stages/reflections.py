@@ -10,7 +10,7 @@ from nlistral.io import read_jsonl
 from nlistral.llm.engine import Accept, Reject, Reprompt, Task, generate
 from nlistral.parsing import REFLECTION_FIELDS, ReplyError, parse_reply
 from nlistral.prompts import label_mismatch_feedback, reflector_messages
-from nlistral.stages.generation import write_outcomes
+from nlistral.stages.generation import prompt_version, provenance, write_outcomes
 
 
 def reflection_check(true_label: int, max_attempts: int, max_reprompts: int):
@@ -51,27 +51,33 @@ def run(cfg, split: str) -> dict:
         for t in wrong
     ]
     outcomes, stats = generate(ref, tasks, desc=f"reflections@{split}", cache_dir=cfg.llm_cache_dir)
+    version = prompt_version(reflector_messages("{premise}", "{hypothesis}", "{thought_process}", 0, 1))
     records, failed = [], []
     for thought, outcome in zip(wrong, outcomes, strict=True):
         base = {key: thought[key] for key in ("id", "premise", "hypothesis", "thought_process", "predicted_label",
                                               "true_label")}  # fmt: skip
+        source = provenance(ref, version, outcome.prompt_tokens, outcome.completion_tokens)
         if outcome.value is None:
-            failed.append({**base, "reason": outcome.reason, "error": outcome.error, "raw": outcome.raw})
+            failed.append({**base, "reason": outcome.reason, "error": outcome.error, "raw": outcome.raw, **source})
             continue
         value = outcome.value
-        records.append({
-            **base,
-            "error_analysis": value["error_analysis"],
-            "improved_thought_process": value["improved_thought_process"],
-            "reflected_label": value["predicted_label"],
-            "verified": value["verified"],
-            "attempts": value["attempts"],
-        })
+        records.append(
+            {
+                **base,
+                "error_analysis": value["error_analysis"],
+                "improved_thought_process": value["improved_thought_process"],
+                "reflected_label": value["predicted_label"],
+                "verified": value["verified"],
+                "attempts": value["attempts"],
+                "teacher_model": thought.get("model"),
+                **source,
+            }
+        )
     verified = sum(r["verified"] for r in records)
     return write_outcomes(
         outcomes, records, failed,
         out_path=paths.REFLECTIONS.format(split=split), failed_path=paths.REFLECTIONS_FAILED.format(split=split),
-        metrics_path=paths.REFLECTIONS_METRICS.format(split=split), stats=stats, backend_cfg=ref,
+        metrics_path=paths.REFLECTIONS_METRICS.format(split=split), stats=stats, backend_cfg=ref, role="reflector",
         extra={"verified": verified, "unresolved": len(records) - verified,
                "success_rate": round(verified / len(wrong), 4) if wrong else 0.0},
     )  # fmt: skip

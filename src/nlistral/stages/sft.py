@@ -6,6 +6,11 @@ Hygiene, all counted by reason in metrics/sft_{split}.json:
 - a row longer than model.max_seq_length tokens (configured tokenizer) is dropped (`too_long`), or kept and
   counted (`sft.drop_too_long: false`); nothing is ever truncated.
 Pairs match after case-folding and collapsing whitespace.
+
+Label-noise audit: a row is suspect when the models resist its gold label: the teacher disagreed with it (with
+agreement >= audit.min_agreement when it sampled several replies, teacher.n_samples > 1) and the reflector needed
+more than one attempt to argue for it, or never did (unresolved). Suspects go to data/audit/{split}_suspect.jsonl
+with the evidence; `sft.drop_suspect: true` (experiment=drop_suspect) leaves them out of the fine-tuning set.
 """
 
 import random
@@ -28,12 +33,14 @@ def pair_key(premise: str, hypothesis: str) -> tuple[str, str]:
     return " ".join(premise.casefold().split()), " ".join(hypothesis.casefold().split())
 
 
-def sft_row(source: str, item: dict, thought: str) -> dict:
+def sft_row(source: str, item: dict, thought: str, teacher_model=None, reflector_model=None) -> dict:
     prompt = student_prompt(item["premise"], item["hypothesis"])
     completion = completion_json(thought, item["true_label"])
     return {
         "id": str(item["id"]),
         "source": source,
+        "teacher_model": teacher_model,
+        "reflector_model": reflector_model,
         "label": item["true_label"],
         "premise": item["premise"],
         "hypothesis": item["hypothesis"],
@@ -45,10 +52,36 @@ def sft_row(source: str, item: dict, thought: str) -> dict:
 
 
 def candidates(thought_rows, reflection_rows, include_reflections: bool) -> list[dict]:
-    rows = [sft_row("original", t, t["thought_process"]) for t in thought_rows if t["correct"]]
+    rows = [sft_row("original", t, t["thought_process"], t.get("model")) for t in thought_rows if t["correct"]]
     if include_reflections:
-        rows += [sft_row("reflected", r, r["improved_thought_process"]) for r in reflection_rows if r["verified"]]
+        rows += [
+            sft_row("reflected", r, r["improved_thought_process"], r.get("teacher_model"), r.get("model"))
+            for r in reflection_rows
+            if r["verified"]
+        ]
     return rows
+
+
+def audit(thought_rows, reflection_rows, min_agreement: float) -> list[dict]:
+    """The rows whose gold label the models resist, with the evidence (see the module docstring)."""
+    thoughts = {str(t["id"]): t for t in thought_rows}
+    suspects = []
+    for r in reflection_rows:
+        t = thoughts.get(str(r["id"]))
+        if t is None or t["correct"]:
+            continue
+        confident = t.get("n_samples", 1) == 1 or t.get("agreement", 1.0) >= min_agreement
+        if confident and (r["attempts"] > 1 or not r["verified"]):
+            suspects.append({
+                "id": str(r["id"]), "premise": r["premise"], "hypothesis": r["hypothesis"],
+                "gold_label": r["true_label"], "teacher_label": t["predicted_label"], "votes": t.get("votes"),
+                "agreement": t.get("agreement"), "n_samples": t.get("n_samples", 1),
+                "teacher_rationale": t["thought_process"], "teacher_model": t.get("model"),
+                "reflection_error_analysis": r["error_analysis"],
+                "reflection_rationale": r["improved_thought_process"], "reflected_label": r["reflected_label"],
+                "verified": r["verified"], "attempts": r["attempts"], "reflector_model": r.get("model"),
+            })  # fmt: skip
+    return suspects
 
 
 def token_lengths(tokenizer, row) -> tuple[int, int]:
@@ -103,9 +136,16 @@ def run(cfg, split: str) -> dict:
     reflection_rows = read_jsonl(paths.require(paths.REFLECTIONS, split))
     paths.require(paths.BASE_DIR)
     rows = candidates(thought_rows, reflection_rows, cfg.sft.include_reflections)
+    suspects = audit(thought_rows, reflection_rows, cfg.audit.min_agreement)
+    write_jsonl(paths.AUDIT_SUSPECT.format(split=split), suspects)
+    dropped = Counter()
+    if cfg.sft.drop_suspect:
+        suspect_ids = {s["id"] for s in suspects}
+        dropped["suspect"] = sum(r["id"] in suspect_ids for r in rows)
+        rows = [r for r in rows if r["id"] not in suspect_ids]
     held_out = held_out_pairs(cfg.data.dir, split)
     tokenizer = load_tokenizer()
-    dropped, seen, kept, lengths = Counter(), set(), [], {}
+    seen, kept, lengths = set(), [], {}
     over_length_kept = 0
     for row in rows:
         key = pair_key(row["premise"], row["hypothesis"])
@@ -141,7 +181,7 @@ def run(cfg, split: str) -> dict:
     incorrect = len(thought_rows) - correct
     verified = sum(r["verified"] for r in reflection_rows)
     metrics = {
-        "candidates": len(rows),
+        "candidates": len(rows) + dropped["suspect"],
         "rows": len(kept),
         "rows_by_source": {source: sum(r["source"] == source for r in kept) for source in ("original", "reflected")},
         "label_counts": {str(label): sum(r["label"] == label for r in kept) for label in (0, 1)},
@@ -152,6 +192,13 @@ def run(cfg, split: str) -> dict:
         "verified_reflections": verified,
         "unresolved": len(reflection_rows) - verified,
         "reflection_success_rate": round(verified / incorrect, 4) if incorrect else 0.0,  # as reflections_{split}
+        "audit": {
+            "suspect": len(suspects),
+            "suspect_unresolved": sum(not s["verified"] for s in suspects),
+            "suspect_verified_after_retries": sum(s["verified"] for s in suspects),
+            "min_agreement": cfg.audit.min_agreement,
+            "dropped": dropped["suspect"],
+        },
         "prompt_tokens": _describe([e["prompt_tokens"] for e in kept_lengths]),
         "completion_tokens": _describe([e["completion_tokens"] for e in kept_lengths]),
     }
