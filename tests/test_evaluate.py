@@ -13,7 +13,7 @@ from test_model_stages import FAST, make_cfg, write_inputs
 
 from nlistral import cli
 from nlistral.compare import compare_records
-from nlistral.config import load_config
+from nlistral.config import compose_params, load_config
 from nlistral.evaluation import eval_rows, generate, score, student_prompts
 from nlistral.io import read_jsonl
 from nlistral.model import load_adapter_model, load_tokenizer
@@ -40,7 +40,7 @@ def evaluated(tmp_path_factory):
     root = tmp_path_factory.mktemp("repo")
     write_inputs(root)
     cfg = make_cfg(**{**FAST, "model.load_in_4bit": False, "eval.max_new_tokens": 32})
-    cfg.teacher = OmegaConf.load(REPO / "conf/teacher/offline.yaml")
+    cfg.teacher = OmegaConf.create(compose_params(["teacher=offline"], conf_dir=REPO / "conf")).teacher
     cfg.llm_cache_dir = str(root / ".cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)

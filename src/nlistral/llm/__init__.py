@@ -1,4 +1,5 @@
-"""The one LLM client seam: every backend answers `chat(messages) -> Reply`; `engine.generate` drives them.
+"""The one LLM client seam: every backend answers `chat(messages, sample=0) -> Reply` (sample i > 0: the i-th
+self-consistency sample, sent with seed + i); `engine.generate` drives them.
 
 Backends (`backend:` in conf/teacher, conf/reflector): `offline` (llm/offline.py, a free stand-in), `mistral` and
 `openai` (llm/http.py: Mistral's API or any OpenAI-compatible server, with retries, rate limits and a reply cache),

@@ -95,7 +95,8 @@ class ReplayClient:
         log.info("%s: %d recorded thoughts, %d recorded reflections", source, len(self.answers["thought"]),
                  len(self.answers["reflection"]))  # fmt: skip
 
-    def chat(self, messages: list[dict]) -> Reply:
+    def chat(self, messages: list[dict], sample: int = 0) -> Reply:
+        """The recorded answer; a recording holds one answer per pair, so every self-consistency sample replays it."""
         prompt = next(m["content"] for m in messages if m["role"] == "user")  # the first user turn: the row
         kind = "reflection" if "\nTrue label: " in prompt else "thought"
         answer = self.answers[kind].get(read_pair_text(prompt))
