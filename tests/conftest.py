@@ -32,3 +32,27 @@ def workdir(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("NLISTRAL_CACHE_DIR", str(tmp_path / ".cache" / "llm"))
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def built_base(tmp_path_factory) -> Path:
+    """models/base of the embedded profile (the tiny model and its tokenizer), built once for the session."""
+    from nlistral.config import load_config
+    from nlistral.stages import base_model
+
+    root = tmp_path_factory.mktemp("base")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        shutil.copytree(REPO / "data" / "sample", root / "data" / "sample")
+        shutil.copy(REPO / "params.yaml", root / "params.yaml")
+        base_model.run(load_config())
+    return root / "models" / "base"
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """Tests that run DVC in-process leave variables such as DVC_ROOT behind; no test sees another's."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -3,23 +3,10 @@
 import shutil
 
 import pytest
-from conftest import REPO
 
 from nlistral.config import compose_params, load_config
 from nlistral.io import read_jsonl, write_jsonl
-from nlistral.stages import base_model, sft
-
-
-@pytest.fixture(scope="module")
-def built_base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("base")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        shutil.copytree(REPO / "data" / "sample", root / "data" / "sample")
-        shutil.copytree(REPO / "conf", root / "conf")
-        shutil.copy(REPO / "params.yaml", root / "params.yaml")
-        base_model.run(load_config())
-    return root / "models" / "base"
+from nlistral.stages import sft
 
 
 def thought(id_, label, correct, agreement=1.0, n=3):

@@ -170,10 +170,10 @@ def test_readme_sharing_commands_push_to_s3_and_a_collaborator_pulls_a_clean_pip
         assert run("git", "status", "--porcelain", cwd=clone) == "", clone.name
 
 
-def test_train_param_change_reruns_only_train_and_evaluate(pipeline):
+def test_train_param_change_reruns_only_train_evaluate_and_report(pipeline):
     out = run("dvc", "exp", "run", "-S", "train.learning_rate=0.001", cwd=pipeline)
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train", "evaluate"}, out
+    assert ran == {"train", "evaluate", "report"}, out
 
 
 def test_an_experiment_can_be_diffed_plotted_and_compared(pipeline):
@@ -182,8 +182,8 @@ def test_an_experiment_can_be_diffed_plotted_and_compared(pipeline):
     out = run("dvc", "exp", "run", "-n", "reseeded", "-S", "eval.seed=7", cwd=pipeline)
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     # train re-runs too when an earlier test's `-S train.*` experiment left its params in the workspace
-    assert {"evaluate_base", "evaluate_teacher", "evaluate"} <= ran <= {"evaluate_base", "evaluate_teacher",
-                                                                       "evaluate", "train"}, out  # fmt: skip
+    assert {"evaluate_base", "evaluate_teacher", "evaluate", "report"} <= ran <= {
+        "evaluate_base", "evaluate_teacher", "evaluate", "report", "train"}, out  # fmt: skip
     diff = run("dvc", "metrics", "diff", "--all", "--md", cwd=pipeline)
     assert all(f"metrics/{name}.json" in diff for name in ("eval", "eval_base", "eval_teacher"))
     run("dvc", "plots", "show", "-o", "plots", cwd=pipeline)

@@ -5,24 +5,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 
 from nlistral.config import load_config
 from nlistral.io import read_jsonl, write_jsonl
 from nlistral.model import load_tokenizer
-from nlistral.stages import StageError, base_model, sft
-
-
-@pytest.fixture(scope="module")
-def built_base(tmp_path_factory):
-    """models/base of the embedded profile, built once for the module."""
-    root = tmp_path_factory.mktemp("base")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        shutil.copytree(REPO / "data" / "sample", root / "data" / "sample")
-        shutil.copy(REPO / "params.yaml", root / "params.yaml")
-        base_model.run(load_config())
-    return root / "models" / "base"
+from nlistral.stages import StageError, sft
 
 
 def thought(id_, premise, hypothesis, label, correct=True):
