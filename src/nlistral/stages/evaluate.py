@@ -15,6 +15,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from nlistral.compare import CompareError, compare_records
+from nlistral.config import tracking_uri
 from nlistral.evaluation import check_engine, eval_metrics, eval_rows, prediction, run_generation
 from nlistral.io import read_jsonl, write_csv, write_json, write_jsonl
 from nlistral.model import base_info, load_adapter_model, load_tokenizer
@@ -60,7 +61,7 @@ def rationale_tokens(tokenizer, records, answers) -> list[int]:
 def _log_to_training_run(cfg, metrics: dict) -> None:
     """Log into the MLflow run that trained the adapter, or a new linked run if this store does not have it."""
     train_run = json.loads(ADAPTER_MLFLOW_RUN.read_text(encoding="utf-8"))["run_id"]
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri(cfg.mlflow.tracking_uri))
     mlflow.set_experiment(cfg.mlflow.experiment)
     run_id = train_run
     try:

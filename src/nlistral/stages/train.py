@@ -36,7 +36,7 @@ from transformers import EarlyStoppingCallback, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from nlistral import paths
-from nlistral.config import ConfigError
+from nlistral.config import ConfigError, tracking_uri
 from nlistral.io import read_jsonl, write_csv, write_json
 from nlistral.model import base_info, load_base_model, load_tokenizer, staged_dir
 from nlistral.paths import ADAPTER_DIR, ADAPTER_MLFLOW_RUN, FINETUNE, SFT_METRICS, TRAIN_HISTORY, TRAIN_METRICS
@@ -122,16 +122,6 @@ def run_tags(cfg) -> dict:
     }
     tags |= {f"{split}_ft_md5": md5(paths.require(FINETUNE, split)) for split in ("train", "dev")}
     return {k: v for k, v in tags.items() if v is not None}
-
-
-def tracking_uri(uri: str) -> str:
-    """A relative sqlite path is relative to the repo DVC runs in (DVC_ROOT: for a queued experiment, the user's repo,
-    not its temporary copy), so sweeps log into the repo's own mlflow.db."""
-    prefix = "sqlite:///"
-    root = os.environ.get("DVC_ROOT")
-    if root and uri.startswith(prefix) and not Path(uri[len(prefix) :]).is_absolute():
-        return prefix + str(Path(root) / uri[len(prefix) :])
-    return uri
 
 
 def redacted_params(cfg) -> str:
