@@ -59,7 +59,7 @@ def _cli(workdir, server, **settings) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(condition, timeout=30.0):
+def _wait_for(condition, timeout=120.0):
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out waiting"

@@ -101,11 +101,14 @@ def s3_remote(tmp_path):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(100):
+        deadline = time.monotonic() + 120  # wait for moto to answer: its imports are slow on a busy box
+        while True:
             try:
                 boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket="nlistral")
                 break
             except botocore.exceptions.EndpointConnectionError:
+                if time.monotonic() > deadline:
+                    raise
                 time.sleep(0.1)
         yield url
     finally:
