@@ -14,7 +14,8 @@ from test_model_stages import FAST, make_cfg, write_inputs
 from nlistral import cli
 from nlistral.compare import compare_records
 from nlistral.config import compose_params, load_config
-from nlistral.evaluation import eval_rows, generate, score, student_prompts
+from nlistral.evaluation import generate, student_prompts
+from nlistral.scoring import eval_rows, score
 from nlistral.io import read_jsonl
 from nlistral.model import load_adapter_model, load_tokenizer
 from nlistral.stages import StageError, base_model, evaluate, evaluate_base, evaluate_teacher, train

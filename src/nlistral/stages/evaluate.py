@@ -1,6 +1,6 @@
 """Stage: greedy generation on the test split with base + adapter, scored -> metrics/eval.json, predictions, plots.
 
-Generation and scoring are shared with the baselines (nlistral.evaluation; the scoring rules are there).
+Generation is shared with evaluate_base (nlistral.evaluation), scoring with all three (nlistral.scoring: the rules).
 The rationale-length plot buckets rows by the tokens of the reasoning the model wrote (its thought_process, or the
 whole output when none could be read: a parse failure still counts, as wrong, in its bucket).
 
@@ -16,7 +16,8 @@ from mlflow.exceptions import MlflowException
 
 from nlistral.compare import CompareError, compare_records
 from nlistral.config import tracking_uri
-from nlistral.evaluation import check_engine, eval_metrics, eval_rows, prediction, run_generation
+from nlistral.evaluation import check_engine, run_generation
+from nlistral.scoring import eval_metrics, eval_rows, prediction
 from nlistral.io import read_jsonl, write_csv, write_json, write_jsonl
 from nlistral.model import base_info, load_adapter_model, load_tokenizer
 from nlistral.parsing import read_answer

@@ -4,7 +4,8 @@ The floor the fine-tuning has to beat -> metrics/eval_base.json + metrics/predic
 The embedded profile's base model is untrained, so expect (nearly) every output to be a parse failure.
 """
 
-from nlistral.evaluation import check_engine, eval_metrics, eval_rows, prediction, run_generation
+from nlistral.evaluation import check_engine, run_generation
+from nlistral.scoring import eval_metrics, eval_rows, prediction
 from nlistral.io import write_json, write_jsonl
 from nlistral.model import base_info, load_base_model, load_tokenizer
 from nlistral.paths import BASE_DIR, EVAL_BASE_METRICS, PREDICTIONS_BASE
