@@ -1,5 +1,6 @@
 """conf/ is the source of truth: every config composes, and params.yaml is exactly its composition."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,36 @@ def test_override_values_mean_what_they_say(workdir):
     assert cfg.teacher.model == "2512"
     batch = load_config(["teacher.mode=batch", "teacher=mistral"])
     assert (batch.teacher.backend, batch.teacher.mode) == ("mistral", "batch")
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    """{dotted key: value} of a nested mapping (lists are values)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= _leaves(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def test_model_options_hold_only_what_differs_from_their_base():
+    for path in (CONF / "model").glob("*.yaml"):
+        option = yaml.safe_load(path.read_text())
+        base_name = option["defaults"][0].split("@")[0]
+        base = yaml.safe_load((CONF / "model" / f"{base_name}.yaml").read_text())
+        repeated = {k for k, v in option.items() if k != "defaults" and base.get(k, KeyError) == v}
+        assert not repeated, f"{path} repeats {repeated} from {base_name}"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_experiments_hold_only_what_differs(tmp_path, name):
+    """Each value an experiment sets differs from what its defaults (parent experiment, group swaps) already give."""
+    shutil.copytree(CONF, tmp_path / "conf")
+    path = tmp_path / "conf" / "experiment" / f"{name}.yaml"
+    delta = yaml.safe_load(path.read_text())
+    header = [line for line in path.read_text().splitlines() if line.startswith("# @package")]
+    path.write_text("\n".join(header) + "\n" + yaml.safe_dump({"defaults": delta.pop("defaults", ["_self_"])}))
+    without = _leaves(yaml.safe_load(compose_params([f"experiment={name}"], tmp_path / "conf")))
+    repeated = {k: v for k, v in _leaves(delta).items() if without.get(k, KeyError) == v}
+    assert not repeated, f"conf/experiment/{name}.yaml repeats what its defaults give: {repeated}"
