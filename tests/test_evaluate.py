@@ -15,9 +15,9 @@ from nlistral import cli
 from nlistral.compare import compare_records
 from nlistral.config import compose_params, load_config
 from nlistral.evaluation import generate, student_prompts
-from nlistral.scoring import eval_rows, score
 from nlistral.io import read_jsonl
 from nlistral.model import load_adapter_model, load_tokenizer
+from nlistral.scoring import eval_rows, score
 from nlistral.stages import StageError, base_model, evaluate, evaluate_base, evaluate_teacher, train
 
 METRIC_KEYS = {"model", "model_id", "n", "accuracy", "accuracy_ci95", "precision", "recall", "f1", "macro_precision",

@@ -17,7 +17,6 @@ from mlflow.exceptions import MlflowException
 from nlistral.compare import CompareError, compare_records
 from nlistral.config import tracking_uri
 from nlistral.evaluation import check_engine, run_generation
-from nlistral.scoring import eval_metrics, eval_rows, prediction
 from nlistral.io import read_jsonl, write_csv, write_json, write_jsonl
 from nlistral.model import base_info, load_adapter_model, load_tokenizer
 from nlistral.parsing import read_answer
@@ -31,6 +30,7 @@ from nlistral.paths import (
     PREDICTIONS_BASE,
     PREDICTIONS_TEACHER,
 )
+from nlistral.scoring import eval_metrics, eval_rows, prediction
 from nlistral.stats import accuracy_by_length
 
 UNPARSED = "unparsed"

@@ -5,10 +5,10 @@ The embedded profile's base model is untrained, so expect (nearly) every output 
 """
 
 from nlistral.evaluation import check_engine, run_generation
-from nlistral.scoring import eval_metrics, eval_rows, prediction
 from nlistral.io import write_json, write_jsonl
 from nlistral.model import base_info, load_base_model, load_tokenizer
 from nlistral.paths import BASE_DIR, EVAL_BASE_METRICS, PREDICTIONS_BASE
+from nlistral.scoring import eval_metrics, eval_rows, prediction
 
 
 def run(cfg) -> dict:

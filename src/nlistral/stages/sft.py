@@ -131,21 +131,12 @@ def held_out_pairs(data_dir, split: str) -> dict:
     return pairs
 
 
-def run(cfg, split: str) -> dict:
-    thought_rows = read_jsonl(paths.require(paths.THOUGHTS, split))
-    reflection_rows = read_jsonl(paths.require(paths.REFLECTIONS, split))
-    paths.require(paths.BASE_DIR)
-    rows = candidates(thought_rows, reflection_rows, cfg.sft.include_reflections)
-    suspects = audit(thought_rows, reflection_rows, cfg.audit.min_agreement)
-    write_jsonl(paths.AUDIT_SUSPECT.format(split=split), suspects)
-    dropped = Counter()
-    if cfg.sft.drop_suspect:
-        suspect_ids = {s["id"] for s in suspects}
-        dropped["suspect"] = sum(r["id"] in suspect_ids for r in rows)
-        rows = [r for r in rows if r["id"] not in suspect_ids]
-    held_out = held_out_pairs(cfg.data.dir, split)
-    tokenizer = load_tokenizer()
-    seen, kept, lengths = set(), [], {}
+def filter_rows(rows, held_out: dict, tokenizer, cfg) -> tuple[list[dict], dict, Counter, int]:
+    """Drop leaked and repeated pairs and over-long rows (see the module docstring).
+
+    -> (rows kept, {id: token lengths}, rows dropped by reason, over-length rows kept).
+    """
+    seen, kept, lengths, dropped = set(), [], {}, Counter()
     over_length_kept = 0
     for row in rows:
         key = pair_key(row["premise"], row["hypothesis"])
@@ -163,25 +154,17 @@ def run(cfg, split: str) -> dict:
         kept.append(row)
         lengths[row["id"]] = {"id": row["id"], "source": row["source"], "prompt_tokens": prompt_tokens,
                               "completion_tokens": completion_tokens}  # fmt: skip
+    return kept, lengths, dropped, over_length_kept
 
-    rng = random.Random(cfg.sft.seed)
-    if cfg.sft.balance_labels:
-        balanced = balance(kept, rng)
-        dropped["balance"] += len(kept) - len(balanced)
-        kept = balanced
-    if cfg.sft.shuffle:
-        rng.shuffle(kept)
-    write_jsonl(paths.FINETUNE.format(split=split), kept)
 
-    kept_lengths = [lengths[r["id"]] for r in kept]
-    write_csv(paths.PLOT_LENGTHS.format(split=split), kept_lengths, LENGTH_FIELDS)
-    write_csv(paths.PLOT_TEACHER_ACCURACY.format(split=split), teacher_accuracy_by_length(thought_rows, tokenizer),
-              ACCURACY_FIELDS)
+def sft_metrics(cfg, thought_rows, reflection_rows, suspects, candidates_n: int, kept, kept_lengths, dropped,
+                over_length_kept: int) -> dict:  # fmt: skip
+    """metrics/sft_{split}.json: the funnel from candidates to kept rows, the reflections, the audit, the lengths."""
     correct = sum(t["correct"] for t in thought_rows)
     incorrect = len(thought_rows) - correct
     verified = sum(r["verified"] for r in reflection_rows)
-    metrics = {
-        "candidates": len(rows) + dropped["suspect"],
+    return {
+        "candidates": candidates_n,
         "rows": len(kept),
         "rows_by_source": {source: sum(r["source"] == source for r in kept) for source in ("original", "reflected")},
         "label_counts": {str(label): sum(r["label"] == label for r in kept) for label in (0, 1)},
@@ -202,5 +185,39 @@ def run(cfg, split: str) -> dict:
         "prompt_tokens": _describe([e["prompt_tokens"] for e in kept_lengths]),
         "completion_tokens": _describe([e["completion_tokens"] for e in kept_lengths]),
     }
+
+
+def run(cfg, split: str) -> dict:
+    thought_rows = read_jsonl(paths.require(paths.THOUGHTS, split))
+    reflection_rows = read_jsonl(paths.require(paths.REFLECTIONS, split))
+    paths.require(paths.BASE_DIR)
+    rows = candidates(thought_rows, reflection_rows, cfg.sft.include_reflections)
+    candidates_n = len(rows)
+    suspects = audit(thought_rows, reflection_rows, cfg.audit.min_agreement)
+    write_jsonl(paths.AUDIT_SUSPECT.format(split=split), suspects)
+    dropped = Counter()
+    if cfg.sft.drop_suspect:
+        suspect_ids = {s["id"] for s in suspects}
+        rows = [r for r in rows if r["id"] not in suspect_ids]
+        dropped["suspect"] = candidates_n - len(rows)
+    tokenizer = load_tokenizer()
+    kept, lengths, filtered, over_length_kept = filter_rows(rows, held_out_pairs(cfg.data.dir, split), tokenizer, cfg)
+    dropped.update(filtered)
+
+    rng = random.Random(cfg.sft.seed)
+    if cfg.sft.balance_labels:
+        balanced = balance(kept, rng)
+        dropped["balance"] += len(kept) - len(balanced)
+        kept = balanced
+    if cfg.sft.shuffle:
+        rng.shuffle(kept)
+    write_jsonl(paths.FINETUNE.format(split=split), kept)
+
+    kept_lengths = [lengths[r["id"]] for r in kept]
+    write_csv(paths.PLOT_LENGTHS.format(split=split), kept_lengths, LENGTH_FIELDS)
+    write_csv(paths.PLOT_TEACHER_ACCURACY.format(split=split), teacher_accuracy_by_length(thought_rows, tokenizer),
+              ACCURACY_FIELDS)
+    metrics = sft_metrics(cfg, thought_rows, reflection_rows, suspects, candidates_n, kept, kept_lengths, dropped,
+                          over_length_kept)  # fmt: skip
     write_json(paths.SFT_METRICS.format(split=split), metrics)
     return metrics
