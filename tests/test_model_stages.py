@@ -34,7 +34,7 @@ def make_cfg(**overrides):
     backends = OmegaConf.create(compose_params(["teacher=mistral"], conf_dir=conf))
     cfg = OmegaConf.create({
         "data": {"name": "unit", "dir": "data/unit"},
-        "model": OmegaConf.load(conf / "model" / "tiny.yaml"),
+        "model": backends.model,  # tiny, with what conf/model/base gives it
         "train": OmegaConf.load(conf / "train" / "default.yaml"),
         "eval": OmegaConf.load(conf / "eval" / "default.yaml"),
         "sft": {"include_reflections": True, "balance_labels": False, "shuffle": True, "seed": 42,
@@ -228,7 +228,7 @@ def test_evaluate_logs_to_a_new_linked_run_when_the_training_run_is_unknown(pipe
 def test_hub_profile_saves_only_the_tokenizer_and_loads_weights_by_name(pipeline, tmp_path, monkeypatch):
     root, _, _ = pipeline
     cfg = make_cfg()
-    cfg.model = OmegaConf.load(REPO / "conf/model/mistral7b.yaml")
+    cfg.model = OmegaConf.create(compose_params(["model=mistral7b"], conf_dir=REPO / "conf")).model
     cfg.model.name_or_path, cfg.model.revision = str(root / "models/base"), None  # a local stand-in for the hub id
     monkeypatch.chdir(tmp_path)
     info = base_model.run(cfg)

@@ -212,7 +212,7 @@ def test_study_experiment_composes_and_trains_two_steps(experiment, base, tmp_pa
     cfg = OmegaConf.create(yaml.safe_load(compose_params([f"experiment={experiment}"], conf_dir=REPO / "conf")))
     assert cfg.model.name == "mistral7b" and cfg.train.optim == "paged_adamw_8bit" and cfg.train.eval_steps == 250
     assert cfg.train.lora_target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    cfg.model = OmegaConf.load(REPO / "conf/model/tiny.yaml")
+    cfg.model = OmegaConf.create(compose_params(["model=tiny"], conf_dir=REPO / "conf")).model
     cfg.train.max_steps = 2
     cfg.mlflow.tracking_uri = "sqlite:///mlflow.db"
     root = repo_copy(base, tmp_path)
