@@ -7,7 +7,10 @@ import os
 import re
 import shlex
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -260,6 +263,14 @@ def test_a_server_that_dies_mid_run_leaves_failed_rows_a_rerun_resumes_and_a_new
     assert Path("requests.log").read_text().split() == ["adapter"] * 8  # all 6 distinct prompts asked again
 
 
+def spawning(script: str) -> str:
+    """A server command that starts a child of its own (as servers start workers), writes both pids to ./pids, then
+    runs `script`: both processes must be gone when the stage has exited."""
+    code = ("import os, subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; "
+            "time.sleep(600)']); open('pids', 'w').write('%d %d' % (os.getpid(), child.pid)); " + script)  # fmt: skip
+    return f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}"
+
+
 def _group_alive(pgid: int) -> list[int]:
     """Live (not zombie) processes in process group `pgid`, from /proc."""
     alive = []
@@ -282,13 +293,24 @@ def _group_alive(pgid: int) -> list[int]:
 def test_a_server_command_that_never_serves_exits_2_with_its_log_and_leaves_no_process(served, capsys, script,
                                                                                        timeout, message):  # fmt: skip
     _, _, configure = served
-    # The command and a child of its own (a server's workers): both must be gone when the stage has exited.
-    code = ("import os, subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; "
-            "time.sleep(600)']); open('pids', 'w').write('%d %d' % (os.getpid(), child.pid)); " + script)  # fmt: skip
-    configure(base_command=f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}", ready_timeout_s=timeout)
+    configure(base_command=spawning(script), ready_timeout_s=timeout)
     assert cli.main(["evaluate-base"]) == 2
     err = capsys.readouterr().err
     assert re.search(message, err) and ("loading weights" in err or "CUDA out of memory" in err)
     leader, child = map(int, Path("pids").read_text().split())
     assert _group_alive(leader) == [] and child not in _group_alive(os.getpgid(0))
     assert not Path(FILES["base"][1]).exists()
+
+
+def test_ctrl_c_while_the_server_loads_stops_it(served):
+    _, _, configure = served
+    configure(base_command=spawning("time.sleep(600)"))
+    stage = subprocess.Popen([sys.executable, "-m", "nlistral", "evaluate-base"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (Path("pids").is_file() and len(Path("pids").read_text().split()) == 2):
+        assert time.monotonic() < deadline and stage.poll() is None
+        time.sleep(0.2)
+    stage.send_signal(signal.SIGINT)
+    assert stage.wait(120) == 130 and "interrupted" in stage.stderr.read()
+    leader, child = map(int, Path("pids").read_text().split())
+    assert _group_alive(leader) == [] and child not in _group_alive(os.getpgid(0))
