@@ -19,13 +19,10 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from nlistral.config import ConfigError
-from nlistral.llm.engine import Accept, Task
-from nlistral.llm.engine import generate as engine_generate
 from nlistral.model import base_info
 from nlistral.parsing import Answer, read_answer
 from nlistral.paths import BASE_DIR
 from nlistral.prompts import student_chat_prompt, student_prompt
-from nlistral.serving import running_server
 from nlistral.stages import StageError
 
 ENGINES = ("hf", "server")
@@ -104,6 +101,10 @@ def server_backend(cfg, model: str, namespace: str):
 
 def server_generation(cfg, rows, adapter_dir=None) -> tuple[list[Generation], float]:
     """Generations for `rows` from the served adapter (`adapter_dir` given) or base, and the seconds they took."""
+    from nlistral.llm.engine import Accept, Task  # here: the hf engine needs no HTTP client
+    from nlistral.llm.engine import generate as engine_generate
+    from nlistral.serving import running_server
+
     server, info = cfg.eval.server, base_info()
     fields = {"base": info["name_or_path"], "tokenizer": str(BASE_DIR)}
     if adapter_dir is not None:
@@ -129,7 +130,7 @@ def server_generation(cfg, rows, adapter_dir=None) -> tuple[list[Generation], fl
     with running_server(server, template, fields, model) as base_url:
         backend.base_url = base_url
         outcomes, stats = engine_generate(backend, [task(r) for r in rows.itertuples()], desc=f"generate ({model})",
-                                          cache_dir=cfg.get("llm_cache_dir"))  # fmt: skip
+                                                 cache_dir=cfg.get("llm_cache_dir"))  # fmt: skip
     outputs = []
     for outcome in outcomes:
         if outcome.error is not None:
