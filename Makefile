@@ -45,3 +45,13 @@ browser:
 
 lint: setup
 	ruff check .
+
+# The model server's own environment for eval.engine=server (README: Evaluation): vLLM pins its own torch and
+# transformers (requirements-vllm.txt), so it never shares .venv. A CUDA machine; run it as `.venv-vllm/bin/vllm`.
+.PHONY: vllm-env
+vllm-env: .venv-vllm/.installed
+
+.venv-vllm/.installed: requirements-vllm.txt
+	test -x .venv-vllm/bin/python || $(PYTHON) -m venv .venv-vllm
+	.venv-vllm/bin/python -m pip install --quiet -r requirements-vllm.txt
+	touch $@

@@ -1,9 +1,18 @@
-"""The three evaluate stages on the tiny model (in-process), the teacher baseline over real HTTP, engine selection."""
+"""The three evaluate stages on the tiny model (in-process), the teacher baseline over real HTTP, engine selection,
+and the student served by a real model server process (eval.engine=server) that the stage starts and stops."""
 
 import csv
 import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
 import sys
+import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -27,6 +36,7 @@ PREDICTION_KEYS = {"id", "premise", "hypothesis", "true_label", "predicted_label
                    "parse_error", "finish_reason", "output_tokens", "output"}  # fmt: skip
 COMPARISON_KEYS = {"a", "b", "n", "accuracy_a", "accuracy_b", "difference", "difference_ci95", "mcnemar_p",
                    "a_right_b_wrong", "a_wrong_b_right"}  # fmt: skip
+PREDICTIONS_FILE = "metrics/predictions.jsonl"
 FILES = {"base": ("metrics/eval_base.json", "metrics/predictions_base.jsonl"),
          "teacher": ("metrics/eval_teacher.json", "metrics/predictions_teacher.jsonl"),
          "fine-tuned": ("metrics/eval.json", "metrics/predictions.jsonl")}  # fmt: skip
@@ -173,13 +183,134 @@ def test_teacher_request_failures_over_the_limit_write_nothing(workdir, monkeypa
 
 @pytest.mark.parametrize(
     ("engine", "message"),
-    [("vllm", "eval.engine=vllm needs vLLM, which is not installed: `pip install vllm`"),
-     ("jax", "eval.engine='jax': choose from hf, vllm")],
+    [("vllm", "eval.engine='vllm': choose from hf, server; vLLM runs as a server: eval.engine=server"),
+     ("jax", "eval.engine='jax': choose from hf, server")],
 )  # fmt: skip
 @pytest.mark.parametrize("stage", ["evaluate", "evaluate-base"])
-def test_engine_selection_fails_clearly_before_loading_anything(workdir, monkeypatch, capsys, stage, engine, message):
-    monkeypatch.setitem(sys.modules, "vllm", None)  # vLLM absent, as on every CPU install
+def test_engine_selection_fails_clearly_before_loading_anything(workdir, capsys, stage, engine, message):
     assert cli.main([stage, f"eval.engine={engine}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"nlistral {stage}: error: {message}") and "Traceback" not in err
     assert not (workdir / "metrics").exists()
+
+
+# --- eval.engine=server: the stage starts tests/model_server.py (the stand-in for `vllm serve`) -----------------------
+SERVE = (f"{shlex.quote(sys.executable)} {shlex.quote(str(Path(__file__).with_name('model_server.py')))} {{base}} "
+         "--tokenizer {tokenizer} --port {port}")  # fmt: skip
+SERVE_LORA = SERVE + " --enable-lora --lora-modules {name}={adapter} --max-lora-rank {rank}"
+SPEED = ("samples_per_s", "output_tokens_per_s", "wall_time_s")
+
+
+@pytest.fixture
+def served(evaluated, tmp_path, monkeypatch):
+    """A copy of the evaluated repo (models, data, MLflow db, the teacher's predictions) whose params.yaml runs the
+    student stages with eval.engine=server; returns (hf results, a function writing params.yaml with settings)."""
+    root, cfg, results = evaluated
+    for name in ("models", "data"):
+        shutil.copytree(root / name, tmp_path / name)
+    for path in root.glob("mlflow.db*"):
+        shutil.copy(path, tmp_path / path.name)
+    (tmp_path / "metrics").mkdir()
+    shutil.copy(root / FILES["teacher"][1], tmp_path / FILES["teacher"][1])
+    monkeypatch.chdir(tmp_path)
+
+    def configure(**server):
+        settings = OmegaConf.merge(cfg, {"llm_cache_dir": str(tmp_path / ".cache"), "eval": {"engine": "server"}})
+        fast = {"max_concurrency": 1, "ready_timeout_s": 120, "backoff_base_s": 0.01, "max_retries": 1}
+        settings.eval.server.update({"command": SERVE_LORA, "base_command": SERVE, **fast, **server})
+        OmegaConf.save(settings, "params.yaml")
+
+    return root, results, configure
+
+
+def test_served_student_predictions_equal_hf_generation(served, capsys):
+    root, results, configure = served
+    configure()
+    assert cli.main(["evaluate-base"]) == 0 and cli.main(["evaluate"]) == 0
+    for model in ("base", "fine-tuned"):
+        metrics_path, predictions_path = FILES[model]
+        assert read_jsonl(predictions_path) == read_jsonl(root / predictions_path)  # ids, texts, labels, parse methods
+        metrics = json.loads(Path(metrics_path).read_text())
+        assert {k: v for k, v in metrics.items() if k not in SPEED} == {
+            k: v for k, v in results[model].items() if k not in SPEED
+        }  # the comparisons with both baselines included
+    # test rows 6-8 ask what rows 0-2 asked: sent once, the repeats answered from the reply cache
+    assert "server: 9 rows from 'adapter': 6 requests, 3 from the cache, 0 without a reply" in capsys.readouterr().out
+
+
+def test_a_server_that_dies_mid_run_leaves_failed_rows_a_rerun_resumes_and_a_new_adapter_is_asked_anew(
+    served, capsys, monkeypatch
+):
+    root, _, configure = served
+    configure()
+    monkeypatch.setenv("MODEL_SERVER_DIE_AFTER", "4")
+    assert cli.main(["evaluate"]) == 1
+    # rows 0-3 answered, then the server exits: rows 4 and 5 fail; 6-8 repeat 0-2's prompts (the reply cache)
+    assert "2 of 9 rows got no reply from the server (connection)" in capsys.readouterr().err
+    predictions, metrics = read_jsonl(PREDICTIONS_FILE), json.loads(Path("metrics/eval.json").read_text())
+    failed = [p for p in predictions if p["parse_error"] == "connection"]
+    assert [p["id"] for p in failed] == ["test-4", "test-5"] and all(p["output"] is None for p in failed)
+    assert metrics["n"] == 9 and metrics["parse_failures_by_reason"]["connection"] == 2
+    assert sum(metrics["confusion"].values()) + metrics["parse_failures"] == 9
+    monkeypatch.delenv("MODEL_SERVER_DIE_AFTER")
+    monkeypatch.setenv("MODEL_SERVER_REQUESTS_LOG", "requests.log")
+    assert cli.main(["evaluate"]) == 0
+    assert Path("requests.log").read_text().split() == ["adapter"] * 2  # only the failed rows are asked again
+    assert read_jsonl(PREDICTIONS_FILE) == read_jsonl(root / PREDICTIONS_FILE)
+    with open("models/adapter/mlflow_run.json", "a") as handle:  # another adapter: its content digest differs
+        handle.write("\n")
+    assert cli.main(["evaluate"]) == 0
+    assert Path("requests.log").read_text().split() == ["adapter"] * 8  # all 6 distinct prompts asked again
+
+
+def spawning(script: str) -> str:
+    """A server command that starts a child of its own (as servers start workers), writes both pids to ./pids, then
+    runs `script`: both processes must be gone when the stage has exited."""
+    code = ("import os, subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; "
+            "time.sleep(600)']); open('pids', 'w').write('%d %d' % (os.getpid(), child.pid)); " + script)  # fmt: skip
+    return f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}"
+
+
+def _group_alive(pgid: int) -> list[int]:
+    """Live (not zombie) processes in process group `pgid`, from /proc."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+@pytest.mark.parametrize(
+    ("script", "timeout", "message"),
+    [("print('loading weights', flush=True); time.sleep(600)", 3,
+      r"did not list 'models/base' at http://127\.0\.0\.1:\d+/v1/models within eval\.server\.ready_timeout_s=3"),
+     ("print('CUDA out of memory', flush=True); raise SystemExit(3)", 120, "exited with code 3 before serving")],
+)  # fmt: skip
+def test_a_server_command_that_never_serves_exits_2_with_its_log_and_leaves_no_process(served, capsys, script,
+                                                                                       timeout, message):  # fmt: skip
+    _, _, configure = served
+    configure(base_command=spawning(script), ready_timeout_s=timeout)
+    assert cli.main(["evaluate-base"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and ("loading weights" in err or "CUDA out of memory" in err)
+    leader, child = map(int, Path("pids").read_text().split())
+    assert _group_alive(leader) == [] and child not in _group_alive(os.getpgid(0))
+    assert not Path(FILES["base"][1]).exists()
+
+
+def test_ctrl_c_while_the_server_loads_stops_it(served):
+    _, _, configure = served
+    configure(base_command=spawning("time.sleep(600)"))
+    stage = subprocess.Popen([sys.executable, "-m", "nlistral", "evaluate-base"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (Path("pids").is_file() and len(Path("pids").read_text().split()) == 2):
+        assert time.monotonic() < deadline and stage.poll() is None
+        time.sleep(0.2)
+    stage.send_signal(signal.SIGINT)
+    assert stage.wait(120) == 130 and "interrupted" in stage.stderr.read()
+    leader, child = map(int, Path("pids").read_text().split())
+    assert _group_alive(leader) == [] and child not in _group_alive(os.getpgid(0))

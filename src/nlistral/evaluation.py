@@ -1,28 +1,48 @@
-"""Generation for the student stages (evaluate, evaluate_base): the student prompt, HF batched or vLLM generation.
+"""Generation for the student stages (evaluate, evaluate_base): the student prompt, through one of two engines.
 
-Scoring (prediction records, metrics) is nlistral.scoring.
+`eval.engine=hf`: batched greedy transformers generation in this process. `eval.engine=server`: each prompt as a chat
+message through the generation engine (nlistral.llm.engine: retries, progress, reply cache) to an OpenAI-compatible
+server that applies the same chat template and decodes greedily (vLLM, started by the stage from
+`eval.server.command` if set: nlistral.serving). A row the server never answered is a failure with the request's
+reason (`connection`, `server_error`, ...); more than `eval.server.max_failure_rate` of them fail the stage after its
+files are written. Scoring (prediction records, metrics) is nlistral.scoring.
 """
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from nlistral import paths
 from nlistral.config import ConfigError
 from nlistral.model import base_info
+from nlistral.parsing import Answer, read_answer
+from nlistral.paths import BASE_DIR
 from nlistral.prompts import student_chat_prompt, student_prompt
+from nlistral.stages import StageError
 
-ENGINES = ("hf", "vllm")
+ENGINES = ("hf", "server")
 
 
 @dataclass(frozen=True)
 class Generation:
-    text: str
-    finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens reached)
+    text: str | None
+    finish_reason: str | None  # "stop" (EOS) or "length" (max_new_tokens reached); None: no reply
     output_tokens: int
+    failure: str | None = None  # eval.engine=server: why the row got no reply (the request's reason)
+
+    def answer(self) -> Answer:
+        """The parsed output, or no label with the request's failure as the reason."""
+        return Answer(None, None, self.failure) if self.failure else read_answer(self.text, self.finish_reason)
+
+
+def student_messages(row) -> list[dict]:
+    """The conversation the student was trained on, up to its answer."""
+    return [{"role": "user", "content": student_prompt(row.premise, row.hypothesis)}]
 
 
 def student_prompts(rows, tokenizer) -> list[str]:
@@ -51,49 +71,95 @@ def generate(model, tokenizer, prompts, batch_size: int, max_new_tokens: int) ->
 
 
 def check_engine(cfg) -> None:
-    """`eval.engine` is hf or an importable vLLM; checked before any model is loaded."""
+    """`eval.engine` is one of ENGINES; checked before any model is loaded."""
     if cfg.eval.engine not in ENGINES:
-        raise ConfigError(f"eval.engine={cfg.eval.engine!r}: choose from {', '.join(ENGINES)}")
-    if cfg.eval.engine == "vllm":
-        try:
-            import vllm  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                "eval.engine=vllm needs vLLM, which is not installed: `pip install vllm` on a CUDA machine, "
-                "or use eval.engine=hf (batched transformers generation, the default)"
-            ) from None
+        hint = "; vLLM runs as a server: eval.engine=server (README: Evaluation)" if cfg.eval.engine == "vllm" else ""
+        raise ConfigError(f"eval.engine={cfg.eval.engine!r}: choose from {', '.join(ENGINES)}{hint}")
 
 
-def vllm_generate(cfg, prompts, tokenizer, adapter_dir=None) -> list[Generation]:
-    """Greedy generations through vLLM, the adapter (if any) served with its LoRA support at its trained rank."""
-    from vllm import LLM, SamplingParams
-    from vllm.lora.request import LoRARequest
+def content_digest(*dirs) -> str:
+    """sha256 over every file (relative path and bytes) in `dirs`: a retrained adapter or rebuilt base differs."""
+    digest = hashlib.sha256()
+    for folder in map(Path, dirs):
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            digest.update(f"{path.relative_to(folder)}\0".encode() + path.read_bytes())
+    return digest.hexdigest()
 
-    info = base_info()
-    lora_rank = json.loads((adapter_dir / "adapter_config.json").read_text())["r"] if adapter_dir else None
-    llm = LLM(
-        model=info["name_or_path"],
-        revision=info.get("revision"),
-        tokenizer=str(paths.BASE_DIR),
-        dtype=cfg.model.dtype,
-        quantization="bitsandbytes" if cfg.model.load_in_4bit else None,
-        enable_lora=adapter_dir is not None,
-        max_lora_rank=lora_rank or 16,  # vLLM's default is 16: a higher trained rank must be passed
-        seed=0,
-    )
-    params = SamplingParams(temperature=0.0, max_tokens=cfg.eval.max_new_tokens)
-    lora = LoRARequest("adapter", 1, str(adapter_dir)) if adapter_dir else None
-    token_prompts = [{"prompt_token_ids": tokenizer(p, add_special_tokens=False).input_ids} for p in prompts]
-    outputs = llm.generate(token_prompts, params, lora_request=lora)  # token ids: the template's BOS only once
-    return [Generation(o.outputs[0].text, o.outputs[0].finish_reason, len(o.outputs[0].token_ids)) for o in outputs]
+
+def server_backend(cfg, model: str, namespace: str):
+    """The generation engine's config for the served student: eval.server's transport keys, greedy, free."""
+    server = cfg.eval.server
+    keys = ("max_concurrency", "requests_per_second", "timeout_s", "max_retries", "backoff_base_s", "backoff_max_s",
+            "api_key_env")  # fmt: skip
+    return OmegaConf.create({
+        "backend": "openai", "mode": "sync", "base_url": server.base_url, "model": model, "cache_namespace": namespace,
+        "temperature": 0.0, "seed": None, "response_format": None, "max_tokens": cfg.eval.max_new_tokens,
+        "tokens_per_minute": 0, "price_input_per_mtok": 0.0, "price_output_per_mtok": 0.0, "budget_usd": None,
+        **{k: server[k] for k in keys},
+    })  # fmt: skip
+
+
+def server_generation(cfg, rows, adapter_dir=None) -> tuple[list[Generation], float]:
+    """Generations for `rows` from the served adapter (`adapter_dir` given) or base, and the seconds they took."""
+    from nlistral.llm.engine import Accept, Task  # here: the hf engine needs no HTTP client
+    from nlistral.llm.engine import generate as engine_generate
+    from nlistral.serving import running_server
+
+    server, info = cfg.eval.server, base_info()
+    fields = {"base": info["name_or_path"], "tokenizer": str(BASE_DIR)}
+    if adapter_dir is not None:
+        model, template = server.model, server.command
+        rank = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))["r"]
+        fields |= {"name": model, "adapter": str(adapter_dir), "rank": rank}
+        served = content_digest(adapter_dir, BASE_DIR)
+    else:
+        model, template = server.base_model_name or info["name_or_path"], server.base_command or server.command
+        served = content_digest(BASE_DIR)
+    # The cache answers the same model (content) asked the same way by the same command or server, on any port.
+    namespace = f"student {served} via {template or server.base_url}"
+    replies = {}
+
+    def task(row) -> Task:
+        def keep(reply):
+            replies[str(row.id)] = reply
+            return Accept({})
+
+        return Task(str(row.id), student_messages(row), keep, 0)
+
+    backend = server_backend(cfg, model, namespace)
+    with running_server(server, template, fields, model) as base_url:
+        backend.base_url = base_url
+        outcomes, stats = engine_generate(backend, [task(r) for r in rows.itertuples()], desc=f"generate ({model})",
+                                                 cache_dir=cfg.get("llm_cache_dir"))  # fmt: skip
+    outputs = []
+    for outcome in outcomes:
+        if outcome.error is not None:
+            outputs.append(Generation(None, None, 0, outcome.reason))
+        else:
+            reply = replies[outcome.id]
+            outputs.append(Generation(reply.text, reply.finish_reason, reply.completion_tokens))
+    failed = sum(g.failure is not None for g in outputs)
+    print(f"server: {len(outputs)} rows from {model!r}: {stats['requests']} requests, {stats['cache_hits']} from the "
+          f"cache, {failed} without a reply")  # fmt: skip
+    return outputs, stats["wall_s"]
+
+
+def check_failures(cfg, outputs: list[Generation]) -> None:
+    """After the stage wrote its files: StageError (exit 1) if more than eval.server.max_failure_rate of the rows got
+    no reply from the server; a re-run retries them, the answered rows come from the reply cache."""
+    failures = [g.failure for g in outputs if g.failure is not None]
+    if outputs and len(failures) / len(outputs) > cfg.eval.server.max_failure_rate:
+        raise StageError(f"{len(failures)} of {len(outputs)} rows got no reply from the server "
+                         f"({', '.join(sorted(set(failures)))}): recorded as failed; re-run to retry them "
+                         "(answered rows come from the reply cache)")  # fmt: skip
 
 
 def run_generation(cfg, rows, load_model, tokenizer, adapter_dir=None) -> tuple[list[Generation], float]:
-    """Generations for `rows` with the configured engine, and the seconds they took (model loading excluded)."""
+    """Generations for `rows` with the configured engine, and the seconds they took (model loading or server start
+    excluded). `load_model` is called only by the hf engine; the server serves `adapter_dir` (None: the base)."""
+    if cfg.eval.engine == "server":
+        return server_generation(cfg, rows, adapter_dir)
     prompts = student_prompts(rows, tokenizer)
-    if cfg.eval.engine == "vllm":
-        start = time.perf_counter()
-        return vllm_generate(cfg, prompts, tokenizer, adapter_dir), time.perf_counter() - start
     model = load_model()
     start = time.perf_counter()
     outputs = generate(model, tokenizer, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens)

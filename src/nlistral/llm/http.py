@@ -144,8 +144,11 @@ class HttpClient:
         return body
 
     def key(self, body: dict) -> str:
-        """Cache key: the endpoint and the whole request body (model, messages, generation params)."""
-        asked = json.dumps({"url": self.base_url + CHAT_PATH, "body": body}, sort_keys=True, ensure_ascii=False)
+        """Cache key: the endpoint and the whole request body (model, messages, generation params). A config's
+        `cache_namespace` stands in for the endpoint: what the model name does not pin and the URL need not (the
+        student's: the adapter's content digest and the server command, on whatever port it was started)."""
+        where = {"namespace": ns} if (ns := self.cfg.get("cache_namespace")) else {"url": self.base_url + CHAT_PATH}
+        asked = json.dumps({**where, "body": body}, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(asked.encode()).hexdigest()
 
     # --- chat ----------------------------------------------------------------------------------------------------

@@ -16,10 +16,9 @@ from mlflow.exceptions import MlflowException
 
 from nlistral.compare import CompareError, compare_records
 from nlistral.config import tracking_uri
-from nlistral.evaluation import check_engine, run_generation
+from nlistral.evaluation import check_engine, check_failures, run_generation
 from nlistral.io import read_jsonl, write_csv, write_json, write_jsonl
 from nlistral.model import base_info, load_adapter_model, load_tokenizer
-from nlistral.parsing import read_answer
 from nlistral.paths import (
     ADAPTER_DIR,
     ADAPTER_MLFLOW_RUN,
@@ -87,7 +86,7 @@ def run(cfg) -> dict:
     tokenizer = load_tokenizer(ADAPTER_DIR)
     outputs, wall = run_generation(cfg, rows, lambda: load_adapter_model(cfg), tokenizer, ADAPTER_DIR)
 
-    answers = [read_answer(g.text, g.finish_reason) for g in outputs]
+    answers = [g.answer() for g in outputs]
     records = [prediction(row, g.text, g.finish_reason, g.output_tokens, answer)
                for row, g, answer in zip(rows.itertuples(), outputs, answers, strict=True)]  # fmt: skip
     metrics = eval_metrics(cfg, records, "fine-tuned", base_info()["name_or_path"], wall)
@@ -100,6 +99,7 @@ def run(cfg) -> dict:
     by_length = accuracy_by_length(rationale_tokens(tokenizer, records, answers), [r["correct"] for r in records])
     write_csv(PLOT_ACCURACY_BY_LENGTH, by_length, ("rationale_tokens", "rows", "accuracy"))
     write_json(EVAL_METRICS, metrics)
+    check_failures(cfg, outputs)
     _log_to_training_run(cfg, metrics)
     print(f"evaluate: accuracy {metrics['accuracy']} (95% CI {metrics['accuracy_ci95']}), f1 {metrics['f1']}, "
           f"{metrics['parse_failures']}/{metrics['n']} unparsed -> {EVAL_METRICS}")  # fmt: skip

@@ -1,0 +1,144 @@
+"""A real OpenAI-compatible model server on 127.0.0.1 for the tests and bench: the stand-in for `vllm serve`.
+
+    python tests/model_server.py BASE [--tokenizer DIR] [--enable-lora] [--lora-modules NAME=DIR ...]
+        [--max-lora-rank R] [--port P]
+
+Like vLLM it loads the base weights (transformers, float32) and each LoRA adapter (peft) under its name, lists the
+base (as BASE) and the adapters at GET /v1/models, and answers POST /v1/chat/completions for either: the tokenizer's
+chat template applied to the messages with the generation prompt, tokenized without added special tokens, greedy
+decoding for `max_tokens`, finish_reason `stop` at EOS (EOS not in the text) or `length`. `usage.completion_tokens`
+counts the tokens before EOS (vLLM's count includes the EOS). It serves one request at a time; it refuses a
+temperature other than 0 (this server only decodes greedily).
+
+For the tests, set in the environment (so the command, part of the reply cache's key, stays the same):
+MODEL_SERVER_DIE_AFTER=N exits (code 3, no reply) when chat request N + 1 arrives; MODEL_SERVER_REQUESTS_LOG=FILE
+appends one line (the model name) per chat request it answers.
+"""
+
+import argparse
+import json
+import os
+import threading
+import time
+import uuid
+from contextlib import nullcontext
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+class Model:
+    def __init__(self, base: str, tokenizer: str | None, adapters: dict[str, str]):
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or base, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, local_files_only=True)
+        if adapters:
+            from peft import PeftModel
+
+            names = iter(adapters)
+            first = next(names)
+            model = PeftModel.from_pretrained(model, adapters[first], adapter_name=first)
+            for name in names:
+                model.load_adapter(adapters[name], adapter_name=name)
+        self.model = model.eval()
+        self.base = base
+        self.adapters = adapters
+        self.lock = threading.Lock()
+
+    @torch.inference_mode()
+    def complete(self, name: str, messages: list[dict], max_tokens: int) -> tuple[str, str, int, int]:
+        tok = self.tokenizer
+        prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        with self.lock:
+            if name in self.adapters:
+                self.model.set_adapter(name)
+                out = self.model.generate(input_ids=ids, max_new_tokens=max_tokens, do_sample=False,
+                                          pad_token_id=tok.pad_token_id)  # fmt: skip
+            else:
+                with self.model.disable_adapter() if self.adapters else nullcontext():
+                    out = self.model.generate(input_ids=ids, max_new_tokens=max_tokens, do_sample=False,
+                                              pad_token_id=tok.pad_token_id)  # fmt: skip
+        new = out[0, ids.shape[1] :].tolist()
+        stopped = tok.eos_token_id in new
+        new = new[: new.index(tok.eos_token_id)] if stopped else new
+        return tok.decode(new, skip_special_tokens=True), "stop" if stopped else "length", ids.shape[1], len(new)
+
+
+def serve(model: Model, port: int, die_after: int | None, requests_log: str | None) -> None:
+    served = [0]
+    names = [model.base, *model.adapters]
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def send(self, status: int, payload: dict) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path.rstrip("/") != "/v1/models":
+                return self.send(404, {"message": "Not Found"})
+            return self.send(200, {"object": "list", "data": [{"id": n, "object": "model"} for n in names]})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+            if self.path.rstrip("/") != "/v1/chat/completions":
+                return self.send(404, {"message": "Not Found"})
+            if die_after is not None and served[0] >= die_after:
+                os._exit(3)
+            if body.get("model") not in names:
+                return self.send(404, {"message": f"The model `{body.get('model')}` does not exist."})
+            if body.get("temperature", 1.0) != 0:
+                return self.send(400, {"message": "this server decodes greedily only: send temperature 0"})
+            text, finish, prompt_tokens, completion_tokens = model.complete(
+                body["model"], body["messages"], int(body.get("max_tokens") or 16)
+            )
+            served[0] += 1
+            if requests_log:
+                with open(requests_log, "a", encoding="utf-8") as log:
+                    log.write(body["model"] + "\n")
+            return self.send(200, {
+                "id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": int(time.time()),
+                "model": body["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens},
+            })  # fmt: skip
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    httpd.daemon_threads = True
+    print(f"serving {', '.join(names)} on http://127.0.0.1:{httpd.server_address[1]}/v1", flush=True)
+    httpd.serve_forever(0.1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("base")
+    parser.add_argument("--tokenizer")
+    parser.add_argument("--enable-lora", action="store_true")
+    parser.add_argument("--lora-modules", nargs="*", default=[], metavar="NAME=DIR")
+    parser.add_argument("--max-lora-rank", type=int, default=16)
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args()
+    adapters = dict(module.split("=", 1) for module in args.lora_modules)
+    if adapters and not args.enable_lora:
+        parser.error("--lora-modules needs --enable-lora")
+    for name, path in adapters.items():
+        rank = json.loads(Path(path, "adapter_config.json").read_text(encoding="utf-8"))["r"]
+        if rank > args.max_lora_rank:
+            parser.error(f"adapter {name} has rank {rank} > --max-lora-rank {args.max_lora_rank}")
+    die_after = int(os.environ["MODEL_SERVER_DIE_AFTER"]) if os.environ.get("MODEL_SERVER_DIE_AFTER") else None
+    serve(Model(args.base, args.tokenizer, adapters), args.port, die_after, os.environ.get("MODEL_SERVER_REQUESTS_LOG"))
+
+
+if __name__ == "__main__":
+    main()
