@@ -6,9 +6,7 @@ import logging
 import os
 import sys
 
-from nlistral.compare import CompareError
 from nlistral.config import PARAMS_FILE, ConfigError, compose_params, load_config
-from nlistral.data import DataError
 from nlistral.paths import PREDICTIONS, MissingInput
 from nlistral.stages import StageError
 
@@ -95,7 +93,9 @@ def main(argv=None) -> int:
     for name, value in TELEMETRY_OFF.items():
         os.environ.setdefault(name, value)
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # --help exits here: it imports nothing heavy (no pandas, scipy, torch)
+    from nlistral.compare import CompareError  # scipy
+    from nlistral.data import DataError  # pandas
     if getattr(args, "reference", None) and not (args.experiments or args.all):
         parser.error("--reference needs --experiments or --all")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,77 @@
+"""Commands import what they use: the LLM and report commands load no deep-learning stack, `--help` not even pandas.
+
+Each command runs for real (in a fresh interpreter, on the sample data with the offline backends) and reports the
+top-level packages it loaded. `report` and `compare` read a whole pipeline's outputs: `compare` runs on two small
+predictions files, `report` is checked as the CLI imports it.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEEP_LEARNING = {"torch", "transformers", "trl", "peft", "bitsandbytes"}
+HEAVY = DEEP_LEARNING | {"scipy", "pandas", "mlflow", "datasets", "matplotlib"}
+
+RUN_AND_LIST = """
+import contextlib, io, json, sys
+from nlistral import cli
+with contextlib.redirect_stdout(io.StringIO()):
+    try:
+        code = cli.main(sys.argv[1:])
+    except SystemExit as exit:
+        code = exit.code
+heavy = json.loads(sys.stdin.read())
+print(json.dumps({"exit": code, "loaded": sorted({m.split(".")[0] for m in sys.modules} & set(heavy))}))
+"""
+
+
+def loaded_by(cwd: Path, *args: str) -> set[str]:
+    done = subprocess.run([sys.executable, "-c", RUN_AND_LIST, *args], cwd=cwd, input=json.dumps(sorted(HEAVY)),
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["exit"] == 0, (args, done.stderr[-2000:])
+    return set(result["loaded"])
+
+
+@pytest.fixture(scope="module")
+def sample_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("imports")
+    shutil.copytree(REPO / "conf", root / "conf")
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    shutil.copytree(REPO / "data" / "sample", root / "data" / "sample")
+    predictions = [{"id": str(i), "premise": "p", "hypothesis": f"h{i}", "true_label": i % 2,
+                    "predicted_label": 1, "correct": i % 2 == 1} for i in range(6)]  # fmt: skip
+    for name in ("a.jsonl", "b.jsonl"):
+        (root / name).write_text("".join(json.dumps(p) + "\n" for p in predictions))
+    return root
+
+
+def test_help_imports_no_pandas_scipy_or_deep_learning(sample_root):
+    assert loaded_by(sample_root, "--help") == set()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("thoughts", "--split", "dev"),
+        ("reflections", "--split", "dev"),  # after thoughts (parametrize keeps this order)
+        ("estimate", "--split", "dev"),
+        ("evaluate-teacher", "eval.limit=5"),
+        ("compare", "a.jsonl", "b.jsonl", "--bootstrap", "200"),
+    ],
+    ids=lambda args: args[0],
+)
+def test_llm_and_scoring_commands_import_no_deep_learning(sample_root, monkeypatch, args):
+    monkeypatch.setenv("NLISTRAL_CACHE_DIR", str(sample_root / "cache"))
+    assert not loaded_by(sample_root, *args) & DEEP_LEARNING
+
+
+def test_report_stage_imports_no_deep_learning():
+    code = "import sys, nlistral.cli, nlistral.stages.report; print(' '.join(sys.modules))"
+    modules = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert not {m.split(".")[0] for m in modules} & DEEP_LEARNING
