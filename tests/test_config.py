@@ -39,14 +39,23 @@ def test_backend_options_compose_to_the_same_keys():
         assert all(keys == first for keys in key_sets.values()), key_sets
 
 
-def test_backend_options_hold_only_what_differs_from_their_base():
-    for path in [*(CONF / "teacher").glob("*.yaml"), *(CONF / "reflector").glob("*.yaml")]:
-        option = yaml.safe_load(path.read_text())
-        base_name = option["defaults"][0].split("@")[0].lstrip("/")
-        base = yaml.safe_load((CONF / f"{base_name}.yaml").read_text())
-        common = yaml.safe_load((CONF / "llm" / "common.yaml").read_text())
-        repeated = {k for k, v in option.items() if k != "defaults" and (base.get(k, common.get(k)) == v)}
-        assert not repeated, f"{path} repeats {repeated} from its base"
+def inherited(path: Path) -> dict:
+    """What a config file's `defaults: [- base@_here_]` chain gives it, before its own values."""
+    values = {}
+    for entry in yaml.safe_load(path.read_text()).get("defaults", []):
+        if isinstance(entry, str) and entry.endswith("@_here_"):
+            name = entry.removesuffix("@_here_")
+            base = CONF / f"{name.lstrip('/')}.yaml" if name.startswith("/") else path.parent / f"{name}.yaml"
+            values |= inherited(base) | {k: v for k, v in yaml.safe_load(base.read_text()).items() if k != "defaults"}
+    return values
+
+
+@pytest.mark.parametrize("group", ["teacher", "reflector", "llm", "model"])
+def test_options_and_bases_hold_only_what_differs_from_what_they_inherit(group):
+    for path in (CONF / group).glob("*.yaml"):
+        option, base = yaml.safe_load(path.read_text()) or {}, inherited(path)
+        repeated = {k for k, v in option.items() if k != "defaults" and base.get(k, KeyError) == v}
+        assert not repeated, f"{path} repeats {repeated} from what it inherits"
 
 
 def test_no_secret_values_in_conf():
@@ -122,15 +131,6 @@ def _leaves(tree: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-def test_model_options_hold_only_what_differs_from_their_base():
-    for path in (CONF / "model").glob("*.yaml"):
-        option = yaml.safe_load(path.read_text())
-        base_name = option["defaults"][0].split("@")[0]
-        base = yaml.safe_load((CONF / "model" / f"{base_name}.yaml").read_text())
-        repeated = {k for k, v in option.items() if k != "defaults" and base.get(k, KeyError) == v}
-        assert not repeated, f"{path} repeats {repeated} from {base_name}"
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
