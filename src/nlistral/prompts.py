@@ -100,7 +100,9 @@ def inst_prompt(prompt: str) -> str:
 
 
 def sft_text(prompt: str, completion: str) -> str:
-    """The full training string with exactly one BOS and one EOS."""
+    """The row as one Mistral-format string (`text` in the fine-tuning JSONL, for readers and other tools): one BOS,
+    one EOS. Training does not read it: TRL renders `prompt`/`completion` through the tokenizer's chat template, which
+    for the Mistral format gives exactly this string (tests/test_model_stages.py checks the two agree)."""
     return f"<s>{inst_prompt(prompt)} {completion}</s>"
 
 
