@@ -100,8 +100,8 @@ def test_every_model_is_scored_on_every_set_with_the_rows_tags(evaluated):
             records = read_jsonl(root / f"metrics/test_sets/{name}/{predictions}.jsonl")
             assert len(records) == n and metrics[name, model]["n"] == n and metrics[name, model]["set"] == name
             assert metrics[name, model]["accuracy"] == round(sum(r["correct"] for r in records) / n, 4)
-            assert json.loads((root / f"metrics/test_sets/{name}/eval{predictions[11:]}.json").read_text()) == (
-                metrics[name, model])
+            written = json.loads((root / f"metrics/test_sets/{name}/eval{predictions[11:]}.json").read_text())
+            assert written == metrics[name, model]
         summary = json.loads((root / f"metrics/test_sets/{name}.json").read_text())
         assert summary == summaries[name] and set(summary["models"]) == {"fine-tuned", "base", "teacher"}
     tagged = read_jsonl(root / "metrics/test_sets/tagged/predictions_teacher.jsonl")
@@ -114,8 +114,8 @@ def test_every_model_is_scored_on_every_set_with_the_rows_tags(evaluated):
 
 
 def test_per_tag_accuracy_is_the_hand_count():
-    records = [{"correct": c, "tags": {"phenomenon": t}} for c, t in [
-        (True, "negation"), (False, "negation"), (True, "negation"), (False, "numbers"), (True, "word_order")]]
+    hand = [(True, "negation"), (False, "negation"), (True, "negation"), (False, "numbers"), (True, "word_order")]
+    records = [{"correct": c, "tags": {"phenomenon": t}} for c, t in hand]
     table = summarise_set.by_tag(records, ["phenomenon"], 200, 0)["phenomenon"]
     assert {value: (cell["n"], cell["accuracy"]) for value, cell in table.items()} == {
         "negation": (3, 0.6667), "numbers": (1, 0.0), "word_order": (1, 1.0)}  # fmt: skip
@@ -178,8 +178,8 @@ def test_ready_configs_compose_with_binary_label_maps():
     composed = compose_params(["experiment=generalisation"], conf_dir=REPO / "conf")
     sets = __import__("yaml").safe_load(composed)["eval"]["test_sets"]
     assert list(sets) == ["diagnostic", "mnli_matched", "mnli_mismatched", "anli_r1", "anli_r2", "anli_r3", "hans"]
-    assert sets["hans"]["tags"] == ["heuristic", "subcase"] and sets["hans"]["labels"] == {"entailment": 1,
-                                                                                         "non-entailment": 0}
+    assert sets["hans"]["tags"] == ["heuristic", "subcase"]
+    assert sets["hans"]["labels"] == {"entailment": 1, "non-entailment": 0}
     for name, spec in sets.items():
         assert set(spec.get("labels", {"x": 0}).values()) <= {0, 1}, name
         assert spec["watch"] in (spec["path"], f"conf/test_set/{name}.yaml"), name

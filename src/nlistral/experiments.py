@@ -83,8 +83,9 @@ def table(runs: dict, reference: str, resamples: int, seed: int) -> str:
     return "\n".join(lines)
 
 
-def compare_experiments(experiments: list[str] | None, reference: str | None, resamples: int, seed: int,
-                        set_name: str | None = None) -> str:
+def compare_experiments(
+    experiments: list[str] | None, reference: str | None, resamples: int, seed: int, set_name: str | None = None
+) -> str:
     names = experiments or all_experiments()
     reference = reference or names[0]
     names = [reference, *(name for name in names if name != reference)]  # the reference first

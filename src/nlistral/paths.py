@@ -1,5 +1,6 @@
 """Every stage input and output, named once. dvc.yaml repeats them (DVC needs literal paths); a test checks the two
-agree. `{split}` is train or dev (test too for prepare), `{set}` a name in eval.test_sets. Inputs under `data.dir` come from the config, not from here.
+agree. `{split}` is train or dev (test too for prepare), `{set}` a name in eval.test_sets. Inputs under `data.dir`
+come from the config, not from here.
 
 `require` is how a stage checks its inputs before doing any work: a missing one is a clear error naming the file
 and the stage that writes it.
