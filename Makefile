@@ -28,6 +28,9 @@ run: setup
 	@echo
 	dvc metrics show metrics/eval.json
 	@echo
+	@# the extra test sets (eval.test_sets): accuracy per set, model and tag, from reports/results.md
+	@sed -n '/^## Extra test sets/,/^## Data funnel/p' reports/results.md | sed '$$d'
+	@echo "Test sets: metrics/test_sets/<set>.json (per model, per tag, comparisons), predictions in metrics/test_sets/<set>/"
 	@echo "Outputs: data/{original_thoughts,reflected_thoughts,finetune}/, models/adapter/, metrics/"
 	@echo "Metrics: $(VENV)/bin/dvc metrics show (every stage)    Plots: $(VENV)/bin/dvc plots show"
 	@echo "Runs:    $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db"

@@ -15,12 +15,16 @@ SPLITS = ("train", "dev")
 PREPARED_SPLITS = ("train", "dev", "test")  # prepare's `foreach: ${data.prepare}` lists at most these
 
 
+TEST_SETS = tuple(yaml.safe_load((REPO / "params.yaml").read_text())["eval"]["test_sets"])  # the default sets
+FOREACH = {"${data.prepare}": PREPARED_SPLITS, "${eval.test_sets}": TEST_SETS}  # dvc.yaml foreach: what it lists
+
+
 def expand(entries, item=None) -> set[str]:
-    """dvc.yaml deps/outs entries (strings or {path: options}) with ${item} filled in."""
+    """dvc.yaml deps/outs entries (strings or {path: options}) with ${item} (${key} of a dict) filled in."""
     names = set()
     for entry in entries:
         name = next(iter(entry)) if isinstance(entry, dict) else entry
-        names.add(name.replace("${item}", item) if item else name)
+        names.add(name.replace("${item}", item).replace("${key}", item) if item else name)
     return names
 
 
@@ -29,19 +33,19 @@ def dvc_stages() -> dict[str, dict]:
     stages = {}
     for name, stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items():
         items = stage.get("foreach") or [None]
-        for item in PREPARED_SPLITS if isinstance(items, str) else items:
+        for item in FOREACH[items] if isinstance(items, str) else items:
             body = stage.get("do", stage)
             stages[f"{name}@{item}" if item else name] = {
                 "deps": expand(body.get("deps", []), item),
-                "outs": expand(body.get("outs", []), item),
+                "outs": expand(body.get("outs", []) + body.get("metrics", []), item),
             }
     return stages
 
 
 def declared_paths() -> set[str]:
-    """Every path constant in nlistral.paths, per split; files inside an output folder are not outs themselves."""
+    """Every path constant in nlistral.paths, per split and test set; files inside an output folder are not outs."""
     values = {str(v) for k, v in vars(paths).items() if k.isupper() and isinstance(v, str | Path)}
-    expanded = {v.format(split=split) for v in values for split in SPLITS}
+    expanded = {v.format(split=split, set=name) for v in values for split in SPLITS for name in TEST_SETS}
     expanded |= {paths.PREPARE_METRICS.format(split=split) for split in PREPARED_SPLITS}
     return {p for p in expanded if not any(p.startswith(f"{other}/") for other in expanded)}
 
@@ -61,7 +65,8 @@ def test_dvc_yaml_deps_on_stage_outputs_are_in_the_paths_module():
     produced = declared_paths()
     for name, stage in dvc_stages().items():
         outputs = {d for d in stage["deps"] if d.split("/")[0] in ("metrics", "models", "data") and "$" not in d}
-        assert outputs - {d for d in outputs if d.startswith("data/") and d not in produced} <= produced, name
+        folders = {d for d in outputs if any(p.startswith(f"{d}/") for p in produced)}  # e.g. report: metrics/test_sets
+        assert outputs - folders - {d for d in outputs if d.startswith("data/") and d not in produced} <= produced, name
 
 
 def test_importing_a_stage_imports_no_other_stage():

@@ -43,6 +43,39 @@ def run(*cmd, cwd):
     return result.stdout + result.stderr
 
 
+HANS_LIKE = {
+    "premise": ["The doctor paid the actor.", "The judge near the lawyer slept.", "Maybe the poet danced.",
+                "The banker saw the tourist."],
+    "hypothesis": ["The actor paid the doctor.", "The lawyer slept.", "The poet danced.", "The banker saw someone."],
+    "label": [1, 1, 1, 0],
+    "heuristic": ["lexical_overlap", "subsequence", "constituent", "lexical_overlap"],
+}  # fmt: skip
+
+
+def add_dataset_test_set(root):
+    """A second extra test set: a `datasets` folder (save_to_disk, HANS's two-class ClassLabel) with a label map."""
+    import datasets
+
+    features = datasets.Features({"premise": datasets.Value("string"), "hypothesis": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["entailment", "non-entailment"]),
+                                  "heuristic": datasets.Value("string")})  # fmt: skip
+    datasets.DatasetDict({"validation": datasets.Dataset.from_dict(HANS_LIKE, features=features)}).save_to_disk(
+        root / "data" / "hanslike"
+    )
+    (root / "conf" / "test_set" / "hanslike.yaml").write_text(
+        "path: data/hanslike\nwatch: data/hanslike\nconfig: null\nrevision: null\nsplit: validation\n"
+        "columns: {premise: premise, hypothesis: hypothesis, label: label, id: null}\n"
+        "labels: {entailment: 1, non-entailment: 0}\ntags: [heuristic]\nlimit: null\n"
+    )
+    eval_conf = root / "conf" / "eval" / "default.yaml"
+    eval_conf.write_text(eval_conf.read_text().replace(
+        "  - _self_", "  - /test_set@test_sets.hanslike: hanslike\n  - _self_", 1))  # fmt: skip
+
+
+SET_STAGES = {f"{stage}@{name}" for stage in ("evaluate_set", "evaluate_set_base", "evaluate_set_teacher",
+              "summarise_set") for name in ("diagnostic", "hanslike")}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """A git copy of the repo with a small sample and short training, after one `dvc repro`."""
@@ -56,6 +89,10 @@ def pipeline(tmp_path_factory):
     for split, n in ROWS.items():
         path = root / "data" / "sample" / f"{split}.csv"
         path.write_text("".join(path.read_text().splitlines(keepends=True)[: n + 1]))
+    diagnostic = root / "data" / "sample" / "diagnostic.csv"  # the default tagged CSV set, every 3rd row
+    lines = diagnostic.read_text().splitlines(keepends=True)
+    diagnostic.write_text("".join([lines[0], *lines[1::3]]))
+    add_dataset_test_set(root)
     train_conf = root / "conf" / "train" / "default.yaml"
     train_conf.write_text(train_conf.read_text().replace("num_epochs: 10", "num_epochs: 2"))
     run(sys.executable, "-m", "nlistral", "params", cwd=root)
@@ -86,6 +123,21 @@ def test_metrics_hold_the_documented_keys(pipeline):
         assert keys <= set(metrics), f"{path} lacks {keys - set(metrics)}"
     shown = run("dvc", "metrics", "show", "--json", cwd=pipeline)
     assert "eval.json" in shown and "sft_dev.json" in shown
+
+
+def test_every_model_is_evaluated_on_both_extra_test_sets(pipeline):
+    for name, n, tag in (("diagnostic", 12, "phenomenon"), ("hanslike", 4, "heuristic")):
+        summary = json.loads((pipeline / f"metrics/test_sets/{name}.json").read_text())
+        assert set(summary["models"]) == {"fine-tuned", "base", "teacher"} and summary["n"] == n
+        for model in summary["models"].values():
+            assert {"accuracy", "accuracy_ci95", "macro_f1", "parse_failure_rate", "by_tag"} <= set(model)
+            assert sum(cell["n"] for cell in model["by_tag"][tag].values()) == n
+        assert set(summary["comparisons"]) == {"base", "teacher"}
+        for suffix in ("", "_base", "_teacher"):
+            assert len(read_jsonl(pipeline / f"metrics/test_sets/{name}/predictions{suffix}.jsonl")) == n
+        assert f"| {name} | fine-tuned |" in (pipeline / "reports/results.md").read_text()
+    hans = read_jsonl(pipeline / "metrics/test_sets/hanslike/predictions_teacher.jsonl")
+    assert [r["true_label"] for r in hans] == [0, 0, 0, 1]  # ClassLabel entailment (0) -> 1, non-entailment -> 0
 
 
 def test_second_repro_reruns_nothing(pipeline):
@@ -176,7 +228,8 @@ def test_readme_sharing_commands_push_to_s3_and_a_collaborator_pulls_a_clean_pip
 def test_train_param_change_reruns_only_train_evaluate_and_report(pipeline):
     out = run("dvc", "exp", "run", "-S", "train.learning_rate=0.001", cwd=pipeline)
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train", "evaluate", "report"}, out
+    tuned = {f"{stage}@{name}" for stage in ("evaluate_set", "summarise_set") for name in ("diagnostic", "hanslike")}
+    assert ran == {"train", "evaluate", "report"} | tuned, out
 
 
 def test_an_experiment_can_be_diffed_plotted_and_compared(pipeline):
@@ -185,8 +238,8 @@ def test_an_experiment_can_be_diffed_plotted_and_compared(pipeline):
     out = run("dvc", "exp", "run", "-n", "reseeded", "-S", "eval.seed=7", cwd=pipeline)
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     # train re-runs too when an earlier test's `-S train.*` experiment left its params in the workspace
-    assert {"evaluate_base", "evaluate_teacher", "evaluate", "report"} <= ran <= {
-        "evaluate_base", "evaluate_teacher", "evaluate", "report", "train"}, out  # fmt: skip
+    assert {"evaluate_base", "evaluate_teacher", "evaluate", "report"} | SET_STAGES <= ran <= {
+        "evaluate_base", "evaluate_teacher", "evaluate", "report", "train"} | SET_STAGES, out  # fmt: skip
     diff = run("dvc", "metrics", "diff", "--all", "--md", cwd=pipeline)
     assert all(f"metrics/{name}.json" in diff for name in ("eval", "eval_base", "eval_teacher"))
     run("dvc", "plots", "show", "-o", "plots", cwd=pipeline)
@@ -196,3 +249,18 @@ def test_an_experiment_can_be_diffed_plotted_and_compared(pipeline):
     result = json.loads((pipeline / "cmp.json").read_text())
     assert (result["a"], result["b"], result["n"]) == ("HEAD", "reseeded", ROWS["test"])
     assert f"B - A = {result['difference']:+.4f}" in out
+
+
+def test_a_change_to_one_test_set_reruns_only_its_stages(pipeline):
+    """Last: it changes the workspace. A label fixed in the diagnostic CSV: its four stages and the report, no other."""
+    path = pipeline / "data" / "sample" / "diagnostic.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    lines[1] = lines[1].replace(",0,lexical_overlap", ",1,lexical_overlap")
+    path.write_text("".join(lines))
+    out = run("dvc", "status", cwd=pipeline)
+    status = {line[:-1] for line in out.splitlines() if line.endswith(":") and not line[0].isspace()}
+    assert status == {f"{stage}@diagnostic" for stage in ("evaluate_set", "evaluate_set_base",
+                                                               "evaluate_set_teacher")}, status  # fmt: skip
+    out = run("dvc", "repro", cwd=pipeline)
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {s for s in SET_STAGES if s.endswith("@diagnostic")} | {"report"}, out

@@ -103,6 +103,27 @@ def write_train_and_eval_outputs(cfg):
                         "eval_loss": round(5.0 - step * 0.12, 4) if step % 10 == 0 else "",
                         "learning_rate": 0.002, "grad_norm": 0.91, "tokens_per_s": 702.1})  # fmt: skip
     write_csv(paths.TRAIN_HISTORY, history, history[0].keys())
+    write_test_set_outputs(cfg)
+
+
+def write_test_set_outputs(cfg):
+    """What evaluate-set writes for each default test set (the diagnostic CSV), then the real summarise-set stage."""
+    from nlistral.stages import evaluate_set, summarise_set
+
+    for name in cfg.eval.test_sets:
+        rows, source = evaluate_set.set_rows(cfg, name)
+        rows = [{"id": r.id, "premise": r.premise, "hypothesis": r.hypothesis, "label": int(r.label)}
+                for r in rows.itertuples()]  # fmt: skip
+        tags = evaluate_set.set_rows(cfg, name)[0][source["tags"]].to_dict("records")
+        for model, right, ci in (("fine-tuned", lambda i: i % 4, [0.6, 0.86]), ("base", lambda i: i % 2 == 0,
+                                 [0.33, 0.67]), ("teacher", lambda i: i % 3, [0.5, 0.8])):  # fmt: skip
+            preds = predictions(rows, right)
+            for p, tag in zip(preds, tags, strict=True):
+                p["tags"] = tag
+            predictions_path, metrics_path = (t.format(set=name) for t in paths.SET_FILES[model])
+            write_jsonl(predictions_path, preds)
+            write_json(metrics_path, source | eval_metrics(model, "models/base", preds, ci))
+        summarise_set.run(cfg, name)
 
 
 @pytest.fixture(scope="session")
@@ -160,6 +181,19 @@ def test_report_writes_results_cards_and_page(reported):
         assert f"| {split} |" in (reported / paths.REPORT_DATASET_CARD).read_text()
 
 
+def test_report_lists_every_test_set_with_its_per_tag_table(reported):
+    results = (reported / paths.REPORT_RESULTS).read_text()
+    summary = json.loads((reported / paths.SET_METRICS.format(set="diagnostic")).read_text())
+    for name, model in (("fine-tuned", "fine-tuned"), ("base", "base zero-shot"), ("teacher", "teacher")):
+        m = summary["models"][name]
+        cells = f"{report.pct(m['accuracy'])} | {report.interval(m['accuracy_ci95'])}"
+        assert f"| diagnostic | {model} | 36 | {cells} |" in results
+    assert "### diagnostic: accuracy by phenomenon" in results
+    negation = next(line for line in results.splitlines() if line.startswith("| negation |"))
+    cells = summary["models"]["teacher"]["by_tag"]["phenomenon"]["negation"]
+    assert negation.startswith("| negation | 6 |") and report.pct(cells["accuracy"]) in negation
+
+
 def test_cards_have_hugging_face_metadata(reported):
     from huggingface_hub import DatasetCard, ModelCard
     from huggingface_hub.repocard_data import model_index_to_eval_results
@@ -169,8 +203,12 @@ def test_cards_have_hugging_face_metadata(reported):
     assert card.data.license == "mit" and card.data.pipeline_tag == "text-generation"
     _, results = model_index_to_eval_results(card.data.to_dict()["model-index"])
     eval_json = json.loads((reported / paths.EVAL_METRICS).read_text())
-    assert {r.metric_type: r.metric_value for r in results} == {"accuracy": eval_json["accuracy"],
-                                                                "f1": eval_json["macro_f1"]}  # fmt: skip
+    assert {r.metric_type: r.metric_value for r in results if r.dataset_name == "sample"} == {
+        "accuracy": eval_json["accuracy"], "f1": eval_json["macro_f1"]}  # fmt: skip
+    diagnostic = json.loads((reported / paths.SET_METRICS.format(set="diagnostic")).read_text())
+    assert {r.metric_type: r.metric_value for r in results if r.dataset_name == "diagnostic"} == {
+        "accuracy": diagnostic["models"]["fine-tuned"]["accuracy"],
+        "f1": diagnostic["models"]["fine-tuned"]["macro_f1"]}  # fmt: skip
     data_card = DatasetCard((reported / paths.REPORT_DATASET_CARD).read_text())
     assert data_card.data.configs[0]["data_files"][0] == {"split": "train", "path": "train_ft.jsonl"}
     assert data_card.data.license == "mit"
@@ -303,6 +341,14 @@ def test_page_in_headless_chromium(reported, tmp_path):
         page.locator("#rows details.row").first.locator("summary").click()  # row 0: its output holds the script
         assert INJECTED in page.locator("#rows details.row").first.inner_text()
         page.screenshot(path=tmp_path / "report.png", full_page=True)
+
+        page.click("#tab-sets")
+        assert page.locator("#count").inner_text() == "36"
+        page.select_option("#tag-filter", "phenomenon=negation")
+        assert page.locator("#rows details.row").count() == 6
+        page.select_option("#set-filter", "diagnostic")
+        assert page.locator("#count").inner_text() == "6"
+        assert page.locator("table.by-tag").count() == 1
 
         page.click("#tab-train")
         assert page.locator("#count").inner_text() == str(len(train_rows) + len(read_jsonl(

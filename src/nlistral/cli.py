@@ -7,10 +7,11 @@ import os
 import sys
 
 from nlistral.config import PARAMS_FILE, ConfigError, compose_params, load_config
-from nlistral.paths import PREDICTIONS, MissingInput
+from nlistral.paths import PREDICTIONS, SET_PREDICTIONS, MissingInput
 from nlistral.stages import StageError
 
 SPLIT_STAGES = ("prepare", "thoughts", "reflections", "sft")
+SET_STAGES = ("evaluate-set", "summarise-set")
 STAGES = {
     "prepare": "stage 0: read a split of a public NLI dataset with `datasets` -> {data.dir}/{split}.csv",
     "thoughts": "stage 1: the teacher LLM reasons about and labels every row of a split",
@@ -21,6 +22,8 @@ STAGES = {
     "evaluate": "greedy generation on the test split, parsed and scored -> metrics/eval.json",
     "evaluate-base": "baseline: the base model without the adapter, zero-shot -> metrics/eval_base.json",
     "evaluate-teacher": "baseline: the teacher LLM prompted directly on the test split -> metrics/eval_teacher.json",
+    "evaluate-set": "one model on an extra test set (eval.test_sets) -> metrics/test_sets/<set>/",
+    "summarise-set": "the three models on an extra test set, per tag, compared -> metrics/test_sets/<set>.json",
     "report": "the metrics files -> reports/results.md, model and dataset cards, index.html (a row browser)",
 }
 
@@ -40,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
         if stage in SPLIT_STAGES:
             splits = ("train", "dev", "test") if stage == "prepare" else ("train", "dev")
             cmd.add_argument("--split", required=True, choices=splits)
+        if stage in SET_STAGES:
+            cmd.add_argument("--set", required=True, dest="set_name", metavar="NAME", help="a name in eval.test_sets")
+        if stage == "evaluate-set":
+            cmd.add_argument("--model", required=True, choices=("fine-tuned", "base", "teacher"))
         cmd.add_argument(
             "overrides", nargs="*", metavar="KEY=VALUE", help="e.g. teacher.max_concurrency=8 or teacher=offline"
         )
@@ -50,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     chosen.add_argument("--all", action="store_true", help="the same across every experiment of this commit")
     report.add_argument("--reference", metavar="EXP", help="compare each experiment against this one "
                         "(default: the first listed)")  # fmt: skip
+    report.add_argument("--set", dest="set_name", metavar="NAME", help="with --experiments/--all: the table on the "
+                        "extra test set NAME (eval.test_sets) instead of the test split")  # fmt: skip
     export = sub.add_parser("export", help="adapter + tokenizer + model card (as README.md) -> DIR, for the HF Hub")
     export.add_argument("dir", metavar="DIR", help="a new or empty folder")
     estimate = sub.add_parser("estimate", help="what stages 1-2 will send and cost (sends nothing)")
@@ -65,7 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("a", metavar="A", help="baseline: a predictions file, a git revision or an experiment name")
     compare.add_argument("b", metavar="B", help="candidate, as A")
     compare.add_argument("--json", metavar="FILE", help="also write the comparison, flipped rows included, as JSON")
-    compare.add_argument("--path", default=PREDICTIONS, help=f"predictions file in a revision (default {PREDICTIONS})")
+    where = compare.add_mutually_exclusive_group()
+    where.add_argument("--path", default=PREDICTIONS, help=f"predictions file in a revision (default {PREDICTIONS})")
+    where.add_argument("--set", dest="set_name", metavar="NAME", help="the fine-tuned model's predictions on the "
+                       f"extra test set NAME ({SET_PREDICTIONS.format(set='NAME')}) in each revision")  # fmt: skip
     compare.add_argument("--bootstrap", type=int, help="bootstrap resamples (default: eval.bootstrap)")
     compare.add_argument("--seed", type=int, help="bootstrap seed (default: eval.seed)")
     return parser
@@ -82,7 +94,8 @@ def _bootstrap_settings(args) -> tuple[int, int]:
 def _compare(args) -> None:
     from nlistral import compare
 
-    compare.run(args.a, args.b, args.json, args.path, *_bootstrap_settings(args))
+    path = SET_PREDICTIONS.format(set=args.set_name) if args.set_name else args.path
+    compare.run(args.a, args.b, args.json, path, *_bootstrap_settings(args))
 
 
 # Nothing phones home: MLflow and the Hugging Face hub client send usage telemetry unless told not to.
@@ -96,8 +109,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)  # --help exits here: it imports nothing heavy (no pandas, scipy, torch)
     from nlistral.compare import CompareError  # scipy
     from nlistral.data import DataError  # pandas
-    if getattr(args, "reference", None) and not (args.experiments or args.all):
-        parser.error("--reference needs --experiments or --all")
+
+    for option in ("reference", "set_name"):
+        if args.command == "report" and getattr(args, option) and not (args.experiments or args.all):
+            parser.error(f"--{option.removesuffix('_name')} needs --experiments or --all")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "params":
@@ -115,7 +130,7 @@ def main(argv=None) -> int:
         if args.command == "report" and (args.experiments or args.all):
             from nlistral.experiments import compare_experiments
 
-            compare_experiments(args.experiments, args.reference, *_bootstrap_settings(args))
+            compare_experiments(args.experiments, args.reference, *_bootstrap_settings(args), set_name=args.set_name)
             return 0
         cfg = load_config(args.overrides)
         if args.command == "estimate":
@@ -124,6 +139,10 @@ def main(argv=None) -> int:
         stage = importlib.import_module(f"nlistral.stages.{args.command.replace('-', '_')}")
         if args.command in SPLIT_STAGES:
             stage.run(cfg, args.split)
+        elif args.command == "evaluate-set":
+            stage.run(cfg, args.set_name, args.model)
+        elif args.command == "summarise-set":
+            stage.run(cfg, args.set_name)
         else:
             stage.run(cfg)
     except (DataError, ConfigError, MissingInput, CompareError) as err:

@@ -1,4 +1,5 @@
-"""`nlistral report --experiments A B ... | --all [--reference R]`: the test table across DVC experiments.
+"""`nlistral report --experiments A B ... | --all [--reference R] [--set NAME]`: the test table across DVC experiments
+(on the test split, or on the extra test set NAME).
 
 Each experiment's metrics/eval*.json and predictions are read at its revision through `dvc.api` (git for the
 metrics, the DVC cache or remote for the predictions), and each is compared with the reference on the same rows:
@@ -39,8 +40,17 @@ def read_at(rev: str, path: str, required: bool = True):
         raise ConfigError(f"{rev!r} is not a git revision or DVC experiment here: {err}") from None
 
 
-def load(rev: str) -> dict:
-    """An experiment's test metrics (baselines None where absent) and per-row correctness."""
+def load(rev: str, set_name: str | None = None) -> dict:
+    """An experiment's test metrics (baselines None where absent) and per-row correctness; with `set_name`, those
+    of the extra test set (metrics/test_sets/<set>.json and the fine-tuned model's predictions on it)."""
+    if set_name:
+        summary = json.loads(read_at(rev, paths.SET_METRICS.format(set=set_name)))
+        predictions = read_at(rev, paths.SET_PREDICTIONS.format(set=set_name)).splitlines()
+        return {
+            "eval": summary["models"]["fine-tuned"],
+            **{name: summary["models"].get(name) for name in ("base", "teacher")},
+            "correct": {str(r["id"]): bool(r["correct"]) for r in map(json.loads, filter(str.strip, predictions))},
+        }
     base, teacher = (read_at(rev, path, required=False) for path in (paths.EVAL_BASE_METRICS,
                                                                      paths.EVAL_TEACHER_METRICS))  # fmt: skip
     predictions = [json.loads(line) for line in read_at(rev, paths.PREDICTIONS).splitlines() if line.strip()]
@@ -73,10 +83,12 @@ def table(runs: dict, reference: str, resamples: int, seed: int) -> str:
     return "\n".join(lines)
 
 
-def compare_experiments(experiments: list[str] | None, reference: str | None, resamples: int, seed: int) -> str:
+def compare_experiments(
+    experiments: list[str] | None, reference: str | None, resamples: int, seed: int, set_name: str | None = None
+) -> str:
     names = experiments or all_experiments()
     reference = reference or names[0]
     names = [reference, *(name for name in names if name != reference)]  # the reference first
-    text = table({name: load(name) for name in names}, reference, resamples, seed)
+    text = table({name: load(name, set_name) for name in names}, reference, resamples, seed)
     print(text)
     return text

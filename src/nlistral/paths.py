@@ -1,5 +1,6 @@
 """Every stage input and output, named once. dvc.yaml repeats them (DVC needs literal paths); a test checks the two
-agree. `{split}` is train or dev (test too for prepare). Inputs under `data.dir` come from the config, not from here.
+agree. `{split}` is train or dev (test too for prepare), `{set}` a name in eval.test_sets. Inputs under `data.dir`
+come from the config, not from here.
 
 `require` is how a stage checks its inputs before doing any work: a missing one is a clear error naming the file
 and the stage that writes it.
@@ -42,6 +43,20 @@ EVAL_BASE_METRICS = "metrics/eval_base.json"
 PREDICTIONS_BASE = "metrics/predictions_base.jsonl"
 EVAL_TEACHER_METRICS = "metrics/eval_teacher.json"
 PREDICTIONS_TEACHER = "metrics/predictions_teacher.jsonl"
+# evaluate_set*@{set}: each model on an extra test set; summarise_set@{set}: the three side by side
+SET_PREDICTIONS = "metrics/test_sets/{set}/predictions.jsonl"
+SET_PREDICTIONS_BASE = "metrics/test_sets/{set}/predictions_base.jsonl"
+SET_PREDICTIONS_TEACHER = "metrics/test_sets/{set}/predictions_teacher.jsonl"
+SET_EVAL = "metrics/test_sets/{set}/eval.json"
+SET_EVAL_BASE = "metrics/test_sets/{set}/eval_base.json"
+SET_EVAL_TEACHER = "metrics/test_sets/{set}/eval_teacher.json"
+SET_METRICS = "metrics/test_sets/{set}.json"
+PLOT_SET_ACCURACY = "metrics/plots/test_sets/{set}.csv"
+SET_FILES = {  # model -> (predictions, metrics)
+    "fine-tuned": (SET_PREDICTIONS, SET_EVAL),
+    "base": (SET_PREDICTIONS_BASE, SET_EVAL_BASE),
+    "teacher": (SET_PREDICTIONS_TEACHER, SET_EVAL_TEACHER),
+}
 # report: read only the files above; the cards are its own outs (a stage cannot write into another's out folder)
 REPORT_DIR = Path("reports")
 REPORT_RESULTS = REPORT_DIR / "results.md"
@@ -67,6 +82,13 @@ PRODUCERS = {
     REFLECTIONS_METRICS: ("reflections --split {split}", "reflections@{split}"),
     PLOT_TEACHER_ACCURACY: ("sft --split {split}", "sft@{split}"),
     str(REPORT_MODEL_CARD): ("report", "report"),
+    SET_PREDICTIONS: ("evaluate-set --set {set} --model fine-tuned", "evaluate_set@{set}"),
+    SET_EVAL: ("evaluate-set --set {set} --model fine-tuned", "evaluate_set@{set}"),
+    SET_PREDICTIONS_BASE: ("evaluate-set --set {set} --model base", "evaluate_set_base@{set}"),
+    SET_EVAL_BASE: ("evaluate-set --set {set} --model base", "evaluate_set_base@{set}"),
+    SET_PREDICTIONS_TEACHER: ("evaluate-set --set {set} --model teacher", "evaluate_set_teacher@{set}"),
+    SET_EVAL_TEACHER: ("evaluate-set --set {set} --model teacher", "evaluate_set_teacher@{set}"),
+    SET_METRICS: ("summarise-set --set {set}", "summarise_set@{set}"),
 }
 
 
@@ -74,12 +96,12 @@ class MissingInput(FileNotFoundError):
     """A stage's input is not there yet: the message names the file and what writes it."""
 
 
-def require(template, split: str | None = None) -> Path:
-    """The input path (`{split}` filled in), or MissingInput saying which stage to run first."""
-    path = Path(str(template).format(split=split))
+def require(template, split: str | None = None, set_name: str | None = None) -> Path:
+    """The input path (`{split}`, `{set}` filled in), or MissingInput saying which stage to run first."""
+    path = Path(str(template).format(split=split, set=set_name))
     if path.exists():
         return path
     if str(template) not in PRODUCERS:
         raise MissingInput(f"{path} not found")
-    command, stage = (part.format(split=split) for part in PRODUCERS[str(template)])
+    command, stage = (part.format(split=split, set=set_name) for part in PRODUCERS[str(template)])
     raise MissingInput(f"{path} not found: run `nlistral {command}` or `dvc repro {stage}` first")

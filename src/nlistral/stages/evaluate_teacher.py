@@ -16,8 +16,8 @@ from nlistral.scoring import eval_metrics, eval_rows, prediction
 from nlistral.stages import StageError
 
 
-def run(cfg) -> dict:
-    rows = eval_rows(cfg)
+def predict(cfg, rows, desc: str = "evaluate-teacher") -> tuple[list[dict], dict]:
+    """Prediction records and metrics of the teacher on `rows` (also the extra test sets' teacher stage)."""
     last_reply = {}  # row id -> (answer, reply) of its last reply
 
     def task(row) -> Task:
@@ -31,7 +31,7 @@ def run(cfg) -> dict:
 
         return Task(str(row.id), teacher_messages(row.premise, row.hypothesis), check, cfg.eval.teacher_max_reprompts)
 
-    outcomes, stats = generate(cfg.teacher, [task(r) for r in rows.itertuples()], desc="evaluate-teacher",
+    outcomes, stats = generate(cfg.teacher, [task(r) for r in rows.itertuples()], desc=desc,
                                cache_dir=cfg.llm_cache_dir)  # fmt: skip
     unanswered = [o for o in outcomes if o.error is not None]
     if outcomes and len(unanswered) / len(outcomes) > cfg.teacher.max_failure_rate:
@@ -48,6 +48,11 @@ def run(cfg) -> dict:
         records.append(prediction(row, reply.text, reply.finish_reason, reply.completion_tokens, answer))
     metrics = eval_metrics(cfg, records, "teacher", cfg.teacher.model, stats["wall_s"])
     metrics |= {"backend": cfg.teacher.backend, **{k: v for k, v in stats.items() if k != "wall_s"}}
+    return records, metrics
+
+
+def run(cfg) -> dict:
+    records, metrics = predict(cfg, eval_rows(cfg))
     write_jsonl(PREDICTIONS_TEACHER, records)
     write_json(EVAL_TEACHER_METRICS, metrics)
     print(

@@ -26,7 +26,7 @@ from nlistral.io import write_json
 UNLABELLED = (-1, "-1", None, "", "-")
 
 
-def load_source(ds_cfg, source_split: str):
+def load_source(ds_cfg, source_split: str, key="data.dataset"):
     """The source split as a `datasets.Dataset`; ConfigError if it cannot be read."""
     import datasets
 
@@ -39,7 +39,7 @@ def load_source(ds_cfg, source_split: str):
             return saved[source_split]
         return datasets.load_dataset(path, ds_cfg.config, split=source_split, revision=ds_cfg.revision)
     except (OSError, ValueError, KeyError) as err:
-        raise ConfigError(f"data.dataset: cannot read split {source_split!r} of {path!r}: {err}") from None
+        raise ConfigError(f"{key}: cannot read split {source_split!r} of {path!r}: {err}") from None
 
 
 def label_names(dataset, column: str) -> list:
@@ -53,19 +53,21 @@ def label_names(dataset, column: str) -> list:
     return values
 
 
-def rows_of(dataset, ds_cfg, where: str) -> tuple[list[dict], Counter, Counter]:
-    """Mapped rows, the reasons rows were dropped, and the source label counts."""
+def rows_of(dataset, ds_cfg, where: str, tags=(), key="data.dataset") -> tuple[list[dict], Counter, Counter]:
+    """Mapped rows, the reasons rows were dropped, and the source label counts. `tags`: source columns kept as
+    strings (a test set's tag columns, e.g. HANS's heuristic); `key`: the config key errors name."""
     cols = ds_cfg.columns
     wanted = {name: cols[name] for name in ("id", "premise", "hypothesis", "label") if cols.get(name)}
-    missing = [column for column in wanted.values() if column not in dataset.column_names]
+    missing = [column for column in [*wanted.values(), *tags] if column not in dataset.column_names]
     if missing:
-        raise ConfigError(f"data.dataset.columns: {where} has no column {missing[0]!r} "
+        raise ConfigError(f"{key}.columns: {where} has no column {missing[0]!r} "
                           f"(has: {', '.join(dataset.column_names)})")  # fmt: skip
     label_map = {str(name): int(value) for name, value in ds_cfg.labels.items()}
     if set(label_map.values()) - {0, 1}:
-        raise ConfigError("data.dataset.labels: map every class to 1 (entailment) or 0 (not entailment)")
+        raise ConfigError(f"{key}.labels: map every class to 1 (entailment) or 0 (not entailment)")
     labels = label_names(dataset, wanted["label"])
     ids = dataset[wanted["id"]] if "id" in wanted else range(len(dataset))
+    tag_values = {tag: label_names(dataset, tag) for tag in tags}
     rows, dropped, source_labels = [], Counter(), Counter()
     for index, (row_id, premise, hypothesis, label) in enumerate(
         zip(ids, dataset[wanted["premise"]], dataset[wanted["hypothesis"]], labels, strict=True)
@@ -74,13 +76,14 @@ def rows_of(dataset, ds_cfg, where: str) -> tuple[list[dict], Counter, Counter]:
             dropped["unlabelled"] += 1
             continue
         if str(label) not in label_map:
-            raise DataError(where, f"row {index}: label {label!r} is not in data.dataset.labels "
+            raise DataError(where, f"row {index}: label {label!r} is not in {key}.labels "
                                    f"({', '.join(label_map)})", column=wanted["label"])  # fmt: skip
         if not (premise or "").strip() or not (hypothesis or "").strip():
             dropped["empty_text"] += 1
             continue
         source_labels[str(label)] += 1
-        rows.append({"id": str(row_id), "premise": premise, "hypothesis": hypothesis, "label": label_map[str(label)]})
+        rows.append({"id": str(row_id), "premise": premise, "hypothesis": hypothesis, "label": label_map[str(label)],
+                     **{tag: str(values[index]) for tag, values in tag_values.items()}})  # fmt: skip
     return rows, dropped, source_labels
 
 

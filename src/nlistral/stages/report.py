@@ -2,7 +2,8 @@
 
 Reads only what earlier stages wrote (metrics/, data/original_thoughts, data/reflected_thoughts, data/finetune) and
 params.yaml; every figure in the reports is a value from one of those files, formatted, never recomputed. The
-baselines (metrics/eval_base.json, eval_teacher.json) may be absent: their rows then say "not evaluated".
+baselines (metrics/eval_base.json, eval_teacher.json) may be absent: their rows then say "not evaluated". Every set in
+eval.test_sets needs its summary (metrics/test_sets/<set>.json, `summarise-set`).
 """
 
 import base64
@@ -67,6 +68,11 @@ def test_results() -> dict:
     return results
 
 
+def test_set_results(cfg) -> dict:
+    """Set name -> its summary (metrics/test_sets/<set>.json), for every set in eval.test_sets."""
+    return {name: read_json(paths.SET_METRICS.format(set=name)) for name in cfg.eval.get("test_sets") or {}}
+
+
 def collect(cfg) -> dict:
     """Everything the templates show, read from the files (see module doc)."""
     splits = {
@@ -89,6 +95,7 @@ def collect(cfg) -> dict:
         "train": read_json(paths.TRAIN_METRICS),
         "results": results,
         "comparisons": results["fine-tuned"].get("comparisons", {}),
+        "test_sets": test_set_results(cfg),
         "accuracy_by_length": read_csv(paths.PLOT_ACCURACY_BY_LENGTH),
         "model_names": MODEL_NAMES,
     }
@@ -154,17 +161,24 @@ def model_card_metadata(ctx) -> str:
         "tags": ["nli", "natural-language-inference", "chain-of-thought", "lora", "qlora", "nlistral"],
         "model-index": [{
             "name": f"nlistral-{data_name}",
-            "results": [{
-                "task": {"type": "text-classification", "name": "Natural language inference"},
-                "dataset": {"name": data_name, "type": data_name, "split": "test"},
-                "metrics": [
-                    {"type": "accuracy", "value": tuned["accuracy"], "name": "Accuracy"},
-                    {"type": "f1", "value": tuned["macro_f1"], "name": "Macro F1"},
-                ],
-            }],
+            "results": [model_index_result(data_name, "test", tuned)] + [
+                model_index_result(name, s.get("split") or "test", s["models"]["fine-tuned"], s["source"])
+                for name, s in ctx["test_sets"].items()],
         }],
     }  # fmt: skip
     return yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
+
+
+def model_index_result(name: str, split: str, metrics: dict, source: str | None = None) -> dict:
+    """One `model-index` result: the fine-tuned model's accuracy and macro F1 on a test set."""
+    return {
+        "task": {"type": "text-classification", "name": "Natural language inference"},
+        "dataset": {"name": name, "type": source or name, "split": split},
+        "metrics": [
+            {"type": "accuracy", "value": metrics["accuracy"], "name": "Accuracy"},
+            {"type": "f1", "value": metrics["macro_f1"], "name": "Macro F1"},
+        ],
+    }
 
 
 def dataset_card_metadata(ctx) -> str:
@@ -194,73 +208,117 @@ def svg_uri(figure) -> str:
     return "data:image/svg+xml;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def charts(ctx) -> dict[str, str]:
-    """Name -> SVG data URI. Images, not inline SVG: text in them (ids, labels) can never become markup."""
-    import matplotlib
+def accuracy_chart(ctx):
     from matplotlib.figure import Figure
 
-    made = {}
+    results = ctx["results"]
+    fig = Figure(figsize=(6, 0.5 + 0.5 * len(results)))
+    ax = fig.subplots()
+    names = list(results)[::-1]
+    acc = [results[n]["accuracy"] * 100 for n in names]
+    errors = [[a - results[n]["accuracy_ci95"][0] * 100 for n, a in zip(names, acc, strict=True)],
+              [results[n]["accuracy_ci95"][1] * 100 - a for n, a in zip(names, acc, strict=True)]]  # fmt: skip
+    ax.barh([MODEL_NAMES[n] for n in names], acc, xerr=errors, color="#4c78a8", capsize=4)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("test accuracy, % (bars: 95% bootstrap CI)")
+    return fig
+
+
+def confusion_chart(ctx):
+    from matplotlib.figure import Figure
+
+    confusion = read_csv(paths.CONFUSION)
+    predicted = ["0", "1", *sorted({r["predicted"] for r in confusion} - {"0", "1"})]
+    counts = [[sum(r["actual"] == a and r["predicted"] == p for r in confusion) for p in predicted]
+              for a in ("0", "1")]  # fmt: skip
+    fig = Figure(figsize=(1.2 + 1.1 * len(predicted), 2.6))
+    ax = fig.subplots()
+    ax.imshow(counts, cmap="Blues")
+    for i, row in enumerate(counts):
+        for j, count in enumerate(row):
+            dark = count > max(map(max, counts)) / 2
+            ax.text(j, i, str(count), ha="center", va="center", color="white" if dark else "black")
+    ax.set_xticks(range(len(predicted)), predicted)
+    ax.set_yticks([0, 1], ["0", "1"])
+    ax.set_xlabel("predicted label")
+    ax.set_ylabel("true label")
+    ax.set_title("fine-tuned model, test split")
+    return fig
+
+
+def loss_chart(ctx):
+    from matplotlib.figure import Figure
+
+    history = read_csv(paths.TRAIN_HISTORY)
+    fig = Figure(figsize=(6, 3))
+    ax = fig.subplots()
+    for column, label in (("loss", "train loss"), ("eval_loss", "dev loss")):
+        points = [(int(r["step"]), float(r[column])) for r in history if r[column] not in ("", None)]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o" if column == "eval_loss" else None, label=label)
+    ax.axvline(ctx["train"]["best_step"], color="grey", linestyle="--", label="best step")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    return fig
+
+
+def by_length_chart(ctx):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3))
+    ax = fig.subplots()
+    width = 0.8 / (len(SPLITS) + 1)
+    series = [(f"teacher, {split}", ctx["splits"][split]["teacher_by_length"]) for split in SPLITS]
+    series.append(("fine-tuned, test", ctx["accuracy_by_length"]))
+    buckets = [next(iter(row.values())) for row in series[0][1]]
+    for k, (label, rows) in enumerate(series):
+        unit = next(iter(rows[0])).removeprefix("rationale_")  # the CSV's bucket column: rationale_<unit>
+        heights = [float(r["accuracy"]) * 100 if r["accuracy"] else 0 for r in rows]
+        ax.bar([i + k * width for i in range(len(buckets))], heights, width, label=f"{label} ({unit})")
+    ax.set_xticks([i + width for i in range(len(buckets))], buckets)
+    ax.set_xlabel("rationale length")
+    ax.set_ylabel("accuracy, %")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def test_sets_chart(ctx):
+    """Accuracy with its CI per extra test set (rows) and model (bars); None without test sets."""
+    from matplotlib.figure import Figure
+
+    sets = list(ctx["test_sets"])[::-1]
+    if not sets:
+        return None
+    fig = Figure(figsize=(6, 0.8 + 0.6 * len(sets)))
+    ax = fig.subplots()
+    height = 0.8 / len(MODEL_NAMES)
+    for k, model in enumerate(MODEL_NAMES):
+        cells = [ctx["test_sets"][s]["models"][model] for s in sets]
+        acc = [c["accuracy"] * 100 for c in cells]
+        errors = [[a - c["accuracy_ci95"][0] * 100 for a, c in zip(acc, cells, strict=True)],
+                  [c["accuracy_ci95"][1] * 100 - a for a, c in zip(acc, cells, strict=True)]]  # fmt: skip
+        ax.barh([i + k * height for i in range(len(sets))], acc, height, xerr=errors, capsize=3,
+                label=MODEL_NAMES[model])  # fmt: skip
+    ax.set_yticks([i + height for i in range(len(sets))], sets)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("accuracy, % (bars: 95% bootstrap CI)")
+    ax.legend(fontsize=7)
+    return fig
+
+
+CHARTS = {"accuracy": accuracy_chart, "confusion": confusion_chart, "loss": loss_chart, "by_length": by_length_chart,
+          "test_sets": test_sets_chart}  # fmt: skip
+
+
+def charts(ctx) -> dict[str, str]:
+    """Name -> SVG data URI (None for a chart with nothing to draw). Images, not inline SVG: text in them (ids,
+    labels) can never become markup."""
+    import matplotlib
+
     with matplotlib.rc_context({"svg.hashsalt": "nlistral", "svg.fonttype": "none", "font.size": 9}):
-        results = ctx["results"]
-        fig = Figure(figsize=(6, 0.5 + 0.5 * len(results)))
-        ax = fig.subplots()
-        names = list(results)[::-1]
-        acc = [results[n]["accuracy"] * 100 for n in names]
-        errors = [[a - results[n]["accuracy_ci95"][0] * 100 for n, a in zip(names, acc, strict=True)],
-                  [results[n]["accuracy_ci95"][1] * 100 - a for n, a in zip(names, acc, strict=True)]]  # fmt: skip
-        ax.barh([MODEL_NAMES[n] for n in names], acc, xerr=errors, color="#4c78a8", capsize=4)
-        ax.set_xlim(0, 100)
-        ax.set_xlabel("test accuracy, % (bars: 95% bootstrap CI)")
-        made["accuracy"] = svg_uri(fig)
-
-        confusion = read_csv(paths.CONFUSION)
-        predicted = ["0", "1", *sorted({r["predicted"] for r in confusion} - {"0", "1"})]
-        counts = [[sum(r["actual"] == a and r["predicted"] == p for r in confusion) for p in predicted]
-                  for a in ("0", "1")]  # fmt: skip
-        fig = Figure(figsize=(1.2 + 1.1 * len(predicted), 2.6))
-        ax = fig.subplots()
-        ax.imshow(counts, cmap="Blues")
-        for i, row in enumerate(counts):
-            for j, count in enumerate(row):
-                dark = count > max(map(max, counts)) / 2
-                ax.text(j, i, str(count), ha="center", va="center", color="white" if dark else "black")
-        ax.set_xticks(range(len(predicted)), predicted)
-        ax.set_yticks([0, 1], ["0", "1"])
-        ax.set_xlabel("predicted label")
-        ax.set_ylabel("true label")
-        ax.set_title("fine-tuned model, test split")
-        made["confusion"] = svg_uri(fig)
-
-        history = read_csv(paths.TRAIN_HISTORY)
-        fig = Figure(figsize=(6, 3))
-        ax = fig.subplots()
-        for column, label in (("loss", "train loss"), ("eval_loss", "dev loss")):
-            points = [(int(r["step"]), float(r[column])) for r in history if r[column] not in ("", None)]
-            if points:
-                ax.plot(*zip(*points, strict=True), marker="o" if column == "eval_loss" else None, label=label)
-        ax.axvline(ctx["train"]["best_step"], color="grey", linestyle="--", label="best step")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.legend()
-        made["loss"] = svg_uri(fig)
-
-        fig = Figure(figsize=(6, 3))
-        ax = fig.subplots()
-        width = 0.8 / (len(SPLITS) + 1)
-        series = [(f"teacher, {split}", ctx["splits"][split]["teacher_by_length"]) for split in SPLITS]
-        series.append(("fine-tuned, test", ctx["accuracy_by_length"]))
-        buckets = [next(iter(row.values())) for row in series[0][1]]
-        for k, (label, rows) in enumerate(series):
-            unit = next(iter(rows[0])).removeprefix("rationale_")  # the CSV's bucket column: rationale_<unit>
-            heights = [float(r["accuracy"]) * 100 if r["accuracy"] else 0 for r in rows]
-            ax.bar([i + k * width for i in range(len(buckets))], heights, width, label=f"{label} ({unit})")
-        ax.set_xticks([i + width for i in range(len(buckets))], buckets)
-        ax.set_xlabel("rationale length")
-        ax.set_ylabel("accuracy, %")
-        ax.set_ylim(0, 100)
-        ax.legend(fontsize=7)
-        made["by_length"] = svg_uri(fig)
-    return made
+        return {name: None if (fig := draw(ctx)) is None else svg_uri(fig) for name, draw in CHARTS.items()}
 
 
 def prediction_view(row) -> dict:
@@ -287,6 +345,24 @@ def test_rows() -> list[dict]:
             "parse_failure": row["predicted_label"] is None,
             "flipped": base is not None and base["correct"] != row["correct"],
         })  # fmt: skip
+    return rows
+
+
+def test_set_rows(test_sets) -> list[dict]:
+    """One entry per row of each extra test set: the three models' predictions, and the row's tags."""
+    rows = []
+    for name in test_sets:
+        models = {model: read_jsonl(paths.require(template, set_name=name))
+                  for model, (template, _) in paths.SET_FILES.items()}  # fmt: skip
+        others = {model: {str(r["id"]): r for r in records} for model, records in models.items()}
+        for row in models["fine-tuned"]:
+            key = str(row["id"])
+            rows.append({
+                "id": key, "set": name, "premise": row["premise"], "hypothesis": row["hypothesis"],
+                "gold": row["true_label"], "tags": [f"{tag}={value}" for tag, value in row["tags"].items()],
+                "models": {model: prediction_view(by_id[key]) for model, by_id in others.items()},
+                "wrong": not row["correct"], "parse_failure": row["predicted_label"] is None,
+            })  # fmt: skip
     return rows
 
 
@@ -318,7 +394,8 @@ def render(ctx) -> dict[Path, str]:
     """Report file -> its text."""
     templates = env()
     ctx = {**ctx, "model_card_metadata": model_card_metadata(ctx), "dataset_card_metadata": dataset_card_metadata(ctx)}
-    page = {**ctx, "charts": charts(ctx), "browser": {"test": test_rows(), "train": training_rows()}}
+    browser = {"test": test_rows(), "sets": test_set_rows(ctx["test_sets"]), "train": training_rows()}
+    page = {**ctx, "charts": charts(ctx), "browser": browser}
     return {
         paths.REPORT_RESULTS: templates.get_template("results.md.j2").render(ctx),
         paths.REPORT_MODEL_CARD: templates.get_template("model_card.md.j2").render(ctx),

@@ -1,0 +1,72 @@
+"""Stage: the three models on one extra test set, side by side -> metrics/test_sets/<set>.json and its plot CSV.
+
+`nlistral summarise-set --set NAME` reads what `evaluate-set` wrote for the fine-tuned model, the base model and the
+teacher, and writes for each its headline metrics (n, accuracy with its 95% CI, macro F1, parse failures) and its
+accuracy per tag value (`by_tag`: tag column -> value -> n, accuracy, CI), and the paired comparison of each
+baseline (a) with the fine-tuned model (b), as eval.json's `comparisons` (nlistral.compare, same rows by id).
+"""
+
+import json
+
+from nlistral.compare import compare_records
+from nlistral.io import read_jsonl, write_csv, write_json
+from nlistral.paths import PLOT_SET_ACCURACY, SET_FILES, SET_METRICS, require
+from nlistral.stats import accuracy_ci
+
+SHOWN = ("model_id", "n", "accuracy", "accuracy_ci95", "macro_f1", "f1", "parse_failures", "parse_failure_rate",
+         "parse_failures_by_reason", "accuracy_parsed")  # fmt: skip
+
+
+def by_tag(records, tags, resamples: int, seed: int) -> dict:
+    """Tag column -> tag value (sorted) -> {n, accuracy, accuracy_ci95} over the rows with that value."""
+    table = {}
+    for tag in tags:
+        groups = {}
+        for record in records:
+            groups.setdefault(record["tags"][tag], []).append(bool(record["correct"]))
+        table[tag] = {value: {"n": len(correct), "accuracy": round(sum(correct) / len(correct), 4),
+                              "accuracy_ci95": accuracy_ci(correct, resamples, seed)}
+                      for value, correct in sorted(groups.items())}  # fmt: skip
+    return table
+
+
+def run(cfg, name: str) -> dict:
+    records, metrics = {}, {}
+    for model, (predictions_path, metrics_path) in SET_FILES.items():
+        records[model] = read_jsonl(require(predictions_path, set_name=name))
+        metrics[model] = json.loads(require(metrics_path, set_name=name).read_text(encoding="utf-8"))
+    tuned = metrics["fine-tuned"]
+    resamples, seed = cfg.eval.bootstrap, cfg.eval.seed
+    summary = {
+        "set": name,
+        **{k: tuned[k] for k in ("source", "split", "revision", "dropped") if k in tuned},
+        "n": tuned["n"],
+        "tags": tuned["tags"],
+        "models": {model: {k: m[k] for k in SHOWN} | {"by_tag": by_tag(records[model], tuned["tags"], resamples, seed)}
+                   for model, m in metrics.items()},
+        "comparisons": {},
+    }  # fmt: skip
+    for baseline in ("base", "teacher"):
+        comparison = compare_records(records[baseline], records["fine-tuned"], baseline, "fine-tuned", resamples, seed)
+        del comparison["flipped"]  # in `nlistral compare --set NAME`; the summary keeps the counts
+        summary["comparisons"][baseline] = comparison
+    write_json(SET_METRICS.format(set=name), summary)
+    plot = [{"model": model, "accuracy": m["accuracy"], "ci95_low": m["accuracy_ci95"][0],
+             "ci95_high": m["accuracy_ci95"][1]} for model, m in summary["models"].items()]  # fmt: skip
+    write_csv(PLOT_SET_ACCURACY.format(set=name), plot, ("model", "accuracy", "ci95_low", "ci95_high"))
+    print(describe(summary))
+    return summary
+
+
+def describe(summary: dict) -> str:
+    """Accuracy per model, and per tag value, as a few lines of text."""
+    models = summary["models"]
+    lines = [f"summarise-set {summary['set']} ({summary['n']} rows): " + ", ".join(
+        f"{model} {m['accuracy']:.4f} {m['accuracy_ci95']}" for model, m in models.items())]  # fmt: skip
+    for tag in summary["tags"]:
+        lines.append(f"  {tag + ' (rows)':<25}" + "".join(f"{model:>12}" for model in models))
+        for value, cell in models["fine-tuned"]["by_tag"][tag].items():
+            accuracies = "".join(f"{models[model]['by_tag'][tag][value]['accuracy']:>12.4f}" for model in models)
+            lines.append(f"  {value[:18]:<18} {cell['n']:>4}  {accuracies}")
+    lines.append(f"  -> {SET_METRICS.format(set=summary['set'])}")
+    return "\n".join(lines)
