@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 
 from nlistral.data import DataError
-from nlistral.llm import Reply, RequestFailed, Tally
+from nlistral.llm.base import Reply, RequestFailed, Tally
 from nlistral.paths import MissingInput
 from nlistral.prompts import read_pair_text
 
@@ -75,7 +75,7 @@ class ReplayClient:
         files = sorted(p for p in source.iterdir() if p.suffix in SUFFIXES) if source.is_dir() else [source]
         self.source = source
         self.tally = Tally()  # replayed answers are not requests: the engine reports `requests: 0`
-        self.answers = {"thought": {}, "reflection": {}}
+        self.answers: dict[str, dict[tuple[str, str], dict]] = {"thought": {}, "reflection": {}}
         conflicts = 0
         for path in files:
             for index, (line, record) in enumerate(read_records(path)):
@@ -105,3 +105,16 @@ class ReplayClient:
             raise RequestFailed("not_recorded", f"no recorded {kind} for this premise and hypothesis in {self.source}")
         self.tally.add("replayed")
         return Reply(json.dumps(answer, ensure_ascii=False), "stop")
+
+    def is_cached(self, messages: list[dict], sample: int = 0) -> bool:
+        """Always: the recording is the store; a pair it lacks fails unsent (`not_recorded`)."""
+        return True
+
+    def cached_completion_tokens(self) -> tuple[float, int]:
+        return 0.0, 0  # a recording holds no token counts
+
+    def stop(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
