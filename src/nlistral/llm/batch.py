@@ -48,8 +48,8 @@ class BatchTransport:
     def run_rounds(self, conversations, accounts) -> None:
         client, cache = self.client, self.cache
         while active := [conv for conv in conversations if not conv.done]:
-            asks = [(conv, client.body(conv.messages, conv.task.sample)) for conv in active]
-            asks = [(conv, body, client.key(body)) for conv, body in asks]
+            bodies = [(conv, client.body(conv.messages, conv.task.sample)) for conv in active]
+            asks = [(conv, body, client.key(body)) for conv, body in bodies]
             missing = {key: body for _, body, key in asks if cache.get(key) is None}
             held, unpaid = _reserve(self.budget, missing)
             fetched, errors, broken = self._round(missing, held, accounts)
@@ -146,11 +146,12 @@ class BatchTransport:
 
     def _collect(self, job: dict, requests: dict) -> tuple[set, dict]:
         """Store the replies in the job's output and error files -> (keys fetched, {key: why it has no reply})."""
-        fetched, errors = set(), {}
+        fetched: set[str] = set()
+        errors: dict[str, str] = {}
         for record in self._lines(job.get("output_file")) + self._lines(job.get("error_file")):
             key, response = record.get("custom_id"), record.get("response") or {}
             body = response.get("body", response)
-            if key not in requests or key in fetched:
+            if not isinstance(key, str) or key not in requests or key in fetched:
                 continue
             try:
                 if response.get("status_code", 200) != 200 or record.get("error"):

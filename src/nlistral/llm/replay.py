@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 SUFFIXES = (".json", ".jsonl")
 
 
-def read_records(path: Path) -> list[tuple[int, dict]]:
+def read_records(path: Path) -> list[tuple[int | None, dict]]:
     """(line, record) pairs from a JSON Lines file, (None, record) from a JSON array; DataError if malformed."""
     text = path.read_text(encoding="utf-8-sig")
     if text.lstrip().startswith("["):
@@ -36,15 +36,15 @@ def read_records(path: Path) -> list[tuple[int, dict]]:
             raise DataError(path, f"not valid JSON ({err.msg})", err.lineno) from None
         if not isinstance(records, list):
             raise DataError(path, "expected a JSON array of records")
-        numbered = [(None, record) for record in records]
+        numbered: list[tuple[int | None, dict]] = [(None, record) for record in records]
     else:
         numbered = []
-        for line, raw in enumerate(text.splitlines(), 1):
+        for number, raw in enumerate(text.splitlines(), 1):
             if raw.strip():
                 try:
-                    numbered.append((line, json.loads(raw)))
+                    numbered.append((number, json.loads(raw)))
                 except json.JSONDecodeError as err:
-                    raise DataError(path, f"not a JSON object per line ({err.msg})", line) from None
+                    raise DataError(path, f"not a JSON object per line ({err.msg})", number) from None
     for index, (line, record) in enumerate(numbered):
         if not isinstance(record, dict):
             raise DataError(path, f"record {index}: expected a JSON object, got {type(record).__name__}", line)
