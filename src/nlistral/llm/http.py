@@ -133,8 +133,8 @@ class HttpClient:
         self.max_retries = cfg.max_retries
         self.timeout_s = cfg.timeout_s
         self.limiter = Limiter(cfg.requests_per_second, cfg.tokens_per_minute)
-        self.cache = cache
-        self.budget = budget
+        self._cache = cache
+        self._budget = budget
         self.tally = Tally()
         self._headers: dict | None = None  # set by _ensure_ready, holds the key
         self._secret: str | None = None
@@ -173,23 +173,23 @@ class HttpClient:
         body = self.body(messages, sample)
         key = self.key(body)
         with self._claim(key):  # identical requests in flight at once are sent (and paid) once
-            if (raw := self.cache.get(key)) is not None:
+            if (raw := self._cache.get(key)) is not None:
                 return replace(parse_completion(raw), cached=True)
-            budget = self.budget
+            budget = self._budget
             worst = budget.worst(messages, body["max_tokens"]) if budget else 0.0
             raw, reply = self.send(
                 "POST", CHAT_PATH, parse=_chat_reply, tokens=_estimate_tokens(body), worst_usd=worst,
                 bill=lambda value: budget.cost(value[1].prompt_tokens, value[1].completion_tokens) if budget else 0.0,
                 json=body,
             )  # fmt: skip
-            self.cache.put(key, json.dumps(body, ensure_ascii=False), raw)  # dropped if the stage already stopped
+            self._cache.put(key, json.dumps(body, ensure_ascii=False), raw)  # dropped if the stage already stopped
             return reply
 
     def is_cached(self, messages: list[dict], sample: int = 0) -> bool:
-        return self.cache.get(self.key(self.body(messages, sample))) is not None
+        return self._cache.get(self.key(self.body(messages, sample))) is not None
 
     def cached_completion_tokens(self) -> tuple[float, int]:
-        return self.cache.completion_tokens(self.model)
+        return self._cache.completion_tokens(self.model)
 
     @contextmanager
     def _claim(self, key: str):
@@ -304,7 +304,7 @@ class HttpClient:
 
     def _attempt(self, method: str, path: str, parse, tokens: int, worst_usd: float, bill, kwargs: dict):
         """One try: -> (value, None), or (None, why to try again); raises what trying again cannot help."""
-        budget = self.budget
+        budget = self._budget
         held = budget.reserve(worst_usd) if worst_usd and budget else None
         ticket, used, cost = None, 0, 0.0
         try:  # whatever happens below, the limiter and the budget learn what this attempt used
@@ -373,13 +373,13 @@ class HttpClient:
         """Make every thread give up now: those waiting for the limiter or a retry send nothing more (Ctrl-C)."""
         self._stop.set()
         self.limiter.cancel()
-        if self.budget:
-            self.budget.cancel()
+        if self._budget:
+            self._budget.cancel()
 
     def close(self) -> None:
         for session in self._sessions:
             session.close()
-        self.cache.close()
+        self._cache.close()
 
 
 def _model_ids(resp):
