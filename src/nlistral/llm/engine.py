@@ -1,4 +1,4 @@
-"""Drive a chat client over many rows: reprompt invalid replies, record every row as ok or failed, account for it.
+"""Drive a Client (llm/base.py) over many rows: reprompt invalid replies, record every row as ok or failed, account.
 
 `generate` runs each task as a conversation: send its messages, let its `check` accept the reply or ask for a
 reprompt (the feedback goes back as a user turn), up to `max_reprompts` times. Transport trouble (429, 5xx,
