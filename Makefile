@@ -48,6 +48,7 @@ browser:
 
 lint: setup
 	ruff check .
+	mypy
 
 # The model server's own environment for eval.engine=server (README: Evaluation): vLLM pins its own torch and
 # transformers (requirements-vllm.txt), so it never shares .venv. A CUDA machine; run it as `.venv-vllm/bin/vllm`.

@@ -3,9 +3,10 @@
 Per stage and split: rows, requests (first asks + the expected reprompts), prompt tokens (counted from the real
 prompts, llm/tokens.py; a reprompt re-sends the conversation plus a reply and the feedback), completion tokens (the
 mean of this model's replies already in the reply cache, else `expected_completion_tokens`), cost at the sync and
-the batch price, rows whose replies are all cached already (they cost nothing and are left out of the counts), and
-the wall time under the configured rate limits. Reflections before stage 1 has run: `estimate.teacher_error_rate`
-of the rows, with the teacher's rationale taken as `teacher.expected_completion_tokens` long.
+the batch price, rows whose replies are all cached already (they cost nothing and are left out of the counts; with
+the replay backend every row: it sends nothing), and the wall time under the configured rate limits. Reflections
+before stage 1 has run: `estimate.teacher_error_rate` of the rows, with the teacher's rationale taken as
+`teacher.expected_completion_tokens` long.
 """
 
 import json
@@ -49,18 +50,13 @@ def estimate_stage(cfg, stage: str, split: str) -> dict:
     asks, basis, error_rate = _asks(cfg, stage, split)
     count = prompt_counter(backend.tokenizer)
     completion, measured = float(backend.expected_completion_tokens), 0
-    uncached = asks
-    if backend.backend != "offline":  # look in the reply cache: what is there is paid for
-        client = make_client(backend, cache_location(cfg.llm_cache_dir))
-        try:
-            mean, measured = client.cache.completion_tokens(backend.model)
-            completion = mean if measured else completion
-            uncached = [
-                samples for samples in asks
-                if any(client.cache.get(client.key(client.body(m, i))) is None for i, m in enumerate(samples))
-            ]  # fmt: skip
-        finally:
-            client.close()
+    client = make_client(backend, cache_location(cfg.llm_cache_dir))
+    try:  # what is stored already (reply cache, recording) is paid for
+        mean, measured = client.cached_completion_tokens()
+        completion = mean if measured else completion
+        uncached = [samples for samples in asks if not all(client.is_cached(m, i) for i, m in enumerate(samples))]
+    finally:
+        client.close()
     first = [count(m) for samples in uncached for m in samples]
     scale = 1.0
     if error_rate:  # reflections before stage 1: every row's prompt, weighted by the expected error rate

@@ -10,7 +10,7 @@ first request that cannot fit exhausts the budget: it and every later one fail w
 
 import threading
 
-from nlistral.llm import RequestFailed
+from nlistral.llm.base import RequestFailed
 
 # Mistral's chat template adds a few control tokens per message ([INST], [/INST], [SYSTEM_PROMPT]...) and a BOS.
 TEMPLATE_TOKENS_PER_MESSAGE = 8

@@ -1,4 +1,4 @@
-"""Drive a chat client over many rows: reprompt invalid replies, record every row as ok or failed, account for it.
+"""Drive a Client (llm/base.py) over many rows: reprompt invalid replies, record every row as ok or failed, account.
 
 `generate` runs each task as a conversation: send its messages, let its `check` accept the reply or ask for a
 reprompt (the feedback goes back as a user turn), up to `max_reprompts` times. Transport trouble (429, 5xx,
@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from nlistral.config import ConfigError
-from nlistral.llm import Reply, RequestFailed, Tally, make_client
-from nlistral.llm.batch import run_rounds
+from nlistral.llm import make_client
+from nlistral.llm.base import RETRY_CAUSES, Client, Reply, RequestFailed, Tally
 from nlistral.llm.budget import Budget
 from nlistral.llm.cache import cache_location
-from nlistral.llm.http import RETRY_CAUSES
 
 BATCH_PRICE_FACTOR = 0.5  # Mistral's Batch API bills half the per-token price
 
@@ -77,7 +76,7 @@ class Conversation:
         self.done = False
         self.failed_rounds = 0  # batch mode: rounds in which its request got no reply
 
-    def ask(self, client) -> Reply:
+    def ask(self, client: Client) -> Reply:
         if self.task.sample:
             return client.chat(self.messages, sample=self.task.sample)
         return client.chat(self.messages)
@@ -144,34 +143,41 @@ def generate(backend_cfg, tasks: list[Task], desc: str, cache_dir: str | None) -
     if mode not in ("sync", "batch") or (mode == "batch" and backend_cfg.backend != "mistral"):
         message = f"mode {mode!r} is not available for the {backend_cfg.backend} backend: use sync (batch: mistral)"
         raise ConfigError(message)
-    client = make_client(backend_cfg, cache_location(cache_dir))
-    conversations = [Conversation(task) for task in tasks]
-    start = time.monotonic()
     price_factor = BATCH_PRICE_FACTOR if mode == "batch" else 1.0
     budget = None
-    if backend_cfg.get("budget_usd") is not None and hasattr(client, "budget"):  # the offline stand-in is free
-        budget = client.budget = Budget(
+    if backend_cfg.get("budget_usd") is not None:
+        budget = Budget(
             backend_cfg.budget_usd, backend_cfg.price_input_per_mtok, backend_cfg.price_output_per_mtok, price_factor
         )
+    batch = None
+    if mode == "batch":
+        from nlistral.llm.batch import BatchTransport  # its HttpClient is the stage's client
+
+        batch = BatchTransport(backend_cfg, cache_location(cache_dir), budget)
+        client: Client = batch.client
+    else:
+        client = make_client(backend_cfg, cache_location(cache_dir), budget)
+    conversations = [Conversation(task) for task in tasks]
+    start = time.monotonic()
     try:
         with tqdm(total=len(tasks), desc=desc, unit="row") as bar:
             accounts = Accounts(backend_cfg, bar, price_factor)
-            if mode == "batch":
-                run_rounds(client, conversations, accounts, backend_cfg.batch_poll_s)
+            if batch is not None:
+                batch.run_rounds(conversations, accounts)
             else:
                 _run_sync(client, conversations, backend_cfg.max_concurrency, accounts)
     finally:
-        if hasattr(client, "close"):
-            client.close()
-    stats = _stats(client, accounts, mode)
+        client.close()
+    stats = _stats(client.tally, accounts, mode)
     if budget is not None:
         stats["budget_usd"] = budget.cap
     return [c.outcome for c in conversations], {**stats, "mode": mode, "wall_s": round(time.monotonic() - start, 3)}
 
 
-def _run_sync(client, conversations: list[Conversation], max_concurrency: int, accounts: Accounts) -> None:
+def _run_sync(client: Client, conversations: list[Conversation], max_concurrency: int, accounts: Accounts) -> None:
     """Up to `max_concurrency` daemon worker threads take conversations from a queue; this thread records them."""
-    todo, done = queue.SimpleQueue(), queue.SimpleQueue()
+    todo: queue.SimpleQueue[Conversation] = queue.SimpleQueue()
+    done: queue.SimpleQueue[Conversation | BaseException] = queue.SimpleQueue()
     for conv in conversations:
         todo.put(conv)
     halt = threading.Event()
@@ -206,12 +212,11 @@ def _run_sync(client, conversations: list[Conversation], max_concurrency: int, a
             accounts.row_done(finished)
     except BaseException:  # a 401, Ctrl-C: stop now; requests in flight are abandoned, paid replies are cached
         halt.set()
-        if hasattr(client, "stop"):
-            client.stop()
+        client.stop()
         raise
 
 
-def _next(done: queue.SimpleQueue):
+def _next(done: queue.SimpleQueue[Conversation | BaseException]) -> Conversation | BaseException:
     """The next finished conversation; waits in short steps so that Ctrl-C is handled at once on every platform."""
     while True:
         try:
@@ -220,12 +225,12 @@ def _next(done: queue.SimpleQueue):
             continue
 
 
-def _stats(client, accounts: Accounts, mode: str) -> dict:
-    t = accounts.tally + getattr(client, "tally", Tally())
-    requests = t["requests"] if hasattr(client, "tally") else t["replies"]  # the offline stand-in has no transport
+def _stats(transport: Tally, accounts: Accounts, mode: str) -> dict:
+    """The stage's accounting: what the client's transport sent (`transport`, its tally) and what came back."""
+    t = accounts.tally + transport
     retries = {f"retries_{cause}": t[f"retries_{cause}"] for cause in RETRY_CAUSES}
     stats = {
-        "requests": requests,
+        "requests": t["requests"],
         "cache_hits": t["cache_hits"],
         "retries": sum(retries.values()),
         **retries,

@@ -1,6 +1,6 @@
 """Mistral's chat API and OpenAI-compatible servers (vLLM, Ollama, llama.cpp, OpenAI) over `requests`.
 
-One client per stage, shared by its worker threads: a Limiter paces every request, `request` retries 429, 5xx,
+One client per stage, shared by its worker threads: a Limiter paces every request, `send` retries 429, 5xx,
 timeouts, connection errors and unreadable bodies with exponential backoff and jitter (a 429 pauses the whole
 client for its Retry-After), 401 stops the stage, other 4xx fail the row at once. A stop (401, Ctrl-C) wakes every
 thread waiting for the limiter or a retry, and none of them sends anything more. `chat` answers from the reply
@@ -16,17 +16,20 @@ import os
 import random
 import re
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
+from typing import Any
 
 import requests
 from dotenv import load_dotenv
 
 from nlistral.config import ConfigError
-from nlistral.llm import Reply, RequestFailed, Tally
+from nlistral.llm.base import Reply, RequestFailed, Tally
+from nlistral.llm.budget import Budget
 from nlistral.llm.cache import ReplyCache
 from nlistral.llm.limiter import Limiter
 
@@ -36,7 +39,6 @@ CHAT_PATH = "/chat/completions"
 # api_key_env names a variable, in capitals (MISTRAL_API_KEY): anything else may be the key itself, which the error
 # messages that name the variable would then print.
 ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
-RETRY_CAUSES = ("rate_limited", "server_error", "timeout", "connection", "bad_response")
 
 
 def parse_completion(raw: str) -> Reply:
@@ -98,13 +100,25 @@ def exhausted_wait(headers) -> float:
     return wait
 
 
+@dataclass(frozen=True)
+class _Retry:
+    """Why an attempt got no usable reply, and how long the server asked us to wait (a 429)."""
+
+    cause: str  # one of base.RETRY_CAUSES
+    detail: str
+    server_wait: float | None = None
+
+
 def _estimate_tokens(body: dict) -> int:
     """Before sending: ~4 characters a token for the prompt, plus the most the reply may use."""
     return sum(len(m["content"]) // 4 + 4 for m in body["messages"]) + body["max_tokens"]
 
 
 class HttpClient:
-    def __init__(self, cfg, cache_dir):
+    """A `Client` (llm/base.py). What the batch transport (llm/batch.py) also uses: `body`, `key`, `send`, `mask`,
+    `tally`, `model`, `base_url`."""
+
+    def __init__(self, cfg, cache: ReplyCache, budget: Budget | None = None):
         if not cfg.base_url:
             raise ConfigError(f"the {cfg.backend} backend needs base_url (e.g. https://api.mistral.ai/v1)")
         if cfg.api_key_env and not ENV_NAME.fullmatch(str(cfg.api_key_env)):  # never echo the value
@@ -119,23 +133,25 @@ class HttpClient:
         self.max_retries = cfg.max_retries
         self.timeout_s = cfg.timeout_s
         self.limiter = Limiter(cfg.requests_per_second, cfg.tokens_per_minute)
-        self.cache = ReplyCache(cache_dir)
+        self._cache = cache
+        self._budget = budget
         self.tally = Tally()
-        self._headers = None  # set by ensure_ready, holds the key
-        self._secret = None
+        self._headers: dict | None = None  # set by _ensure_ready, holds the key
+        self._secret: str | None = None
         self._ready_lock = threading.Lock()
         self._stop = threading.Event()  # every thread gives up: on a 401 or a bad model (with _fatal), or Ctrl-C
-        self._fatal = None
+        self._fatal: str | None = None
         self._local = threading.local()
-        self._sessions = []
-        self._claims = {}  # cache key -> [lock, holders] of the requests in flight
+        self._sessions: list[requests.Session] = []
+        self._claims: dict[str, list] = {}  # cache key -> [lock, holders] of the requests in flight
         self._claims_lock = threading.Lock()
-        self.budget = None  # a Budget, set by the engine when budget_usd is set
 
     # --- what is asked -------------------------------------------------------------------------------------------
     def body(self, messages: list[dict], sample: int = 0) -> dict:
         cfg = self.cfg
-        body = {"model": self.model, "messages": messages, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
+        body: dict = {
+            "model": self.model, "messages": messages, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens
+        }  # fmt: skip
         seed = cfg.seed + sample if cfg.seed is not None else (sample or None)
         if seed is not None:
             body["random_seed" if self.backend == "mistral" else "seed"] = seed
@@ -157,17 +173,23 @@ class HttpClient:
         body = self.body(messages, sample)
         key = self.key(body)
         with self._claim(key):  # identical requests in flight at once are sent (and paid) once
-            if (raw := self.cache.get(key)) is not None:
+            if (raw := self._cache.get(key)) is not None:
                 return replace(parse_completion(raw), cached=True)
-            self.ensure_ready()
-            budget = self.budget
+            budget = self._budget
             worst = budget.worst(messages, body["max_tokens"]) if budget else 0.0
-            raw, reply = self.request(
+            raw, reply = self.send(
                 "POST", CHAT_PATH, parse=_chat_reply, tokens=_estimate_tokens(body), worst_usd=worst,
-                bill=lambda value: budget.cost(value[1].prompt_tokens, value[1].completion_tokens), json=body,
+                bill=lambda value: budget.cost(value[1].prompt_tokens, value[1].completion_tokens) if budget else 0.0,
+                json=body,
             )  # fmt: skip
-            self.cache.put(key, json.dumps(body, ensure_ascii=False), raw)  # dropped if the stage already stopped
+            self._cache.put(key, json.dumps(body, ensure_ascii=False), raw)  # dropped if the stage already stopped
             return reply
+
+    def is_cached(self, messages: list[dict], sample: int = 0) -> bool:
+        return self._cache.get(self.key(self.body(messages, sample))) is not None
+
+    def cached_completion_tokens(self) -> tuple[float, int]:
+        return self._cache.completion_tokens(self.model)
 
     @contextmanager
     def _claim(self, key: str):
@@ -185,7 +207,7 @@ class HttpClient:
                     del self._claims[key]
 
     # --- setup: key and model, checked before the first request (a fully cached run needs neither) ----------------
-    def ensure_ready(self) -> None:
+    def _ensure_ready(self) -> None:
         with self._ready_lock:
             if self._headers is not None:
                 return
@@ -215,7 +237,7 @@ class HttpClient:
         Ollama lists its models with a tag (`mistral:latest`) and serves `mistral` as `mistral:latest`: that counts.
         """
         try:
-            listing = self.request("GET", "/models", parse=_model_ids, retries=0)
+            listing = self._request("GET", "/models", parse=_model_ids, retries=0)
         except RequestFailed as err:
             log.info("%s/models did not list models (%s); not checking model %r", self.base_url, err, self.model)
             return
@@ -249,72 +271,84 @@ class HttpClient:
         return RequestFailed("interrupted", "the stage was stopped")
 
     # --- one HTTP call, with retries -----------------------------------------------------------------------------
-    def request(self, method: str, path: str, *, parse, tokens: int = 0, worst_usd: float = 0.0, bill=None,
-                retries: int | None = None, **kwargs):  # fmt: skip
-        """Send until `parse(response) -> (value, tokens used)` accepts a 2xx response; return the value.
+    def send(self, method: str, path: str, *, parse: Callable[[requests.Response], tuple[Any, int]], tokens: int = 0,
+             worst_usd: float = 0.0, bill: Callable[[Any], float] | None = None, **kwargs) -> Any:  # fmt: skip
+        """Send until `parse(response) -> (value, tokens used)` accepts a 2xx response; return the value. The first
+        call checks the key and the model.
 
         `tokens` is the limiter's estimate; with a budget, each attempt reserves `worst_usd` and is billed
-        `bill(value)` (see llm/budget.py). Raises ConfigError on 401 (and in every thread after it), RequestFailed
-        when retries run out, the server refuses the request (other 4xx) or the budget is spent.
+        `bill(value)` (see llm/budget.py). `kwargs` go to `requests`. Raises ConfigError on 401 (and in every thread
+        after it), RequestFailed when retries run out, the server refuses the request (other 4xx) or the budget is
+        spent.
         """
+        self._ensure_ready()
+        return self._request(method, path, parse=parse, tokens=tokens, worst_usd=worst_usd, bill=bill, **kwargs)
+
+    def _request(self, method: str, path: str, *, parse, tokens: int = 0, worst_usd: float = 0.0, bill=None,
+                 retries: int | None = None, **kwargs) -> Any:  # fmt: skip
         retries = self.max_retries if retries is None else retries
-        is_chat = path == CHAT_PATH
-        for attempt in range(retries + 1):
-            held = self.budget.reserve(worst_usd) if worst_usd and self.budget else None
-            ticket, used, cost = None, 0, 0.0
-            try:  # whatever happens below, the limiter and the budget learn what this attempt used
-                if self._stop.is_set() or (ticket := self.limiter.acquire(tokens)) is None or self._stop.is_set():
-                    raise self._stopped()  # stopped before or while it waited for its turn: send nothing
-                server_wait = None
-                if is_chat:
-                    self.tally.add("requests")
-                cost = worst_usd  # until the server says otherwise, it may have billed this request
-                try:
-                    resp = self._session().request(
-                        method, self.base_url + path, headers=self._headers, timeout=self.timeout_s, **kwargs
-                    )
-                except requests.Timeout:
-                    cause, detail = "timeout", f"no response within timeout_s={self.timeout_s}"
-                except requests.RequestException as err:
-                    cause, detail = "connection", f"connection failed ({type(err).__name__})"
-                else:
-                    reset_wait = exhausted_wait(resp.headers)
-                    if not resp.ok:
-                        cost = 0.0  # refused requests are not billed
-                    if resp.status_code == 401:
-                        raise self._auth_error()
-                    if resp.ok:
-                        try:
-                            value, used = parse(resp)
-                        except (ValueError, KeyError, TypeError, IndexError):
-                            cause = "bad_response"
-                            detail = f"HTTP {resp.status_code}, unreadable body: {self._snippet(resp)}"
-                        else:
-                            cost = bill(value) if held is not None else 0.0
-                            if reset_wait:
-                                self.limiter.pause(reset_wait)
-                            return value
-                    elif resp.status_code == 429:
-                        self.tally.add("http_429")
-                        cause, detail = "rate_limited", f"HTTP 429: {self._snippet(resp)}"
-                        server_wait = max(retry_after(resp.headers) or 0.0, reset_wait) or None
-                    elif resp.status_code >= 500:
-                        cause, detail = "server_error", f"HTTP {resp.status_code}: {self._snippet(resp)}"
-                    else:
-                        raise RequestFailed(f"http_{resp.status_code}", f"{method} {path}: {self._snippet(resp)}")
-            finally:
-                if ticket is not None:
-                    self.limiter.settle(ticket, used)
-                if held is not None:
-                    self.budget.settle(held, cost)
+        attempt = 0
+        while True:
+            value, retry = self._attempt(method, path, parse, tokens, worst_usd, bill, kwargs)
+            if retry is None:
+                return value
             if attempt == retries:
-                raise RequestFailed(cause, f"{detail} (after {retries} retries)")
-            self.tally.add(f"retries_{cause}")
+                raise RequestFailed(retry.cause, f"{retry.detail} (after {retries} retries)")
+            self.tally.add(f"retries_{retry.cause}")
             delay = self._backoff(attempt)
-            if cause == "rate_limited":  # slow every thread, not just this request
-                self.limiter.pause(server_wait if server_wait is not None else delay)
+            if retry.cause == "rate_limited":  # slow every thread, not just this request
+                self.limiter.pause(retry.server_wait if retry.server_wait is not None else delay)
                 delay = 0.0
             self._stop.wait(delay)
+            attempt += 1
+
+    def _attempt(self, method: str, path: str, parse, tokens: int, worst_usd: float, bill, kwargs: dict):
+        """One try: -> (value, None), or (None, why to try again); raises what trying again cannot help."""
+        budget = self._budget
+        held = budget.reserve(worst_usd) if worst_usd and budget else None
+        ticket, used, cost = None, 0, 0.0
+        try:  # whatever happens below, the limiter and the budget learn what this attempt used
+            if self._stop.is_set() or (ticket := self.limiter.acquire(tokens)) is None or self._stop.is_set():
+                raise self._stopped()  # stopped before or while it waited for its turn: send nothing
+            if path == CHAT_PATH:
+                self.tally.add("requests")
+            cost = worst_usd  # until the server says otherwise, it may have billed this request
+            try:
+                resp = self._session().request(
+                    method, self.base_url + path, headers=self._headers, timeout=self.timeout_s, **kwargs
+                )
+            except requests.Timeout:
+                return None, _Retry("timeout", f"no response within timeout_s={self.timeout_s}")
+            except requests.RequestException as err:
+                return None, _Retry("connection", f"connection failed ({type(err).__name__})")
+            if not resp.ok:
+                cost = 0.0  # refused requests are not billed
+                return None, self._refused(resp, method, path)
+            try:
+                value, used = parse(resp)
+            except (ValueError, KeyError, TypeError, IndexError):
+                return None, _Retry("bad_response", f"HTTP {resp.status_code}, unreadable body: {self._snippet(resp)}")
+            cost = bill(value) if held is not None else 0.0
+            if reset_wait := exhausted_wait(resp.headers):
+                self.limiter.pause(reset_wait)
+            return value, None
+        finally:
+            if ticket is not None:
+                self.limiter.settle(ticket, used)
+            if budget is not None and held is not None:
+                budget.settle(held, cost)
+
+    def _refused(self, resp: requests.Response, method: str, path: str) -> "_Retry":
+        """A non-2xx response: 429 and 5xx are worth another try; a 401 stops the stage, other 4xx fail the row."""
+        if resp.status_code == 401:
+            raise self._auth_error()
+        if resp.status_code == 429:
+            self.tally.add("http_429")
+            wait = max(retry_after(resp.headers) or 0.0, exhausted_wait(resp.headers)) or None
+            return _Retry("rate_limited", f"HTTP 429: {self._snippet(resp)}", wait)
+        if resp.status_code >= 500:
+            return _Retry("server_error", f"HTTP {resp.status_code}: {self._snippet(resp)}")
+        raise RequestFailed(f"http_{resp.status_code}", f"{method} {path}: {self._snippet(resp)}")
 
     def _backoff(self, attempt: int) -> float:
         """Exponential backoff with jitter: half the capped delay, plus up to the other half at random."""
@@ -339,13 +373,13 @@ class HttpClient:
         """Make every thread give up now: those waiting for the limiter or a retry send nothing more (Ctrl-C)."""
         self._stop.set()
         self.limiter.cancel()
-        if self.budget:
-            self.budget.cancel()
+        if self._budget:
+            self._budget.cancel()
 
     def close(self) -> None:
         for session in self._sessions:
             session.close()
-        self.cache.close()
+        self._cache.close()
 
 
 def _model_ids(resp):

@@ -24,7 +24,7 @@ class Limiter:
         self._changed = threading.Condition()
         self._next_start = 0.0
         self._resume_at = 0.0
-        self._window = deque()  # [start time, tokens, live] of requests started in the last WINDOW_S
+        self._window: deque[list] = deque()  # [start time, tokens, live] of requests started in the last WINDOW_S
         self._window_tokens = 0
         self._cancelled = False
 

@@ -12,7 +12,7 @@ as reflector also the "True label: ..." line, arguing for that label from the sa
 import json
 import re
 
-from nlistral.llm import Reply
+from nlistral.llm.base import Reply, Tally
 from nlistral.prompts import read_pair_text
 
 OVERLAP_THRESHOLD = 0.75
@@ -112,8 +112,14 @@ def _reflect(cues: dict, true_label: int) -> dict:
 
 
 class OfflineClient:
+    """The free stand-in: it computes every answer (nothing is cached, nothing is sent over a network)."""
+
+    def __init__(self) -> None:
+        self.tally = Tally()  # each answer counts as a (free) request
+
     def chat(self, messages: list[dict], sample: int = 0) -> Reply:
         """Deterministic: every self-consistency sample gets the same answer."""
+        self.tally.add("requests")
         prompt = next(m["content"] for m in messages if m["role"] == "user")
         cues = analyse(*read_pair_text(prompt))
         reflecting = re.search(r"\nTrue label: ([01])$", prompt)
@@ -125,3 +131,15 @@ class OfflineClient:
         text = json.dumps(answer)
         prompt_tokens = sum(len(m["content"]) // 4 for m in messages)
         return Reply(text, "stop", prompt_tokens=prompt_tokens, completion_tokens=len(text) // 4)
+
+    def is_cached(self, messages: list[dict], sample: int = 0) -> bool:
+        return False
+
+    def cached_completion_tokens(self) -> tuple[float, int]:
+        return 0.0, 0
+
+    def stop(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

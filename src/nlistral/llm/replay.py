@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 
 from nlistral.data import DataError
-from nlistral.llm import Reply, RequestFailed, Tally
+from nlistral.llm.base import Reply, RequestFailed, Tally
 from nlistral.paths import MissingInput
 from nlistral.prompts import read_pair_text
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 SUFFIXES = (".json", ".jsonl")
 
 
-def read_records(path: Path) -> list[tuple[int, dict]]:
+def read_records(path: Path) -> list[tuple[int | None, dict]]:
     """(line, record) pairs from a JSON Lines file, (None, record) from a JSON array; DataError if malformed."""
     text = path.read_text(encoding="utf-8-sig")
     if text.lstrip().startswith("["):
@@ -36,15 +36,15 @@ def read_records(path: Path) -> list[tuple[int, dict]]:
             raise DataError(path, f"not valid JSON ({err.msg})", err.lineno) from None
         if not isinstance(records, list):
             raise DataError(path, "expected a JSON array of records")
-        numbered = [(None, record) for record in records]
+        numbered: list[tuple[int | None, dict]] = [(None, record) for record in records]
     else:
         numbered = []
-        for line, raw in enumerate(text.splitlines(), 1):
+        for number, raw in enumerate(text.splitlines(), 1):
             if raw.strip():
                 try:
-                    numbered.append((line, json.loads(raw)))
+                    numbered.append((number, json.loads(raw)))
                 except json.JSONDecodeError as err:
-                    raise DataError(path, f"not a JSON object per line ({err.msg})", line) from None
+                    raise DataError(path, f"not a JSON object per line ({err.msg})", number) from None
     for index, (line, record) in enumerate(numbered):
         if not isinstance(record, dict):
             raise DataError(path, f"record {index}: expected a JSON object, got {type(record).__name__}", line)
@@ -75,7 +75,7 @@ class ReplayClient:
         files = sorted(p for p in source.iterdir() if p.suffix in SUFFIXES) if source.is_dir() else [source]
         self.source = source
         self.tally = Tally()  # replayed answers are not requests: the engine reports `requests: 0`
-        self.answers = {"thought": {}, "reflection": {}}
+        self.answers: dict[str, dict[tuple[str, str], dict]] = {"thought": {}, "reflection": {}}
         conflicts = 0
         for path in files:
             for index, (line, record) in enumerate(read_records(path)):
@@ -105,3 +105,16 @@ class ReplayClient:
             raise RequestFailed("not_recorded", f"no recorded {kind} for this premise and hypothesis in {self.source}")
         self.tally.add("replayed")
         return Reply(json.dumps(answer, ensure_ascii=False), "stop")
+
+    def is_cached(self, messages: list[dict], sample: int = 0) -> bool:
+        """Always: the recording is the store; a pair it lacks fails unsent (`not_recorded`)."""
+        return True
+
+    def cached_completion_tokens(self) -> tuple[float, int]:
+        return 0.0, 0  # a recording holds no token counts
+
+    def stop(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
