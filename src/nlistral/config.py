@@ -6,7 +6,6 @@ same with the same calls (OmegaConf.to_yaml of hydra's compose), so the two neve
 own grammar and semantics, group swaps first, so an override means the same in both paths.
 """
 
-import os
 from pathlib import Path
 
 import yaml
@@ -84,16 +83,6 @@ def apply_overrides(cfg: DictConfig, overrides, conf_dir=CONF_DIR) -> None:
         raise ConfigError(str(err).splitlines()[0]) from None
     finally:
         OmegaConf.set_struct(cfg, False)
-
-
-def tracking_uri(uri: str) -> str:
-    """`mlflow.tracking_uri` with a relative sqlite path made absolute: relative to the repo DVC runs in (DVC_ROOT:
-    for a queued experiment the user's repo, not its temporary copy, so sweeps log into the repo's own mlflow.db),
-    else to the working directory (MLflow caches stores by URI, so a relative one could reach another folder's db)."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not Path(uri[len(prefix) :]).is_absolute():
-        return prefix + str(Path(os.environ.get("DVC_ROOT") or os.getcwd()) / uri[len(prefix) :])
-    return uri
 
 
 def load_config(overrides=(), params_file=PARAMS_FILE, conf_dir=CONF_DIR) -> DictConfig:

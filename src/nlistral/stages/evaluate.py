@@ -12,10 +12,9 @@ one for other rows) prints why and skips that comparison rather than make the ad
 import json
 
 import mlflow
-from mlflow.exceptions import MlflowException
 
+from nlistral import tracking
 from nlistral.compare import CompareError, compare_records
-from nlistral.config import tracking_uri
 from nlistral.evaluation import check_engine, check_failures, run_generation
 from nlistral.io import read_jsonl, write_csv, write_json, write_jsonl
 from nlistral.model import base_info, load_adapter_model, load_tokenizer
@@ -61,23 +60,19 @@ def rationale_tokens(tokenizer, records, answers) -> list[int]:
 def _log_to_training_run(cfg, metrics: dict) -> None:
     """Log into the MLflow run that trained the adapter, or a new linked run if this store does not have it."""
     train_run = json.loads(ADAPTER_MLFLOW_RUN.read_text(encoding="utf-8"))["run_id"]
-    mlflow.set_tracking_uri(tracking_uri(cfg.mlflow.tracking_uri))
-    mlflow.set_experiment(cfg.mlflow.experiment)
-    run_id = train_run
-    try:
-        mlflow.get_run(train_run)
-    except MlflowException:  # e.g. the adapter came from the DVC cache, trained against another tracking store
+    tracking.connect(cfg)
+    run_id = train_run if tracking.run_exists(train_run) else None
+    if run_id is None:  # e.g. the adapter came from the DVC cache, trained against another tracking store
         print(f"evaluate: MLflow run {train_run} not found in {cfg.mlflow.tracking_uri}; logging to a new run")
-        run_id = None
-    with mlflow.start_run(run_id=run_id, tags=None if run_id else {"adapter_run_id": train_run}):
+    with tracking.start_run("evaluate", run_id, tags=None if run_id else {"adapter_run_id": train_run}) as run:
         flat = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         flat.update({f"confusion_{k}": v for k, v in metrics["confusion"].items()})
         flat["accuracy_ci95_low"], flat["accuracy_ci95_high"] = metrics["accuracy_ci95"]
         for name, comparison in metrics["comparisons"].items():
             flat.update({f"vs_{name}_{k}": comparison[k] for k in ("difference", "mcnemar_p")})
-        mlflow.log_metrics({f"test_{k}": v for k, v in flat.items()})
-        mlflow.log_artifact(PREDICTIONS)
-        mlflow.log_artifact(CONFUSION)
+        run.log(mlflow.log_metrics, {f"test_{k}": v for k, v in flat.items()})
+        run.log(mlflow.log_artifact, PREDICTIONS)
+        run.log(mlflow.log_artifact, CONFUSION)
 
 
 def run(cfg) -> dict:

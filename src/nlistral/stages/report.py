@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import os
-import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from omegaconf import OmegaConf
 
 from nlistral import paths
 from nlistral.io import atomic_open, read_jsonl
+from nlistral.revision import git
 
 SPLITS = ("train", "dev")
 BASELINES = ("base", "teacher")
@@ -47,10 +47,6 @@ def is_embedded(cfg) -> bool:
 
 def provenance() -> dict:
     """Experiment name (DVC_EXP_NAME, else the git branch), git revision and date."""
-
-    def git(*args):
-        done = subprocess.run(["git", *args], capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else None
 
     return {
         "experiment": os.environ.get("DVC_EXP_NAME") or git("rev-parse", "--abbrev-ref", "HEAD") or "workspace",

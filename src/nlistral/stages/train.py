@@ -13,30 +13,28 @@ stage runs); the fingerprint covers the config and the fine-tuning data, so a re
 run's latest checkpoint (optimizer, scheduler, RNG, early-stopping state, MLflow run) and never another's.
 
 Under `accelerate launch` (several processes) every process trains; only the main one logs to MLflow and writes.
+The MLflow run (store, name, provenance, writes that never fail hours of training) is nlistral.tracking's.
 """
 
 import hashlib
 import json
-import os
 import re
 import shutil
-import subprocess
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 import torch
 from datasets import Dataset
-from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 from peft import LoraConfig
 from transformers import EarlyStoppingCallback, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from nlistral import paths
-from nlistral.config import ConfigError, tracking_uri
+from nlistral import paths, tracking
+from nlistral.config import ConfigError
 from nlistral.io import read_jsonl, write_csv, write_json
 from nlistral.model import base_info, load_base_model, load_tokenizer, staged_dir
 from nlistral.paths import ADAPTER_DIR, ADAPTER_MLFLOW_RUN, FINETUNE, SFT_METRICS, TRAIN_HISTORY, TRAIN_METRICS
@@ -46,7 +44,6 @@ CHECKPOINTS = Path("checkpoints")  # resume state, not a stage output: git- and 
 CHECKPOINT_RUN = "mlflow_run.json"  # beside the checkpoints: the MLflow run a resumed training continues
 HISTORY_FIELDS = ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s")
 # The MLflow UI opens an experiment of this kind on its runs (MLflow 3 shows GenAI traces first otherwise).
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def sft_dataset(path) -> Dataset:
@@ -103,20 +100,10 @@ def fingerprint(cfg) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def git(*args) -> str | None:
-    try:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def run_tags(cfg) -> dict:
     """Where the run came from: code version, DVC experiment, data digests, base model."""
     info = base_info()
-    tags = {
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": None if git("rev-parse", "HEAD") is None else str(bool(git("status", "--porcelain"))),
-        "dvc_exp_name": os.environ.get("DVC_EXP_NAME"),
+    tags = {  # git commit and DVC experiment: tracking.start_run's provenance tags
         "base_model": info["name_or_path"] if not info.get("built_tiny") else f"tiny ({cfg.model.name})",
         "base_model_revision": info.get("revision"),
     }
@@ -203,16 +190,20 @@ class EvaluateAtEnd(TrainerCallback):
 
 
 class MlflowCurves(TrainerCallback):
-    """Loss, dev loss, learning rate, grad norm and tokens/s into the open MLflow run as they are logged."""
+    """Loss, dev loss, learning rate, grad norm and tokens/s into the stage's MLflow run as they are logged.
+
+    Only into that run (`run`, set by the stage): a trainer built by hand logs nowhere, never into a stray run.
+    """
+
+    run: tracking.Run | None = None
 
     NAMES = {"loss": "loss", "eval_loss": "eval_loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm",
              "train_tokens_per_second": "tokens_per_s"}  # fmt: skip
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         values = {name: logs[key] for key, name in self.NAMES.items() if key in (logs or {})}
-        # only into the stage's run: outside one (a trainer built by hand), MLflow would start a stray run
-        if mlflow.active_run() and state.is_world_process_zero and ("loss" in values or "eval_loss" in values):
-            mlflow.log_metrics(values, step=state.global_step)
+        if self.run is not None and state.is_world_process_zero and ("loss" in values or "eval_loss" in values):
+            self.run.log(mlflow.log_metrics, values, step=state.global_step)
 
 
 def build_trainer(cfg, output_dir) -> SFTTrainer:
@@ -252,23 +243,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(complete, key=checkpoint_step, default=None)
 
 
-def open_mlflow_run(cfg, run_dir: Path, resuming: bool):
-    """Start (or, when resuming, continue) the run; its id is stored beside the checkpoints."""
-    mlflow.set_tracking_uri(tracking_uri(cfg.mlflow.tracking_uri))
-    experiment = mlflow.set_experiment(cfg.mlflow.experiment)
-    for key, value in EXPERIMENT_KIND.items():
-        if key not in experiment.tags:
-            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+@contextmanager
+def training_run(run_dir: Path, resuming: bool):
+    """The stage's MLflow run (nlistral.tracking): a new one, or when resuming the one stored beside the
+    checkpoints (unless the checkpoint outlived its tracking store)."""
     stored = run_dir / CHECKPOINT_RUN
     run_id = json.loads(stored.read_text(encoding="utf-8"))["run_id"] if resuming and stored.is_file() else None
-    if run_id:
-        try:
-            mlflow.get_run(run_id)
-        except MlflowException:  # the checkpoint outlived its tracking store
-            run_id = None
-    mlrun = mlflow.start_run(run_id=run_id)
-    write_json(stored, {"run_id": mlrun.info.run_id, "experiment_id": mlrun.info.experiment_id})
-    return mlrun
+    with tracking.start_run("train", run_id if run_id and tracking.run_exists(run_id) else None) as run:
+        write_json(stored, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
+        yield run
 
 
 def history(log_history) -> list[dict]:
@@ -320,6 +303,7 @@ def summarize(cfg, trainer, result, resumed_from: int | None, wall: float) -> di
 def run(cfg) -> dict:
     set_seed(cfg.train.seed)  # before the LoRA weights are initialised
     run_dir = CHECKPOINTS / fingerprint(cfg)  # missing input fails here, before MLflow is touched
+    tracking.connect(cfg)  # a tracking server that does not answer fails here, before any model loads
     trainer = build_trainer(cfg, run_dir)  # bad or empty input and bad train.* values fail here
     main = trainer.is_world_process_zero()  # one process unless started by `accelerate launch`
     checkpoint = latest_checkpoint(run_dir) if cfg.train.resume == "auto" else None
@@ -327,11 +311,12 @@ def run(cfg) -> dict:
         shutil.rmtree(run_dir, ignore_errors=True)  # partial or unwanted checkpoints of this configuration
     trainer.accelerator.wait_for_everyone()
     resumed_from = checkpoint_step(checkpoint) if checkpoint else None
-    with open_mlflow_run(cfg, run_dir, resuming=checkpoint is not None) if main else nullcontext() as mlrun:
+    with training_run(run_dir, resuming=checkpoint is not None) if main else nullcontext() as run:
         if main:
-            mlflow.set_tags(run_tags(cfg))
-            mlflow.log_params(flat_params(cfg))
-            mlflow.log_metrics(data_metrics())
+            next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, MlflowCurves)).run = run
+            run.log(mlflow.set_tags, run_tags(cfg))
+            run.log(mlflow.log_params, flat_params(cfg))
+            run.log(mlflow.log_metrics, data_metrics())
             if checkpoint:
                 print(f"train: resuming from {checkpoint} (step {resumed_from})")
         start = time.perf_counter()
@@ -340,17 +325,17 @@ def run(cfg) -> dict:
         if not main:
             return {}
         metrics = summarize(cfg, trainer, result, resumed_from, wall)
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
+        run.log(mlflow.log_metrics, {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
         with staged_dir(ADAPTER_DIR) as out:  # the best checkpoint's weights (load_best_model_at_end)
             trainer.model.save_pretrained(out)
             trainer.processing_class.save_pretrained(out)
-            write_json(out / ADAPTER_MLFLOW_RUN.name, {"run_id": mlrun.info.run_id,
-                                                       "experiment_id": mlrun.info.experiment_id})  # fmt: skip
+            write_json(out / ADAPTER_MLFLOW_RUN.name, {"run_id": run.info.run_id,
+                                                       "experiment_id": run.info.experiment_id})  # fmt: skip
         write_csv(TRAIN_HISTORY, history(trainer.state.log_history), HISTORY_FIELDS)
-        mlflow.log_artifacts(str(ADAPTER_DIR), artifact_path="adapter")
-        mlflow.log_text(redacted_params(cfg), "params.yaml")
+        run.log(mlflow.log_artifacts, str(ADAPTER_DIR), artifact_path="adapter")
+        run.log(mlflow.log_text, redacted_params(cfg), "params.yaml")
         for split in ("train", "dev"):
-            mlflow.log_artifact(str(paths.require(SFT_METRICS, split)), artifact_path="sft")
+            run.log(mlflow.log_artifact, str(paths.require(SFT_METRICS, split)), artifact_path="sft")
     write_json(TRAIN_METRICS, metrics)
     shutil.rmtree(run_dir, ignore_errors=True)  # finished: the adapter is out, nothing left to resume
     print(
