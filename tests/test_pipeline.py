@@ -225,29 +225,21 @@ def test_readme_sharing_commands_push_to_s3_and_a_collaborator_pulls_a_clean_pip
         assert run("git", "status", "--porcelain", cwd=clone) == "", clone.name
 
 
-def test_train_param_change_reruns_only_train_evaluate_and_report(pipeline):
-    out = run("dvc", "exp", "run", "-S", "train.learning_rate=0.001", cwd=pipeline)
+def test_a_train_experiment_reruns_only_what_training_feeds_and_can_be_diffed_plotted_and_compared(pipeline):
+    run("git", "add", "-A", cwd=pipeline)
+    run("git", "commit", "-qm", "before the experiment", "--allow-empty", cwd=pipeline)
+    out = run("dvc", "exp", "run", "-n", "faster", "-S", "train.learning_rate=0.001", cwd=pipeline)
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     tuned = {f"{stage}@{name}" for stage in ("evaluate_set", "summarise_set") for name in ("diagnostic", "hanslike")}
     assert ran == {"train", "evaluate", "report"} | tuned, out
-
-
-def test_an_experiment_can_be_diffed_plotted_and_compared(pipeline):
-    run("git", "add", "-A", cwd=pipeline)
-    run("git", "commit", "-qm", "before the experiment", "--allow-empty", cwd=pipeline)
-    out = run("dvc", "exp", "run", "-n", "reseeded", "-S", "eval.seed=7", cwd=pipeline)
-    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    # train re-runs too when an earlier test's `-S train.*` experiment left its params in the workspace
-    assert {"evaluate_base", "evaluate_teacher", "evaluate", "report"} | SET_STAGES <= ran <= {
-        "evaluate_base", "evaluate_teacher", "evaluate", "report", "train"} | SET_STAGES, out  # fmt: skip
     diff = run("dvc", "metrics", "diff", "--all", "--md", cwd=pipeline)
-    assert all(f"metrics/{name}.json" in diff for name in ("eval", "eval_base", "eval_teacher"))
+    assert all(f"metrics/{name}.json" in diff for name in ("eval", "train"))
     run("dvc", "plots", "show", "-o", "plots", cwd=pipeline)
     html = (pipeline / "plots/index.html").read_text()
     assert "Fine-tuned accuracy on the test split by rationale length (tokens)" in html
-    out = run(sys.executable, "-m", "nlistral", "compare", "HEAD", "reseeded", "--json", "cmp.json", cwd=pipeline)
+    out = run(sys.executable, "-m", "nlistral", "compare", "HEAD", "faster", "--json", "cmp.json", cwd=pipeline)
     result = json.loads((pipeline / "cmp.json").read_text())
-    assert (result["a"], result["b"], result["n"]) == ("HEAD", "reseeded", ROWS["test"])
+    assert (result["a"], result["b"], result["n"]) == ("HEAD", "faster", ROWS["test"])
     assert f"B - A = {result['difference']:+.4f}" in out
 
 
