@@ -33,7 +33,7 @@ run: setup
 	@echo "Test sets: metrics/test_sets/<set>.json (per model, per tag, comparisons), predictions in metrics/test_sets/<set>/"
 	@echo "Outputs: data/{original_thoughts,reflected_thoughts,finetune}/, models/adapter/, metrics/"
 	@echo "Metrics: $(VENV)/bin/dvc metrics show (every stage)    Plots: $(VENV)/bin/dvc plots show"
-	@echo "Runs:    $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db, then http://127.0.0.1:5000/#/experiments/<id>/runs"
+	@echo "Runs:    $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db, then open http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
 	@echo "Report:  reports/results.md, reports/index.html (open in a browser), model and dataset cards"
 
 test: setup
