@@ -43,7 +43,6 @@ from nlistral.stages import StageError
 CHECKPOINTS = Path("checkpoints")  # resume state, not a stage output: git- and dvc-ignored, see the module doc
 CHECKPOINT_RUN = "mlflow_run.json"  # beside the checkpoints: the MLflow run a resumed training continues
 HISTORY_FIELDS = ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s")
-# The MLflow UI opens an experiment of this kind on its runs (MLflow 3 shows GenAI traces first otherwise).
 
 
 def sft_dataset(path) -> Dataset:
@@ -101,9 +100,10 @@ def fingerprint(cfg) -> str:
 
 
 def run_tags(cfg) -> dict:
-    """Where the run came from: code version, DVC experiment, data digests, base model."""
+    """Where the run came from, beyond the git commit and DVC experiment (tracking.start_run tags those): the base
+    model and the fine-tuning data's digests."""
     info = base_info()
-    tags = {  # git commit and DVC experiment: tracking.start_run's provenance tags
+    tags = {
         "base_model": info["name_or_path"] if not info.get("built_tiny") else f"tiny ({cfg.model.name})",
         "base_model_revision": info.get("revision"),
     }
