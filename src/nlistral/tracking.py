@@ -151,8 +151,10 @@ def start_run(stage: str, run_id: str | None = None, tags: dict | None = None):
     Call `connect` first. Failing to open the run is a ConfigError; failures after that only warn (see `Run`).
     """
     try:
-        info = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name(),
-                                tags=provenance_tags() | (tags or {})).info  # fmt: skip
+        if run_id is None:  # a new run; a continued one keeps the name and provenance it started with
+            info = mlflow.start_run(run_name=run_name(), tags=provenance_tags() | (tags or {})).info
+        else:
+            info = mlflow.start_run(run_id=run_id, tags=tags).info
     except WRITE_ERRORS as err:
         raise ConfigError(f"MLflow tracking store {mlflow.get_tracking_uri()}: {str(err).splitlines()[0]}") from None
     run = Run(stage, info)
