@@ -2,9 +2,11 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -87,6 +89,30 @@ def test_kill_9_mid_stage_resends_only_what_was_in_flight(workdir):
     assert [r["id"] for r in records] == [str(i) for i in range(rows)]
     metrics = json.loads((workdir / "metrics/thoughts_train.json").read_text())
     assert metrics["cache_hits"] + metrics["requests"] == rows and metrics["requests"] == resent
+
+
+def test_two_stages_at_once_share_the_cache_and_pay_each_reply_once(workdir):
+    """Two parallel experiments' thoughts stages (own workspaces, one machine's cache) ask for the same 40 replies
+    at once: both finish with every row, and each distinct request reaches the server exactly once."""
+    rows = 40
+    spaces = [workdir / "exp-a", workdir / "exp-b"]
+    with LLMServer(latency=0.2) as server:
+        procs = []
+        for space in spaces:
+            shutil.copytree(workdir / "conf", space / "conf")
+            shutil.copy(workdir / "params.yaml", space / "params.yaml")
+            write_split(space, many_rows(rows))
+            procs.append(_cli(space, server, max_concurrency=3))
+        results = [proc.communicate(timeout=600) for proc in procs]
+    for proc, (out, err) in zip(procs, results):
+        assert proc.returncode == 0, err
+    asked = Counter(json.dumps(body, sort_keys=True) for body in server.chat_bodies)
+    assert len(asked) == rows and set(asked.values()) == {1}, "a reply was paid for twice"
+    outputs = [(space / OUT).read_bytes() for space in spaces]
+    assert outputs[0] == outputs[1] and len(read_jsonl(spaces[0] / OUT)) == rows
+    metrics = [json.loads((space / "metrics/thoughts_train.json").read_text()) for space in spaces]
+    assert sum(m["requests"] for m in metrics) == rows
+    assert all(m["requests"] + m["cache_hits"] == rows for m in metrics)
 
 
 def test_api_key_appears_in_no_output_log_metrics_or_cache(workdir):

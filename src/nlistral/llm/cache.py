@@ -2,6 +2,8 @@
 
 Keys are hashes of what was asked (see HttpClient.key): never the API key, never the parser, so a parser fix or a
 re-run re-uses paid replies. WAL mode and autocommit make each stored reply survive a `kill -9` right after it.
+Every stage on the machine may share the cache (see `cache_location`); `claim` keeps a request in flight from being
+sent again by another thread or process at the same time.
 """
 
 import os
@@ -10,11 +12,14 @@ import threading
 import time
 from pathlib import Path
 
+from filelock import FileLock
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, request TEXT NOT NULL, response TEXT NOT NULL,
                                     created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS batch_jobs (request_set TEXT PRIMARY KEY, job_id TEXT NOT NULL, created REAL NOT NULL);
 """
+CLAIM_PREFIX = 2  # hex digits of a key naming its claim lock: 256 lock files
 
 
 def cache_location(configured=None) -> Path:
@@ -33,12 +38,19 @@ def cache_location(configured=None) -> Path:
 class ReplyCache:
     def __init__(self, cache_dir):
         path = Path(cache_dir) / "replies.sqlite"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self._claims = Path(cache_dir) / "claims"
+        self._claims.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
         self._closed = False
+
+    def claim(self, key: str) -> FileLock:
+        """A lock to hold while `key`'s request is in flight, then look in the cache again: threads and processes
+        (parallel `dvc exp` workers, two shells) asking for the same reply at once pay for it once. flock locks, so a
+        killed holder releases its claim; keys share 256 lock files (two keys meeting on one only wait their turn)."""
+        return FileLock(self._claims / f"{key[:CLAIM_PREFIX]}.lock", preserve_lock_file=True)
 
     def get(self, key: str) -> str | None:
         with self._lock:

@@ -17,7 +17,6 @@ import random
 import re
 import threading
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -143,8 +142,6 @@ class HttpClient:
         self._fatal: str | None = None
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
-        self._claims: dict[str, list] = {}  # cache key -> [lock, holders] of the requests in flight
-        self._claims_lock = threading.Lock()
 
     # --- what is asked -------------------------------------------------------------------------------------------
     def body(self, messages: list[dict], sample: int = 0) -> dict:
@@ -172,7 +169,7 @@ class HttpClient:
         """The reply to `messages` (sample i > 0: the same request with seed + i), from the cache or the server."""
         body = self.body(messages, sample)
         key = self.key(body)
-        with self._claim(key):  # identical requests in flight at once are sent (and paid) once
+        with self._cache.claim(key):  # identical requests in flight at once, here or elsewhere, are paid once
             if (raw := self._cache.get(key)) is not None:
                 return replace(parse_completion(raw), cached=True)
             budget = self._budget
@@ -190,21 +187,6 @@ class HttpClient:
 
     def cached_completion_tokens(self) -> tuple[float, int]:
         return self._cache.completion_tokens(self.model)
-
-    @contextmanager
-    def _claim(self, key: str):
-        """Hold `key` while its request is in flight; only keys in flight have an entry (none outlive the request)."""
-        with self._claims_lock:
-            claim = self._claims.setdefault(key, [threading.Lock(), 0])
-            claim[1] += 1
-        try:
-            with claim[0]:
-                yield
-        finally:
-            with self._claims_lock:
-                claim[1] -= 1
-                if not claim[1]:
-                    del self._claims[key]
 
     # --- setup: key and model, checked before the first request (a fully cached run needs neither) ----------------
     def _ensure_ready(self) -> None:
