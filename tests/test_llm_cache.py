@@ -103,8 +103,8 @@ def test_two_stages_at_once_share_the_cache_and_pay_each_reply_once(workdir):
             shutil.copy(workdir / "params.yaml", space / "params.yaml")
             write_split(space, many_rows(rows))
             procs.append(_cli(space, server, max_concurrency=3))
-        results = [proc.communicate(timeout=600) for proc in procs]
-    for proc, (out, err) in zip(procs, results):
+        errors = [proc.communicate(timeout=600)[1] for proc in procs]
+    for proc, err in zip(procs, errors, strict=True):
         assert proc.returncode == 0, err
     asked = Counter(json.dumps(body, sort_keys=True) for body in server.chat_bodies)
     assert len(asked) == rows and set(asked.values()) == {1}, "a reply was paid for twice"

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -225,21 +226,63 @@ def test_readme_sharing_commands_push_to_s3_and_a_collaborator_pulls_a_clean_pip
         assert run("git", "status", "--porcelain", cwd=clone) == "", clone.name
 
 
-def test_a_train_experiment_reruns_only_what_training_feeds_and_can_be_diffed_plotted_and_compared(pipeline):
+SWEEP = {"lr-a": 0.001, "lr-b": 0.003, "lr-c": 0.004}  # the default is 0.002
+
+
+def queue_states(root) -> dict[str, str]:
+    """`dvc queue status` as {experiment name: Queued | Running | Success | Failed}."""
+    lines = run("dvc", "queue", "status", cwd=root).splitlines()
+    return {line.split()[1]: line.split()[-1] for line in lines if line.split()[1:2] and line.split()[1] in SWEEP}
+
+
+def wait_for_queue(root, timeout=3600) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while (states := queue_states(root)).keys() != SWEEP.keys() or {"Queued", "Running"} & set(states.values()):
+        assert time.monotonic() < deadline, f"queue still busy: {states}"
+        time.sleep(2)
+    return states
+
+
+def test_a_sweep_on_two_queue_workers_reruns_only_training_and_logs_a_named_run_per_experiment(pipeline):
+    """Three train experiments through `dvc queue start -j 2`, as the README runs a sweep: each succeeds, re-runs
+    only what training feeds, and is one MLflow run in the repo's own store, named after it, with its own learning
+    rate, its eval metrics, and the README's share of the cores per worker."""
     run("git", "add", "-A", cwd=pipeline)
-    run("git", "commit", "-qm", "before the experiment", "--allow-empty", cwd=pipeline)
-    out = run("dvc", "exp", "run", "-n", "faster", "-S", "train.learning_rate=0.001", cwd=pipeline)
-    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    run("git", "commit", "-qm", "before the sweep", "--allow-empty", cwd=pipeline)
+    (pipeline / "mlflow.db").unlink()  # the two workers' first trainings meet a fresh store, as on a new clone
+    for name, lr in SWEEP.items():
+        run("dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.learning_rate={lr}", cwd=pipeline)
+    readme = (REPO / "README.md").read_text().split("## Configuration and experiments", 1)[1]
+    start = re.sub(r"\s+#.*", "", next(line for line in readme.splitlines() if "dvc queue start -j 2" in line))
+    threads = str(max(1, int(run("nproc", cwd=pipeline)) // 2))  # what the README's $(( $(nproc) / 2 )) gives
+    try:
+        run("bash", "-c", start, cwd=pipeline)  # the README's command, as a user pastes it
+        states = wait_for_queue(pipeline)
+    finally:
+        run("dvc", "queue", "stop", cwd=pipeline)
+    logs = {name: run("dvc", "queue", "logs", name, cwd=pipeline) for name in SWEEP}
+    assert set(states.values()) == {"Success"}, {name: logs[name][-2000:] for name, state in states.items()}
     tuned = {f"{stage}@{name}" for stage in ("evaluate_set", "summarise_set") for name in ("diagnostic", "hanslike")}
-    assert ran == {"train", "evaluate", "report"} | tuned, out
-    diff = run("dvc", "metrics", "diff", "--all", "--md", cwd=pipeline)
-    assert all(f"metrics/{name}.json" in diff for name in ("eval", "train"))
-    run("dvc", "plots", "show", "-o", "plots", cwd=pipeline)
+    for name, out in logs.items():
+        ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+        assert ran == {"train", "evaluate", "report"} | tuned, (name, out[-3000:])
+
+    mlflow_runs = sqlite3.connect(pipeline / "mlflow.db").execute(
+        "SELECT r.name, p.value, t.value, m.value FROM runs r JOIN params p ON p.run_uuid = r.run_uuid "
+        "AND p.key = 'train.learning_rate' JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'torch_threads' "
+        "JOIN latest_metrics m ON m.run_uuid = r.run_uuid AND m.key = 'test_accuracy'"
+    ).fetchall()
+    swept = {name: (float(lr), threads) for name, lr, threads, _ in mlflow_runs}
+    assert len(mlflow_runs) == len(SWEEP) and swept == {name: (lr, threads) for name, lr in SWEEP.items()}, mlflow_runs
+
+    diff = run("dvc", "exp", "diff", "HEAD", "lr-a", "--md", cwd=pipeline)
+    assert "metrics/eval.json" in diff and "train.learning_rate" in diff
+    run("dvc", "plots", "diff", "HEAD", "lr-a", "-o", "plots", cwd=pipeline)
     html = (pipeline / "plots/index.html").read_text()
     assert "Fine-tuned accuracy on the test split by rationale length (tokens)" in html
-    out = run(sys.executable, "-m", "nlistral", "compare", "HEAD", "faster", "--json", "cmp.json", cwd=pipeline)
+    out = run(sys.executable, "-m", "nlistral", "compare", "HEAD", "lr-a", "--json", "cmp.json", cwd=pipeline)
     result = json.loads((pipeline / "cmp.json").read_text())
-    assert (result["a"], result["b"], result["n"]) == ("HEAD", "faster", ROWS["test"])
+    assert (result["a"], result["b"], result["n"]) == ("HEAD", "lr-a", ROWS["test"])
     assert f"B - A = {result['difference']:+.4f}" in out
 
 

@@ -101,11 +101,12 @@ def fingerprint(cfg) -> str:
 
 def run_tags(cfg) -> dict:
     """Where the run came from, beyond the git commit and DVC experiment (tracking.start_run tags those): the base
-    model and the fine-tuning data's digests."""
+    model, the fine-tuning data's digests, and the CPU threads torch used (OMP_NUM_THREADS; README: sweeps)."""
     info = base_info()
     tags = {
         "base_model": info["name_or_path"] if not info.get("built_tiny") else f"tiny ({cfg.model.name})",
         "base_model_revision": info.get("revision"),
+        "torch_threads": str(torch.get_num_threads()),
     }
     tags |= {f"{split}_ft_md5": md5(paths.require(FINETUNE, split)) for split in ("train", "dev")}
     return {k: v for k, v in tags.items() if v is not None}
