@@ -1,14 +1,21 @@
 """MLflow set-up shared by train and evaluate (nlistral.tracking): parallel stages on one fresh SQLite store, runs
-named after their DVC experiment, a tracking server that does not answer."""
+named after their DVC experiment, a tracking server that does not answer, and the runs table the README sends users
+to in `mlflow ui`."""
 
+import itertools
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import mlflow
 import pytest
+import requests
 from conftest import REPO
 from omegaconf import OmegaConf
 
@@ -18,6 +25,7 @@ from nlistral.config import ConfigError
 # Each process waits for the go file, then opens the same fresh store, as `dvc queue start -j 3` workers do.
 OPEN_AND_LOG = """
 import os, sys, time
+import requests
 from omegaconf import OmegaConf
 import mlflow
 from nlistral import tracking
@@ -57,10 +65,14 @@ def test_a_run_outside_an_experiment_is_named_after_the_commit(tmp_path, monkeyp
     assert tracking.provenance_tags()["git_commit"].startswith(commit)
 
 
-def _dead_url() -> str:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"  # closed again: nothing listens there
+        return sock.getsockname()[1]
+
+
+def _dead_url() -> str:
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens there
 
 
 def test_a_tracking_server_that_does_not_answer_is_a_config_error_naming_it():
@@ -84,3 +96,81 @@ def test_train_with_the_tracking_server_down_exits_2_before_loading_a_model(buil
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"nlistral train: error: MLflow tracking server {url} does not answer"), err
     assert not (tmp_path / "models" / "adapter").exists()
+
+
+CHROMIUM_HEADLESS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                     "--disable-component-update", "--no-first-run"]  # fmt: skip
+UI_URL = re.compile(r"http://127\.0\.0\.1:5000(/#/experiments/\d+/runs\?[\w=&]+)")
+
+
+def runs_url_path() -> str:
+    """The path of the runs-table URL in README's MLflow section, the same one `make run` prints at its end."""
+    [path] = set(UI_URL.findall((REPO / "README.md").read_text()))
+    run_target = re.search(r"^run:.*?\n(?=\S)", (REPO / "Makefile").read_text(), re.M | re.S).group()
+    assert UI_URL.findall(run_target) == [path], "the Makefile's `run` target names another MLflow URL than README"
+    return path
+
+
+def answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=5).ok
+    except requests.RequestException:
+        return False
+
+
+@contextmanager
+def mlflow_ui(store_uri: str):
+    """`mlflow ui --backend-store-uri <store>` (README's command; one worker) on a free port -> its URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", store_uri, "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while not answers(f"{url}/health"):
+            assert proc.poll() is None and time.monotonic() < deadline, "mlflow ui did not start"
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def chromium_dom(chromium: str, url: str, expected: str, tmp_path: Path) -> str:
+    """The DOM of `url` once its scripts ran (and a screenshot, tmp_path/mlflow.png), in a fresh browser profile:
+    again until it contains `expected` (the UI fetches its data after loading) or a generous deadline passes."""
+    deadline = time.monotonic() + 180
+    for attempt in itertools.count():
+        dom = subprocess.run(
+            [chromium, *CHROMIUM_HEADLESS, f"--user-data-dir={tmp_path / f'profile{attempt}'}",
+             "--virtual-time-budget=15000", "--window-size=1400,900", f"--screenshot={tmp_path / 'mlflow.png'}",
+             "--dump-dom", url],
+            capture_output=True, text=True, timeout=120,
+        ).stdout  # fmt: skip
+        if expected in dom or time.monotonic() > deadline:
+            return dom
+
+
+def test_the_readme_url_opens_mlflow_ui_on_the_runs_table(tmp_path, monkeypatch):
+    """MLflow 3.17 opens an experiment on its GenAI "Overview" (traces, "No data") unless the URL asks for the
+    machine-learning view, and nothing server-side changes that (README "MLflow"). The URL README and `make run`
+    give shows a fresh browser the run in the runs table."""
+    chromium = shutil.which("chromium")
+    if not chromium:
+        pytest.skip("needs Debian's chromium package: `make browser` (apt-get install -y chromium)")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("DVC_EXP_NAME", "tidy-lark")
+    experiment = tracking.connect(OmegaConf.create({"mlflow": {"tracking_uri": store, "experiment": "nlistral"}}))
+    with tracking.start_run("train") as run:
+        run.log(mlflow.log_param, "train.learning_rate", 2.0e-4)
+        run.log(mlflow.log_metric, "eval_loss", 0.43, step=2)
+    assert run.lost is None and experiment.experiment_id == "1"  # the first experiment of a fresh store
+    with mlflow_ui(store) as url:
+        dom = chromium_dom(chromium, url + runs_url_path(), ">tidy-lark<", tmp_path)
+    assert f'href="#/experiments/1/runs/{run.info.run_id}">' in dom and ">tidy-lark<" in dom, dom[-3000:]
+    assert "No data" not in dom and "Overview" not in dom  # not the GenAI landing page
+    assert (tmp_path / "mlflow.png").read_bytes().startswith(b"\x89PNG")

@@ -1,5 +1,6 @@
 """Training you can leave running: dev evaluation, early stopping and the best checkpoint, kill -9 and resume,
-live MLflow curves, run metadata in sqlite and in a real `mlflow server`, the study's experiments, ChatML, DDP.
+live MLflow curves, run metadata in sqlite and in a real `mlflow server` (and one that goes away mid-training), the
+study's experiments, ChatML, DDP.
 
 Everything runs on the tiny model; fp32 (no 4-bit) where 4-bit is not what is tested, because it is faster.
 """
@@ -7,15 +8,20 @@ Everything runs on the tiny model; fp32 (no 4-bit) where 4-bit is not what is te
 import csv
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import mlflow
 import pytest
+import requests
 import yaml
 from conftest import REPO
 from omegaconf import OmegaConf
@@ -289,6 +295,94 @@ def test_training_logs_to_a_real_mlflow_server(base, tmp_path, mlflow_server, mo
     run = client.get_run(json.loads((root / "models/adapter/mlflow_run.json").read_text())["run_id"])
     assert run.info.status == "FINISHED" and not (root / "mlflow.db").exists()
     check_run(client, run, root, metrics)
+
+
+def logs_metric(path: str, body: bytes, key: str) -> bool:
+    """Whether a REST request to MLflow logs metric `key` (log-metric, or log-batch as `mlflow.log_metrics` does)."""
+    if path.endswith("/mlflow/runs/log-metric"):
+        return json.loads(body)["key"] == key
+    if path.endswith("/mlflow/runs/log-batch"):
+        return any(metric["key"] == key for metric in json.loads(body).get("metrics", []))
+    return False
+
+
+class ServerThatGoesAway(ThreadingHTTPServer):
+    """A loopback proxy to `upstream` (a real MLflow server) that goes away once it has forwarded the first request
+    logging `metric`: later connections are closed unanswered, then its port stops listening."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str, metric: str):
+        super().__init__(("127.0.0.1", 0), ForwardUntilGone)
+        self.upstream, self.metric = upstream, metric
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        self.gone = threading.Event()
+
+    def go_away(self) -> None:
+        self.shutdown()  # serving stops; connections still queued are reset when the socket closes
+        self.socket.close()
+
+
+class ForwardUntilGone(BaseHTTPRequestHandler):
+    def forward(self):
+        server = self.server
+        if server.gone.is_set():
+            self.close_connection = True
+            return  # no answer: the client sees the connection closed
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        headers = {k: v for k, v in self.headers.items() if k.lower() in ("content-type", "user-agent")}
+        reply = requests.request(self.command, server.upstream + self.path, data=body, headers=headers, timeout=60)
+        if logs_metric(self.path, body, server.metric):
+            server.gone.set()  # before the answer goes out: no later request can reach the upstream
+            threading.Thread(target=server.go_away).start()
+        self.send_response(reply.status_code)
+        self.send_header("Content-Type", reply.headers.get("Content-Type", "application/json"))
+        self.send_header("Content-Length", str(len(reply.content)))
+        self.end_headers()
+        self.wfile.write(reply.content)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = forward
+
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def server_that_goes_away(upstream: str, metric: str):
+    server = ServerThatGoesAway(upstream, metric)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.go_away()
+        thread.join()
+        server.server_close()
+
+
+def test_a_tracking_server_gone_mid_training_loses_no_training(base, tmp_path, mlflow_server, monkeypatch, capsys):
+    """The server takes the first loss point, then answers nothing: training runs to its end, the metrics files are
+    complete, and the stage ends with a warning naming the URI and what MLflow missed."""
+    root = repo_copy(base, tmp_path / "repo")
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with server_that_goes_away(mlflow_server, metric="loss") as server:
+        cfg = make_cfg(**{**FP32, "train.max_steps": 4, "train.logging_steps": 1, "mlflow.tracking_uri": server.url})
+        metrics = train.run(cfg)
+        assert server.gone.is_set()
+    assert metrics["steps"] == 4 and json.loads((root / "metrics/train.json").read_text()) == metrics
+    assert (root / "models/adapter/adapter_model.safetensors").is_file()
+    with open(root / "metrics/train_history.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in rows if r["loss"]] == [1, 2, 3, 4]
+    assert [int(r["step"]) for r in rows if r["eval_loss"]] == [2, 4]
+    run_id = json.loads((root / "models/adapter/mlflow_run.json").read_text())["run_id"]
+    warning = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"train: warning: MLflow \({re.escape(server.url)}\) missed \d+ write\(s\) of run {run_id} "
+                        r"after: .+\. The stage's metrics files are complete\.", warning), warning  # fmt: skip
+    client = mlflow.MlflowClient(mlflow_server)
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1]  # the last write it took
+    assert client.get_run(run_id).info.status == "RUNNING"  # nothing reached it after that, not even the run's end
 
 
 def test_two_process_ddp_on_cpu_writes_one_adapter_and_one_run(base, tmp_path):
