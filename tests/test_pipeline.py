@@ -12,8 +12,11 @@ from pathlib import Path
 
 import boto3
 import botocore.exceptions
+import mlflow
 import pytest
+import requests
 from conftest import REPO
+from llm_server import KEY, LLMServer
 
 from nlistral.io import read_jsonl
 
@@ -37,9 +40,16 @@ METRIC_KEYS = {
 }
 
 
+def machine_env(cwd) -> dict:
+    """What commands run with here: a git identity, this venv first, the loopback LLM's key, and an LLM reply cache
+    of the clone's own (each clone stands for a machine, so a stage that re-ran would have to ask the server again;
+    .cache/ is git-ignored)."""
+    return {**GIT_IDENTITY, **os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "MISTRAL_API_KEY": KEY, "NLISTRAL_CACHE_DIR": str(Path(cwd) / ".cache" / "llm")}  # fmt: skip
+
+
 def run(*cmd, cwd):
-    env = {**GIT_IDENTITY, **os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    result = subprocess.run(cmd, cwd=cwd, env=machine_env(cwd), capture_output=True, text=True)
     assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result.stdout + result.stderr
 
@@ -77,9 +87,38 @@ SET_STAGES = {f"{stage}@{name}" for stage in ("evaluate_set", "evaluate_set_base
               "summarise_set") for name in ("diagnostic", "hanslike")}  # fmt: skip
 
 
+# The teacher and reflector of the pipeline below: Mistral's protocol, against the `llm` server.
+LOOPBACK_LLM = """defaults:
+  - /{role}/mistral@_here_
+  - _self_
+
+base_url: {url}
+model: test-model
+requests_per_second: 0
+tokens_per_minute: 0
+"""
+
+
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """A git copy of the repo with a small sample and short training, after one `dvc repro`."""
+def llm():
+    """The LLM API of the module's pipeline: a real HTTP server on 127.0.0.1 that counts the requests it gets."""
+    with LLMServer(api_key=KEY) as server:
+        yield server
+
+
+def use_loopback_llm(root, url):
+    """conf/{teacher,reflector}/loopback.yaml (the mistral backend at `url`), made the default of both roles."""
+    for role in ("teacher", "reflector"):
+        (root / "conf" / role / "loopback.yaml").write_text(LOOPBACK_LLM.format(role=role, url=url))
+    config = root / "conf" / "config.yaml"
+    config.write_text(config.read_text().replace("- teacher: offline", "- teacher: loopback")
+                      .replace("- reflector: offline", "- reflector: loopback"))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, llm):
+    """A git copy of the repo with a small sample, short training and LLM stages served by `llm`, after one
+    `dvc repro`."""
     root = tmp_path_factory.mktemp("repo")
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout.split()  # fmt: skip
@@ -96,6 +135,7 @@ def pipeline(tmp_path_factory):
     add_dataset_test_set(root)
     train_conf = root / "conf" / "train" / "default.yaml"
     train_conf.write_text(train_conf.read_text().replace("num_epochs: 10", "num_epochs: 2"))
+    use_loopback_llm(root, llm.url)
     run(sys.executable, "-m", "nlistral", "params", cwd=root)
     run("git", "init", "-q", cwd=root)
     run("git", "add", "-A", cwd=root)
@@ -175,10 +215,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def readme_sharing_blocks() -> list[list[str]]:
-    """The ```bash blocks of README's sharing section, one command per line, end-of-line comments removed."""
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Sharing generated data", 1)[1].split("\n## ", 1)[0]
+def readme_blocks(heading: str) -> list[list[str]]:
+    """The ```bash blocks of a README section, one command per line, end-of-line comments removed."""
+    section = (REPO / "README.md").read_text().split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL)
     return [[re.sub(r"\s+#.*", "", line) for line in block.splitlines() if line.strip()] for block in blocks]
 
@@ -195,7 +234,7 @@ def run_readme_block(commands, cwd, **placeholders):
 
 
 def test_readme_sharing_commands_push_to_s3_and_a_collaborator_pulls_a_clean_pipeline(pipeline, s3_remote, tmp_path):
-    setup, generate, collaborate = readme_sharing_blocks()
+    setup, generate, collaborate = readme_blocks("Sharing generated data")
     # The project's git host: a bare repository the copy pushes to, holding the code but no results yet.
     run("git", "init", "-q", "--bare", str(tmp_path / "origin.git"), cwd=tmp_path)
     run("git", "remote", "add", "origin", str(tmp_path / "origin.git"), cwd=pipeline)
@@ -284,6 +323,105 @@ def test_a_sweep_on_two_queue_workers_reruns_only_training_and_logs_a_named_run_
     result = json.loads((pipeline / "cmp.json").read_text())
     assert (result["a"], result["b"], result["n"]) == ("HEAD", "lr-a", ROWS["test"])
     assert f"B - A = {result['difference']:+.4f}" in out
+
+
+@pytest.fixture
+def tracking_server(tmp_path):
+    """README's `mlflow server` command on a free loopback port; yields its URL."""
+    (server_block,) = readme_blocks("Run experiments on several machines")[:1]
+    port = free_port()
+    command = server_block[0].replace("<host>", "127.0.0.1").replace("<port>", str(port))
+    (tmp_path / "tracking").mkdir()
+    server = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=tmp_path / "tracking", env=machine_env(tmp_path),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if requests.get(f"{url}/health", timeout=5).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.2)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def use_remotes(clone, origin, s3_url) -> None:
+    """This clone's git `origin` and DVC default remote: the shared bare repo and the moto bucket (--local: test
+    plumbing, the committed .dvc/config may name another endpoint)."""
+    if "origin" in run("git", "remote", cwd=clone).split():
+        run("git", "remote", "set-url", "origin", str(origin), cwd=clone)
+    else:
+        run("git", "remote", "add", "origin", str(origin), cwd=clone)
+    run("dvc", "remote", "add", "--local", "-f", "-d", "team", "s3://nlistral/team", cwd=clone)
+    run("dvc", "remote", "modify", "--local", "team", "endpointurl", s3_url, cwd=clone)
+
+
+def start(command, cwd) -> subprocess.Popen:
+    return subprocess.Popen(["bash", "-c", command], cwd=cwd, env=machine_env(cwd), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+def test_two_machines_run_experiments_at_once_share_them_and_ask_no_llm(pipeline, llm, s3_remote, tracking_server,
+                                                                          tmp_path):
+    """README "Run experiments on several machines", verbatim: A (the pipeline's repo) and B (a fresh clone) each
+    run a train experiment at the same time, logging to one `mlflow server`; each pulls the other's and reports
+    both. No stage of either asks the LLM server anything."""
+    _, on_each, compare = readme_blocks("Run experiments on several machines")
+    origin = tmp_path / "team.git"
+    run("git", "init", "-q", "--bare", str(origin), cwd=tmp_path)
+    a = pipeline
+    use_remotes(a, origin, s3_remote)
+    run("git", "add", "-A", cwd=a)
+    run("git", "commit", "-qm", "generated data", "--allow-empty", cwd=a)
+    run("git", "push", "-qu", "origin", "HEAD", cwd=a)
+    run("dvc", "push", cwd=a)  # what "Sharing generated data" pushes
+    run("git", "clone", "-q", str(origin), "b", cwd=tmp_path)
+    b = tmp_path / "b"
+    use_remotes(b, origin, s3_remote)
+    asked = llm.counts["chat"]
+
+    names = {a: "on-a", b: "on-b"}
+    rates = {a: "0.0015", b: "0.0025"}
+    fill = {clone: {"<name>": names[clone], "<lr>": rates[clone], "<tracking-url>": tracking_server,
+                    "<other-name>": names[b if clone == a else a]} for clone in (a, b)}  # fmt: skip
+
+    def filled(command, clone):
+        for placeholder, value in fill[clone].items():
+            command = command.replace(placeholder, value)
+        assert "<" not in command, command
+        return command
+
+    pull, experiment, push = on_each
+    for clone in (a, b):
+        run("bash", "-c", filled(pull, clone), cwd=clone)
+    running = {clone: start(filled(experiment, clone), clone) for clone in (a, b)}  # both at once
+    for clone, proc in running.items():
+        out = proc.communicate()[0]
+        assert proc.returncode == 0, (names[clone], [line for line in out.splitlines() if "rror" in line])
+        ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+        assert "train" in ran and not ran & {"thoughts@train", "reflections@train", "sft@train"}, out[-3000:]
+    for clone in (a, b):
+        run("bash", "-c", filled(push, clone), cwd=clone)
+    for clone in (a, b):
+        outputs = run_readme_block([filled(c, clone) for c in compare], clone)
+        table = outputs[filled(compare[1], clone)]
+        assert f"`{names[a]}`" in table and f"`{names[b]}`" in table and "reference" in table, table
+
+    runs = mlflow.MlflowClient(tracking_server).search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient(tracking_server).search_experiments()]
+    )
+    assert sorted(r.info.run_name for r in runs) == ["on-a", "on-b"]
+    assert {r.info.run_name: r.data.params["train.learning_rate"] for r in runs} == {"on-a": "0.0015",
+                                                                                      "on-b": "0.0025"}  # fmt: skip
+    assert all("test_accuracy" in r.data.metrics for r in runs)
+
+    assert llm.counts["chat"] == asked, "a machine asked the LLM server"
 
 
 def test_a_change_to_one_test_set_reruns_only_its_stages(pipeline):

@@ -153,7 +153,8 @@ def start_run(stage: str, run_id: str | None = None, tags: dict | None = None):
     try:
         if run_id is None:  # a new run; a continued one keeps the name and provenance it started with
             info = mlflow.start_run(run_name=run_name(), tags=provenance_tags() | (tags or {})).info
-        else:
+        else:  # in its own experiment, whatever `mlflow.experiment` or another machine made the active one
+            mlflow.set_experiment(experiment_id=mlflow.get_run(run_id).info.experiment_id)
             info = mlflow.start_run(run_id=run_id, tags=tags).info
     except WRITE_ERRORS as err:
         raise ConfigError(f"MLflow tracking store {mlflow.get_tracking_uri()}: {str(err).splitlines()[0]}") from None
