@@ -1,8 +1,13 @@
 import os
 import shutil
+import socket
+import subprocess
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import requests
 
 # One math thread per process: the tiny models gain nothing from more, and test processes (stages under
 # `dvc repro`, DDP ranks) then do not oversubscribe the 2 cores CI has.
@@ -56,3 +61,32 @@ def _restore_environ():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def serving(cmd: list[str], url: str, what: str, **popen):
+    """`cmd` started as a server; yields once `url`/health answers (checked while it lives, generous deadline);
+    terminated afterwards."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
+    try:
+        deadline = time.monotonic() + 180
+        while not _answers(f"{url}/health"):
+            assert proc.poll() is None and time.monotonic() < deadline, f"{what} did not start"
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=5).ok
+    except requests.RequestException:
+        return False

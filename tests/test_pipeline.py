@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -14,8 +13,7 @@ import boto3
 import botocore.exceptions
 import mlflow
 import pytest
-import requests
-from conftest import REPO
+from conftest import REPO, free_port, serving
 from llm_server import KEY, LLMServer
 
 from nlistral.io import read_jsonl
@@ -209,12 +207,6 @@ def s3_remote(tmp_path):
         server.wait(timeout=10)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def readme_blocks(heading: str) -> list[list[str]]:
     """The ```bash blocks of a README section, one command per line, end-of-line comments removed."""
     section = (REPO / "README.md").read_text().split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
@@ -293,9 +285,10 @@ def test_a_sweep_on_two_queue_workers_reruns_only_training_and_logs_a_named_run_
         run("dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.learning_rate={lr}", cwd=pipeline)
     readme = (REPO / "README.md").read_text().split("## Configuration and experiments", 1)[1]
     start = re.sub(r"\s+#.*", "", next(line for line in readme.splitlines() if "dvc queue start -j 2" in line))
-    threads = str(max(1, int(run("nproc", cwd=pipeline)) // 2))  # what the README's $(( $(nproc) / 2 )) gives
+    # The README's command, as a user pastes it into a shell without OMP_NUM_THREADS (conftest sets it; nproc reads it)
+    threads = str((int(run("env", "-u", "OMP_NUM_THREADS", "nproc", cwd=pipeline)) + 1) // 2)
     try:
-        run("bash", "-c", start, cwd=pipeline)  # the README's command, as a user pastes it
+        run("bash", "-c", f"unset OMP_NUM_THREADS; {start}", cwd=pipeline)
         states = wait_for_queue(pipeline)
     finally:
         run("dvc", "queue", "stop", cwd=pipeline)
@@ -332,23 +325,9 @@ def tracking_server(tmp_path):
     port = free_port()
     command = server_block[0].replace("<host>", "127.0.0.1").replace("<port>", str(port))
     (tmp_path / "tracking").mkdir()
-    server = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=tmp_path / "tracking", env=machine_env(tmp_path),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if requests.get(f"{url}/health", timeout=5).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(0.2)
+    with serving(["bash", "-c", f"exec {command}"], f"http://127.0.0.1:{port}", "mlflow server",
+                 cwd=tmp_path / "tracking", env=machine_env(tmp_path)) as url:  # fmt: skip
         yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def use_remotes(clone, origin, s3_url) -> None:

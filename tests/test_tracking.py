@@ -6,17 +6,14 @@ import itertools
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 import pytest
-import requests
-from conftest import REPO
+from conftest import REPO, free_port, serving
 from omegaconf import OmegaConf
 
 from nlistral import cli, tracking
@@ -65,12 +62,6 @@ def test_a_run_outside_an_experiment_is_named_after_the_commit(tmp_path, monkeyp
     assert tracking.provenance_tags()["git_commit"].startswith(commit)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _dead_url() -> str:
     return f"http://127.0.0.1:{free_port()}"  # nothing listens there
 
@@ -111,33 +102,13 @@ def runs_url_path() -> str:
     return path
 
 
-def answers(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=5).ok
-    except requests.RequestException:
-        return False
-
-
-@contextmanager
 def mlflow_ui(store_uri: str):
     """`mlflow ui --backend-store-uri <store>` (README's command; one worker) on a free port -> its URL."""
     port = free_port()
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", store_uri, "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while not answers(f"{url}/health"):
-            assert proc.poll() is None and time.monotonic() < deadline, "mlflow ui did not start"
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", store_uri, "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1"]  # fmt: skip
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return serving(cmd, f"http://127.0.0.1:{port}", "mlflow ui", env=env)
 
 
 def chromium_dom(chromium: str, url: str, expected: str, tmp_path: Path) -> str:

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ import mlflow
 import pytest
 import requests
 import yaml
-from conftest import REPO
+from conftest import REPO, free_port, serving
 from omegaconf import OmegaConf
 from test_model_stages import FAST, PAIRS, ft_row, make_cfg, write_inputs
 
@@ -252,38 +251,16 @@ def test_chatml_model_trains_on_the_completion_only_and_evaluates(tmp_path, monk
     assert evaluate.run(cfg)["n"] == 3
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real `mlflow server` on 127.0.0.1 (sqlite backend, local artifacts), stopped after the test."""
     port = free_port()
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+           "--artifacts-destination", str(tmp_path / "artifacts")]  # fmt: skip
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts")],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-
-    def ready():
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return mlflow.MlflowClient(url).search_experiments() is not None
-        except (OSError, mlflow.exceptions.MlflowException):
-            return False
-
-    try:
-        wait_for(ready, timeout=120, what="mlflow server")
+    with serving(cmd, f"http://127.0.0.1:{port}", "mlflow server", cwd=tmp_path, env=env) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
 
 
 def test_training_logs_to_a_real_mlflow_server(base, tmp_path, mlflow_server, monkeypatch):
