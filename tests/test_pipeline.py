@@ -218,11 +218,17 @@ def run_readme_block(commands, cwd, **placeholders):
     """Runs README commands as a user pastes them, placeholders filled in; returns each command's output."""
     outputs = {}
     for command in commands:
-        for name, value in placeholders.items():
-            command = command.replace(f"<{name}>", value)
-        assert "<" not in command, f"unfilled placeholder in README command: {command}"
+        command = fill(command, **placeholders)
         outputs[command] = run("bash", "-c", command, cwd=cwd)
     return outputs
+
+
+def fill(command: str, **placeholders) -> str:
+    """A README command with its `<name>` placeholders filled in."""
+    for name, value in placeholders.items():
+        command = command.replace(f"<{name}>", value)
+    assert "<" not in command, f"unfilled placeholder in README command: {command}"
+    return command
 
 
 def test_readme_sharing_commands_push_to_s3_and_a_collaborator_pulls_a_clean_pipeline(pipeline, s3_remote, tmp_path):
@@ -283,8 +289,7 @@ def test_a_sweep_on_two_queue_workers_reruns_only_training_and_logs_a_named_run_
     (pipeline / "mlflow.db").unlink()  # the two workers' first trainings meet a fresh store, as on a new clone
     for name, lr in SWEEP.items():
         run("dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.learning_rate={lr}", cwd=pipeline)
-    readme = (REPO / "README.md").read_text().split("## Configuration and experiments", 1)[1]
-    start = re.sub(r"\s+#.*", "", next(line for line in readme.splitlines() if "dvc queue start -j 2" in line))
+    start = next(c for block in readme_blocks("Configuration and experiments") for c in block if "queue start" in c)
     # The README's command, as a user pastes it into a shell without OMP_NUM_THREADS (conftest sets it; nproc reads it)
     threads = str((int(run("env", "-u", "OMP_NUM_THREADS", "nproc", cwd=pipeline)) + 1) // 2)
     try:
@@ -367,29 +372,22 @@ def test_two_machines_run_experiments_at_once_share_them_and_ask_no_llm(pipeline
 
     names = {a: "on-a", b: "on-b"}
     rates = {a: "0.0015", b: "0.0025"}
-    fill = {clone: {"<name>": names[clone], "<lr>": rates[clone], "<tracking-url>": tracking_server,
-                    "<other-name>": names[b if clone == a else a]} for clone in (a, b)}  # fmt: skip
-
-    def filled(command, clone):
-        for placeholder, value in fill[clone].items():
-            command = command.replace(placeholder, value)
-        assert "<" not in command, command
-        return command
+    values = {clone: {"name": names[clone], "lr": rates[clone], "tracking-url": tracking_server,
+                      "other-name": names[b if clone == a else a]} for clone in (a, b)}  # fmt: skip
 
     pull, experiment, push = on_each
     for clone in (a, b):
-        run("bash", "-c", filled(pull, clone), cwd=clone)
-    running = {clone: start(filled(experiment, clone), clone) for clone in (a, b)}  # both at once
+        run_readme_block([pull], clone, **values[clone])
+    running = {clone: start(fill(experiment, **values[clone]), clone) for clone in (a, b)}  # both at once
     for clone, proc in running.items():
         out = proc.communicate()[0]
         assert proc.returncode == 0, (names[clone], [line for line in out.splitlines() if "rror" in line])
         ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
         assert "train" in ran and not ran & {"thoughts@train", "reflections@train", "sft@train"}, out[-3000:]
     for clone in (a, b):
-        run("bash", "-c", filled(push, clone), cwd=clone)
+        run_readme_block([push], clone, **values[clone])
     for clone in (a, b):
-        outputs = run_readme_block([filled(c, clone) for c in compare], clone)
-        table = outputs[filled(compare[1], clone)]
+        table = run_readme_block(compare, clone, **values[clone])[fill(compare[1], **values[clone])]
         assert f"`{names[a]}`" in table and f"`{names[b]}`" in table and "reference" in table, table
 
     runs = mlflow.MlflowClient(tracking_server).search_runs(
