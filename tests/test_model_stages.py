@@ -15,6 +15,7 @@ from nlistral.config import compose_params
 from nlistral.io import read_jsonl, write_json, write_jsonl
 from nlistral.model import load_base_model, load_tokenizer
 from nlistral.stages import base_model, evaluate, train
+from nlistral.trainer import build_trainer
 
 PAIRS = [
     ("A man in a red jacket is walking his dog on the beach.", "A man is outside with an animal.", 1),
@@ -120,7 +121,7 @@ def test_tiny_base_is_deterministic_with_a_mistral_tokenizer(pipeline, tmp_path,
 def test_training_example_has_one_bos_ends_with_eos_and_masks_the_prompt(pipeline, tmp_path, monkeypatch):
     root, cfg, _ = pipeline
     monkeypatch.chdir(root)
-    trainer = train.build_trainer(cfg, tmp_path)
+    trainer = build_trainer(cfg, tmp_path)
     tokenizer = trainer.processing_class
     row = read_jsonl("data/finetune/train_ft.jsonl")[0]
     example = trainer.train_dataset[0]

@@ -30,6 +30,7 @@ from nlistral import prompts
 from nlistral.config import ConfigError, compose_params, load_config
 from nlistral.io import read_jsonl, write_jsonl
 from nlistral.stages import base_model, evaluate, train
+from nlistral.trainer import build_trainer, training_args
 
 FP32 = {**FAST, "model.load_in_4bit": False, "train.eval_steps": 2, "train.save_steps": 2}
 HISTORY_HEADER = "step,epoch,loss,eval_loss,learning_rate,grad_norm,tokens_per_s"
@@ -109,7 +110,7 @@ def test_early_stopping_keeps_the_checkpoint_with_the_lowest_dev_loss(early_stop
     # the adapter is the best checkpoint's: its dev loss is the best one, not the last one
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        trainer = train.build_trainer(cfg, root / "scratch")
+        trainer = build_trainer(cfg, root / "scratch")
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -150,12 +151,12 @@ def test_warmup_ratio_and_steps_together_are_an_error(base, monkeypatch):
     monkeypatch.chdir(base)
     cfg = make_cfg(**{**FP32, "train.warmup_steps": 10})
     with pytest.raises(ConfigError, match="warmup_ratio .* and train.warmup_steps .* are both set"):
-        train.training_args(cfg, "unused")
+        training_args(cfg, "unused")
     cfg.train.warmup_ratio = None
-    assert train.training_args(cfg, "unused").warmup_steps == 10
+    assert training_args(cfg, "unused").warmup_steps == 10
     cfg = make_cfg(**{**FP32, "train.save_steps": 3})
     with pytest.raises(ConfigError, match="round multiple of the evaluation steps"):
-        train.training_args(cfg, "unused")
+        training_args(cfg, "unused")
 
 
 def test_a_checkpoint_of_another_run_is_never_resumed(base, tmp_path, monkeypatch):
@@ -233,7 +234,7 @@ def test_chatml_model_trains_on_the_completion_only_and_evaluates(tmp_path, monk
     cfg = make_cfg(**{**FP32, "model.tiny.chat_format": "chatml", "train.max_steps": 4, "eval.limit": 3,
                       "eval.max_new_tokens": 8})  # fmt: skip
     base_model.run(cfg)
-    trainer = train.build_trainer(cfg, tmp_path / "scratch")
+    trainer = build_trainer(cfg, tmp_path / "scratch")
     tokenizer = trainer.processing_class
     assert tokenizer.eos_token == "<|im_end|>" and len(tokenizer) == trainer.model.config.vocab_size
     row = read_jsonl("data/finetune/train_ft.jsonl")[0]

@@ -106,7 +106,8 @@ def server_generation(cfg, rows, adapter_dir=None) -> tuple[list[Generation], fl
     from nlistral.serving import running_server
 
     server, info = cfg.eval.server, base_info()
-    fields = {"base": info["name_or_path"], "tokenizer": str(BASE_DIR)}
+    # {revision}: the pinned commit of a hub base ("main" for a folder, where servers ignore it)
+    fields = {"base": info["name_or_path"], "revision": info.get("revision") or "main", "tokenizer": str(BASE_DIR)}
     if adapter_dir is not None:
         model, template = server.model, server.command
         rank = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))["r"]

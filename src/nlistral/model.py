@@ -43,19 +43,36 @@ def quantization_config(cfg) -> BitsAndBytesConfig | None:
     )
 
 
+def device_map(local_process_index: int, cuda: bool) -> dict:
+    """The whole model on this process's own GPU (its local index on the machine), or on the CPU without CUDA.
+
+    Every process of `accelerate launch` holds a full copy (DDP): all on GPU 0 would not fit, and accelerate refuses to
+    train a 4-bit model placed on another device than the process's own.
+    """
+    return {"": local_process_index if cuda else "cpu"}
+
+
 def load_base_model(cfg, for_training=False, base_dir=BASE_DIR):
-    """The base weights, 4-bit quantized when `model.load_in_4bit` (QLoRA), prepared for k-bit training if asked."""
+    """The base weights, 4-bit quantized when `model.load_in_4bit` (QLoRA), prepared for k-bit training if asked.
+
+    Under FSDP the k-bit preparation is skipped: it casts every non-4-bit tensor to float32, and FSDP flattens the
+    bfloat16-stored 4-bit weights with them into parameters that must share one dtype.
+    """
+    from accelerate.utils import DistributedType
     from peft import prepare_model_for_kbit_training  # here, not on top: importing peft (+ bitsandbytes) takes ~10 s
 
+    from accelerate import PartialState
+
+    state = PartialState()  # one process, or this one of `accelerate launch`'s
     info = base_info(base_dir)
     model = AutoModelForCausalLM.from_pretrained(
         info["name_or_path"],
         revision=info.get("revision"),
         dtype=compute_dtype(cfg),
         quantization_config=quantization_config(cfg),
-        device_map={"": 0} if torch.cuda.is_available() else {"": "cpu"},
+        device_map=device_map(state.local_process_index, torch.cuda.is_available()),
     )
-    if for_training and cfg.model.load_in_4bit:
+    if for_training and cfg.model.load_in_4bit and state.distributed_type != DistributedType.FSDP:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     return model
 

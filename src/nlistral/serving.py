@@ -22,7 +22,7 @@ import requests
 
 from nlistral.config import ConfigError
 
-FIELDS = ("base", "tokenizer", "name", "adapter", "rank", "port")
+FIELDS = ("base", "revision", "tokenizer", "name", "adapter", "rank", "port")
 STOP_GRACE_S = 30.0
 LOG_TAIL_LINES = 20
 

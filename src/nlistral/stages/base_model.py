@@ -5,16 +5,19 @@ and a byte-level BPE tokenizer trained on our prompt text + the train split, bot
 corpus order). Its scores mean nothing; it exists so the whole pipeline runs on a laptop, QLoRA path included.
 `model.build_tiny: false`: save only the hub tokenizer at the pinned revision; weights stay in the HF cache and
 are loaded by name (base_model.json) where needed.
+`model.gguf_file` set (a GGUF file in the folder or hub repo `model.name_or_path`): the GGUF's weights, dequantized to
+`model.dtype`, and its tokenizer are saved to models/base as a plain checkpoint, which every later stage loads like
+the tiny model (in 4-bit for QLoRA: transformers cannot quantize while it reads a GGUF file).
 """
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
 from nlistral import prompts
 from nlistral.data import load_split
 from nlistral.io import write_json
-from nlistral.model import staged_dir
+from nlistral.model import compute_dtype, staged_dir
 from nlistral.paths import BASE_DIR, BASE_INFO
 
 # Mistral's [INST] format (matches prompts.sft_text): BOS once, then `[INST] user [/INST] assistant</s>` turns.
@@ -106,6 +109,14 @@ def run(cfg) -> dict:
             model = build_tiny_model(cfg.model.tiny, tokenizer, max_positions=4 * cfg.model.max_seq_length)
             model.save_pretrained(out)
             info = {"name_or_path": str(BASE_DIR), "revision": None, "built_tiny": True,
+                    "parameters": model.num_parameters()}  # fmt: skip
+        elif cfg.model.gguf_file:
+            source = {"revision": cfg.model.revision, "gguf_file": cfg.model.gguf_file}
+            tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path, **source)
+            model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=compute_dtype(cfg), **source)
+            model.save_pretrained(out)
+            info = {"name_or_path": str(BASE_DIR), "revision": None, "built_tiny": False,
+                    "source": {"name_or_path": cfg.model.name_or_path, **source},
                     "parameters": model.num_parameters()}  # fmt: skip
         else:
             tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision)

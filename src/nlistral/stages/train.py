@@ -1,10 +1,7 @@
 """Stage: (Q)LoRA fine-tuning of models/base on the SFT rows -> models/adapter, metrics/train.json, one MLflow run.
 
-Each row is a two-turn chat (user: prompt, assistant: completion) rendered by the tokenizer's chat template, so any
-chat model trains with no code change (Mistral's template gives `<s>[INST] {prompt} [/INST] {completion}</s>`).
-TRL's SFTTrainer masks the prompt tokens out of the loss. Nothing is truncated (max_length=None): rows over
-model.max_seq_length tokens reach here only if the sft stage kept them; they are counted in
-`rows_over_max_seq_length`.
+The trainer (chat-template rows, loss on the completion only, LoRA, `train.*` arguments) is nlistral.trainer's.
+Rows over model.max_seq_length tokens (kept by the sft stage) are counted in `rows_over_max_seq_length`.
 
 Training evaluates on the dev set every `train.eval_steps` steps and at the last step, stops early after
 `train.early_stopping_patience` evaluations without a lower dev loss, and keeps the checkpoint with the lowest dev
@@ -12,7 +9,8 @@ loss as the adapter. Checkpoints live in checkpoints/<fingerprint>/, outside DVC
 stage runs); the fingerprint covers the config and the fine-tuning data, so a re-run after a crash continues its own
 run's latest checkpoint (optimizer, scheduler, RNG, early-stopping state, MLflow run) and never another's.
 
-Under `accelerate launch` (several processes) every process trains; only the main one logs to MLflow and writes.
+Under `accelerate launch` (several processes) every process trains and takes part in saving the adapter; only the
+main one logs to MLflow and writes.
 The MLflow run (store, name, provenance, writes that never fail hours of training) is nlistral.tracking's.
 """
 
@@ -27,32 +25,19 @@ from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 import torch
-from datasets import Dataset
 from omegaconf import OmegaConf
-from peft import LoraConfig
-from transformers import EarlyStoppingCallback, TrainerCallback, set_seed
-from trl import SFTConfig, SFTTrainer
+from transformers import TrainerCallback, set_seed
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from nlistral import paths, tracking
-from nlistral.config import ConfigError
-from nlistral.io import read_jsonl, write_csv, write_json
-from nlistral.model import base_info, load_base_model, load_tokenizer, staged_dir
+from nlistral.io import write_csv, write_json
+from nlistral.model import base_info, staged_dir
 from nlistral.paths import ADAPTER_DIR, ADAPTER_MLFLOW_RUN, FINETUNE, SFT_METRICS, TRAIN_HISTORY, TRAIN_METRICS
-from nlistral.stages import StageError
+from nlistral.trainer import build_trainer
 
 CHECKPOINTS = Path("checkpoints")  # resume state, not a stage output: git- and dvc-ignored, see the module doc
 CHECKPOINT_RUN = "mlflow_run.json"  # beside the checkpoints: the MLflow run a resumed training continues
 HISTORY_FIELDS = ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s")
-
-
-def sft_dataset(path) -> Dataset:
-    """Conversational prompt/completion rows: TRL renders them with the chat template, loss on the completion."""
-    rows = read_jsonl(path)
-    if not rows:
-        raise StageError(f"{path} has no rows to train on")
-    return Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
-                               "completion": [{"role": "assistant", "content": r["completion"]}]}
-                              for r in rows])  # fmt: skip
 
 
 def flatten(node, prefix: str) -> dict:
@@ -123,115 +108,20 @@ def redacted_params(cfg) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(data))
 
 
-def warmup(train) -> float | int:
-    """`warmup_ratio` (a fraction of the steps) or `warmup_steps` (a count), never both."""
-    if train.warmup_ratio is not None and train.warmup_steps is not None:
-        raise ConfigError(
-            f"train.warmup_ratio ({train.warmup_ratio}) and train.warmup_steps ({train.warmup_steps}) are both set: "
-            "set the one you mean and the other to null"
-        )
-    if train.warmup_steps is not None:
-        return int(train.warmup_steps)
-    ratio = float(train.warmup_ratio or 0.0)
-    if not 0.0 <= ratio < 1.0:
-        raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {ratio}")
-    return ratio  # transformers 5: a float in [0, 1) is a ratio of the steps
-
-
-def training_args(cfg, output_dir) -> SFTConfig:
-    train = cfg.train
-    if train.resume not in ("auto", "never"):
-        raise ConfigError(f"train.resume must be 'auto' or 'never', got {train.resume!r}")
-    try:
-        return SFTConfig(
-            output_dir=str(output_dir),
-            max_length=None,  # never truncate
-            completion_only_loss=True,
-            num_train_epochs=train.num_epochs,
-            max_steps=train.max_steps,
-            per_device_train_batch_size=train.per_device_batch_size,
-            per_device_eval_batch_size=train.per_device_batch_size,
-            gradient_accumulation_steps=train.gradient_accumulation_steps,
-            learning_rate=train.learning_rate,
-            warmup_steps=warmup(train),
-            weight_decay=train.weight_decay,
-            max_grad_norm=train.max_grad_norm,
-            lr_scheduler_type=train.lr_scheduler_type,
-            optim=train.optim,
-            activation_checkpointing=train.gradient_checkpointing,
-            bf16=cfg.model.dtype == "bfloat16",
-            logging_steps=train.logging_steps,
-            include_num_input_tokens_seen="non_padding",  # -> train_tokens_per_second in every log
-            eval_strategy="steps",
-            eval_steps=train.eval_steps,
-            save_strategy="steps",
-            save_steps=train.save_steps,
-            save_total_limit=train.save_total_limit,
-            load_best_model_at_end=True,
-            metric_for_best_model="eval_loss",
-            greater_is_better=False,
-            restore_callback_states_from_checkpoint=True,  # early stopping's patience counter resumes too
-            dataloader_pin_memory=torch.cuda.is_available(),
-            use_cpu=not torch.cuda.is_available(),  # several CPU processes (accelerate launch) then use gloo
-            ddp_find_unused_parameters=False,
-            seed=train.seed,
-            report_to="none",  # MLflow is logged by MlflowCurves: the Trainer's callback would end our run early
-        )
-    except ValueError as err:  # e.g. save_steps not a multiple of eval_steps
-        raise ConfigError(f"train: {err}") from err
-
-
-class EvaluateAtEnd(TrainerCallback):
-    """Evaluate and save at the last step too, so the tail of training can be the best checkpoint."""
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= state.max_steps:
-            control.should_evaluate = control.should_save = True
-        return control
-
-
 class MlflowCurves(TrainerCallback):
-    """Loss, dev loss, learning rate, grad norm and tokens/s into the stage's MLflow run as they are logged.
+    """Loss, dev loss, learning rate, grad norm and tokens/s into the stage's MLflow run as they are logged (the
+    stage adds it on the main process: a trainer built by hand logs nowhere, never into a stray run)."""
 
-    Only into that run (`run`, set by the stage): a trainer built by hand logs nowhere, never into a stray run.
-    """
-
-    run: tracking.Run | None = None
+    def __init__(self, run: tracking.Run):
+        self.run = run
 
     NAMES = {"loss": "loss", "eval_loss": "eval_loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm",
              "train_tokens_per_second": "tokens_per_s"}  # fmt: skip
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         values = {name: logs[key] for key, name in self.NAMES.items() if key in (logs or {})}
-        if self.run is not None and state.is_world_process_zero and ("loss" in values or "eval_loss" in values):
+        if "loss" in values or "eval_loss" in values:
             self.run.log(mlflow.log_metrics, values, step=state.global_step)
-
-
-def build_trainer(cfg, output_dir) -> SFTTrainer:
-    """The trainer with its tokenized datasets (`trainer.train_dataset`: input_ids, labels with -100 on the prompt)."""
-    train = cfg.train
-    args = training_args(cfg, output_dir)
-    lora = LoraConfig(
-        r=train.lora_r,
-        lora_alpha=train.lora_alpha,
-        lora_dropout=train.lora_dropout,
-        target_modules=list(train.lora_target_modules),
-        task_type="CAUSAL_LM",
-    )
-    # bad input fails before a 7B model loads
-    train_rows, dev_rows = (sft_dataset(paths.require(FINETUNE, split)) for split in ("train", "dev"))
-    callbacks = [EvaluateAtEnd(), MlflowCurves()]
-    if train.early_stopping_patience > 0:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
-    return SFTTrainer(
-        model=load_base_model(cfg, for_training=True),
-        args=args,
-        train_dataset=train_rows,
-        eval_dataset=dev_rows,
-        processing_class=load_tokenizer(),
-        peft_config=lora,
-        callbacks=callbacks,
-    )
 
 
 def checkpoint_step(path) -> int:
@@ -314,7 +204,7 @@ def run(cfg) -> dict:
     resumed_from = checkpoint_step(checkpoint) if checkpoint else None
     with training_run(run_dir, resuming=checkpoint is not None) if main else nullcontext() as run:
         if main:
-            next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, MlflowCurves)).run = run
+            trainer.add_callback(MlflowCurves(run))
             run.log(mlflow.set_tags, run_tags(cfg))
             run.log(mlflow.log_params, flat_params(cfg))
             run.log(mlflow.log_metrics, data_metrics())
@@ -323,13 +213,16 @@ def run(cfg) -> dict:
         start = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         wall = time.perf_counter() - start
+        # Every process saves: under FSDP the adapter's full state dict is gathered from all of them (the main one
+        # writes it), so a rank that skipped this call would hang the others.
         if not main:
+            trainer.save_model()
             return {}
         metrics = summarize(cfg, trainer, result, resumed_from, wall)
         run.log(mlflow.log_metrics, {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
         with staged_dir(ADAPTER_DIR) as out:  # the best checkpoint's weights (load_best_model_at_end)
-            trainer.model.save_pretrained(out)
-            trainer.processing_class.save_pretrained(out)
+            trainer.save_model(str(out))  # the adapter and the tokenizer
+            (out / TRAINING_ARGS_NAME).unlink()  # the Trainer's pickled arguments: params.yaml in MLflow says it
             write_json(out / ADAPTER_MLFLOW_RUN.name, {"run_id": run.info.run_id,
                                                        "experiment_id": run.info.experiment_id})  # fmt: skip
         write_csv(TRAIN_HISTORY, history(trainer.state.log_history), HISTORY_FIELDS)

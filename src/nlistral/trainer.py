@@ -1,0 +1,137 @@
+"""The Trainer the `train` stage runs (nlistral.stages.train): TRL's SFTTrainer on the fine-tuning rows, LoRA on the
+base model (4-bit for QLoRA), training arguments from `train.*`. No MLflow here: the stage adds its logging, and
+bench/gpu.py builds this same trainer on a bare GPU machine.
+
+Each row is a two-turn chat (user: prompt, assistant: completion) rendered by the tokenizer's chat template, so any
+chat model trains with no code change (Mistral's template gives `<s>[INST] {prompt} [/INST] {completion}</s>`).
+TRL's SFTTrainer masks the prompt tokens out of the loss. Nothing is truncated (max_length=None): rows over
+model.max_seq_length tokens reach here only if the sft stage kept them.
+"""
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import EarlyStoppingCallback, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from nlistral import paths
+from nlistral.config import ConfigError
+from nlistral.io import read_jsonl
+from nlistral.model import load_base_model, load_tokenizer
+from nlistral.paths import FINETUNE
+from nlistral.stages import StageError
+
+
+def sft_dataset(path) -> Dataset:
+    """Conversational prompt/completion rows: TRL renders them with the chat template, loss on the completion."""
+    rows = read_jsonl(path)
+    if not rows:
+        raise StageError(f"{path} has no rows to train on")
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
+                               "completion": [{"role": "assistant", "content": r["completion"]}]}
+                              for r in rows])  # fmt: skip
+
+
+def warmup(train) -> float | int:
+    """`warmup_ratio` (a fraction of the steps) or `warmup_steps` (a count), never both."""
+    if train.warmup_ratio is not None and train.warmup_steps is not None:
+        raise ConfigError(
+            f"train.warmup_ratio ({train.warmup_ratio}) and train.warmup_steps ({train.warmup_steps}) are both set: "
+            "set the one you mean and the other to null"
+        )
+    if train.warmup_steps is not None:
+        return int(train.warmup_steps)
+    ratio = float(train.warmup_ratio or 0.0)
+    if not 0.0 <= ratio < 1.0:
+        raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {ratio}")
+    return ratio  # transformers 5: a float in [0, 1) is a ratio of the steps
+
+
+def training_args(cfg, output_dir) -> SFTConfig:
+    train = cfg.train
+    if train.resume not in ("auto", "never"):
+        raise ConfigError(f"train.resume must be 'auto' or 'never', got {train.resume!r}")
+    try:
+        return SFTConfig(
+            output_dir=str(output_dir),
+            max_length=None,  # never truncate
+            completion_only_loss=True,
+            num_train_epochs=train.num_epochs,
+            max_steps=train.max_steps,
+            per_device_train_batch_size=train.per_device_batch_size,
+            per_device_eval_batch_size=train.per_device_batch_size,
+            gradient_accumulation_steps=train.gradient_accumulation_steps,
+            learning_rate=train.learning_rate,
+            warmup_steps=warmup(train),
+            weight_decay=train.weight_decay,
+            max_grad_norm=train.max_grad_norm,
+            lr_scheduler_type=train.lr_scheduler_type,
+            optim=train.optim,
+            activation_checkpointing=train.gradient_checkpointing,
+            bf16=cfg.model.dtype == "bfloat16",
+            logging_steps=train.logging_steps,
+            include_num_input_tokens_seen="non_padding",  # -> train_tokens_per_second in every log
+            eval_strategy="steps",
+            eval_steps=train.eval_steps,
+            save_strategy="steps",
+            save_steps=train.save_steps,
+            save_total_limit=train.save_total_limit,
+            load_best_model_at_end=True,
+            metric_for_best_model="eval_loss",
+            greater_is_better=False,
+            restore_callback_states_from_checkpoint=True,  # early stopping's patience counter resumes too
+            dataloader_pin_memory=torch.cuda.is_available(),
+            use_cpu=not torch.cuda.is_available(),  # several CPU processes (accelerate launch) then use gloo
+            ddp_find_unused_parameters=False,
+            seed=train.seed,
+            report_to="none",  # MLflow is logged by MlflowCurves: the Trainer's callback would end our run early
+        )
+    except ValueError as err:  # e.g. save_steps not a multiple of eval_steps
+        raise ConfigError(f"train: {err}") from err
+
+
+class EvaluateAtEnd(TrainerCallback):
+    """Evaluate and save at the last step too, so the tail of training can be the best checkpoint."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_evaluate = control.should_save = True
+        return control
+
+
+def build_trainer(cfg, output_dir) -> SFTTrainer:
+    """The trainer with its tokenized datasets (`trainer.train_dataset`: input_ids, labels with -100 on the prompt)."""
+    train = cfg.train
+    args = training_args(cfg, output_dir)
+    lora = LoraConfig(
+        r=train.lora_r,
+        lora_alpha=train.lora_alpha,
+        lora_dropout=train.lora_dropout,
+        target_modules=list(train.lora_target_modules),
+        task_type="CAUSAL_LM",
+    )
+    # bad input fails before a 7B model loads
+    train_rows, dev_rows = (sft_dataset(paths.require(FINETUNE, split)) for split in ("train", "dev"))
+    callbacks = [EvaluateAtEnd()]
+    if train.early_stopping_patience > 0:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
+    trainer = SFTTrainer(
+        model=load_base_model(cfg, for_training=True),
+        args=args,
+        train_dataset=train_rows,
+        eval_dataset=dev_rows,
+        processing_class=load_tokenizer(),
+        peft_config=lora,
+        callbacks=callbacks,
+    )
+    one_gpu_per_process(trainer.args)
+    return trainer
+
+
+def one_gpu_per_process(args) -> None:
+    """A process trains on its own GPU only. In one process on a host with N GPUs the Trainer counts all of them into
+    the batch (per_device x N) yet never wraps a 4-bit model in DataParallel: N times the configured batch on one GPU.
+    Several GPUs are used through `accelerate launch` (a process each). transformers does the same (`_n_gpu = 1`)
+    for a model it places across GPUs itself."""
+    if args.n_gpu > 1:
+        args._n_gpu = 1
