@@ -302,7 +302,11 @@ def test_a_server_command_that_never_serves_exits_2_with_its_log_and_leaves_no_p
     assert not Path(FILES["base"][1]).exists()
 
 
-def test_ctrl_c_while_the_server_loads_stops_it(served):
+@pytest.mark.parametrize(("sent", "code", "said"), [(signal.SIGINT, 130, "interrupted"),
+                                                    (signal.SIGTERM, 143, "terminated")])  # fmt: skip
+def test_ctrl_c_or_sigterm_while_the_server_loads_stops_it(served, sent, code, said):
+    """SIGTERM is what `dvc queue kill`, `docker stop` and schedulers send: without its handler the stage died at once
+    and the server (in its own process group) held the GPU on."""
     _, _, configure = served
     configure(base_command=spawning("time.sleep(600)"))
     stage = subprocess.Popen([sys.executable, "-m", "nlistral", "evaluate-base"], stderr=subprocess.PIPE, text=True)
@@ -310,7 +314,7 @@ def test_ctrl_c_while_the_server_loads_stops_it(served):
     while not (Path("pids").is_file() and len(Path("pids").read_text().split()) == 2):
         assert time.monotonic() < deadline and stage.poll() is None
         time.sleep(0.2)
-    stage.send_signal(signal.SIGINT)
-    assert stage.wait(120) == 130 and "interrupted" in stage.stderr.read()
+    stage.send_signal(sent)
+    assert stage.wait(120) == code and said in stage.stderr.read()
     leader, child = map(int, Path("pids").read_text().split())
     assert _group_alive(leader) == [] and child not in _group_alive(os.getpgid(0))

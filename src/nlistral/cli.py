@@ -4,6 +4,7 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 
 from nlistral.config import PARAMS_FILE, ConfigError, compose_params, load_config
@@ -30,7 +31,17 @@ STAGES = {
 # Exit codes: 2 = bad or missing input, or bad config (nothing written), 1 = the stage ran and failed.
 EXIT_BAD_INPUT = 2
 EXIT_STAGE_FAILED = 1
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`dvc queue kill`, `docker stop`, schedulers) raised where the stage is, like Ctrl-C: every `finally`
+    runs, so a model server the stage started is stopped and no half-written output stays."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -114,6 +125,7 @@ def main(argv=None) -> int:
         if args.command == "report" and getattr(args, option) and not (args.experiments or args.all):
             parser.error(f"--{option.removesuffix('_name')} needs --experiments or --all")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.command == "params":
             PARAMS_FILE.write_text(compose_params(args.overrides), encoding="utf-8")
@@ -151,7 +163,8 @@ def main(argv=None) -> int:
     except StageError as err:
         print(f"nlistral {args.command}: failed: {err}", file=sys.stderr)
         return EXIT_STAGE_FAILED
-    except KeyboardInterrupt:
-        print(f"nlistral {args.command}: interrupted; a re-run resumes from the LLM cache", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as err:
+        how = "terminated" if isinstance(err, Terminated) else "interrupted"
+        print(f"nlistral {args.command}: {how}; a re-run resumes from the LLM cache", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED
     return 0

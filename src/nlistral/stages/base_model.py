@@ -12,7 +12,14 @@ the tiny model (in 4-bit for QLoRA: transformers cannot quantize while it reads 
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GgufConfig,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from nlistral import prompts
 from nlistral.data import load_split
@@ -113,7 +120,10 @@ def run(cfg) -> dict:
         elif cfg.model.gguf_file:
             source = {"revision": cfg.model.revision, "gguf_file": cfg.model.gguf_file}
             tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path, **source)
-            model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=compute_dtype(cfg), **source)
+            model = AutoModelForCausalLM.from_pretrained(  # dequantized whole: a plain, savable checkpoint
+                cfg.model.name_or_path, dtype=compute_dtype(cfg), **source,
+                quantization_config=GgufConfig(gguf_file=cfg.model.gguf_file, dequantize=True),
+            )  # fmt: skip
             model.save_pretrained(out)
             info = {"name_or_path": str(BASE_DIR), "revision": None, "built_tiny": False,
                     "source": {"name_or_path": cfg.model.name_or_path, **source},
