@@ -1,14 +1,15 @@
 """A real OpenAI-compatible model server on 127.0.0.1 for the tests and bench: the stand-in for `vllm serve`.
 
-    python tests/model_server.py BASE [--tokenizer DIR] [--enable-lora] [--lora-modules NAME=DIR ...]
-        [--max-lora-rank R] [--port P]
+    python tests/model_server.py BASE [--revision REV] [--quantization bitsandbytes] [--tokenizer DIR]
+        [--enable-lora] [--lora-modules NAME=DIR ...] [--max-lora-rank R] [--port P]
 
-Like vLLM it loads the base weights (transformers, float32) and each LoRA adapter (peft) under its name, lists the
-base (as BASE) and the adapters at GET /v1/models, and answers POST /v1/chat/completions for either: the tokenizer's
-chat template applied to the messages with the generation prompt, tokenized without added special tokens, greedy
-decoding for `max_tokens`, finish_reason `stop` at EOS (EOS not in the text) or `length`. `usage.completion_tokens`
-counts the tokens before EOS (vLLM's count includes the EOS). It serves one request at a time; it refuses a
-temperature other than 0 (this server only decodes greedily).
+Like vLLM it loads the base weights (transformers: float32, or 4-bit NF4 with `--quantization bitsandbytes`, as the
+hf engine loads a QLoRA base; `--revision` counts for a hub id, a folder has none) and each LoRA adapter (peft)
+under its name, lists the base (as BASE) and the adapters at GET /v1/models, and answers POST /v1/chat/completions
+for either: the tokenizer's chat template applied to the messages with the generation prompt, tokenized without
+added special tokens, greedy decoding for `max_tokens`, finish_reason `stop` at EOS (EOS not in the text) or
+`length`. `usage.completion_tokens` counts the tokens before EOS (vLLM's count includes the EOS). It serves one
+request at a time; it refuses a temperature other than 0 (this server only decodes greedily).
 
 For the tests, set in the environment (so the command, part of the reply cache's key, stays the same):
 MODEL_SERVER_DIE_AFTER=N exits (code 3, no reply) when chat request N + 1 arrives; MODEL_SERVER_REQUESTS_LOG=FILE
@@ -26,13 +27,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 
 class Model:
-    def __init__(self, base: str, tokenizer: str | None, adapters: dict[str, str]):
+    def __init__(self, base: str, tokenizer: str | None, adapters: dict[str, str], revision: str, quantization):
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or base, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, local_files_only=True)
+        four_bit = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+        model = AutoModelForCausalLM.from_pretrained(base, revision=revision, dtype=torch.float32,
+                                                     quantization_config=four_bit if quantization else None,
+                                                     local_files_only=True)  # fmt: skip
         if adapters:
             from peft import PeftModel
 
@@ -123,6 +128,8 @@ def serve(model: Model, port: int, die_after: int | None, requests_log: str | No
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("base")
+    parser.add_argument("--revision", default="main")
+    parser.add_argument("--quantization", choices=["bitsandbytes"])
     parser.add_argument("--tokenizer")
     parser.add_argument("--enable-lora", action="store_true")
     parser.add_argument("--lora-modules", nargs="*", default=[], metavar="NAME=DIR")
@@ -137,7 +144,8 @@ def main() -> None:
         if rank > args.max_lora_rank:
             parser.error(f"adapter {name} has rank {rank} > --max-lora-rank {args.max_lora_rank}")
     die_after = int(os.environ["MODEL_SERVER_DIE_AFTER"]) if os.environ.get("MODEL_SERVER_DIE_AFTER") else None
-    serve(Model(args.base, args.tokenizer, adapters), args.port, die_after, os.environ.get("MODEL_SERVER_REQUESTS_LOG"))
+    model = Model(args.base, args.tokenizer, adapters, args.revision, args.quantization)
+    serve(model, args.port, die_after, os.environ.get("MODEL_SERVER_REQUESTS_LOG"))
 
 
 if __name__ == "__main__":

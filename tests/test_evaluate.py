@@ -196,7 +196,7 @@ def test_engine_selection_fails_clearly_before_loading_anything(workdir, capsys,
 
 # --- eval.engine=server: the stage starts tests/model_server.py (the stand-in for `vllm serve`) -----------------------
 SERVE = (f"{shlex.quote(sys.executable)} {shlex.quote(str(Path(__file__).with_name('model_server.py')))} {{base}} "
-         "--tokenizer {tokenizer} --port {port}")  # fmt: skip
+         "--revision {revision} --tokenizer {tokenizer} --port {port}")  # fmt: skip
 SERVE_LORA = SERVE + " --enable-lora --lora-modules {name}={adapter} --max-lora-rank {rank}"
 SPEED = ("samples_per_s", "output_tokens_per_s", "wall_time_s")
 

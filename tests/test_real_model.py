@@ -14,6 +14,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import mlflow
 import pytest
 from test_model_stages import make_cfg, write_inputs
 
@@ -112,6 +113,9 @@ def test_real_tokenizer_rows_train_on_the_completion_and_its_end_of_turn_and_the
 
     metrics = train.run(cfg)
     assert metrics["steps"] == 2 and metrics["train_rows"] == 30
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id])
+    assert run.data.tags["base_model"] == f"{cfg.model.name_or_path} ({GGUF})"  # where the weights came from
     results = evaluate.run(cfg)
     predictions = read_jsonl("metrics/predictions.jsonl")
     assert results["n"] == len(predictions) == 4
