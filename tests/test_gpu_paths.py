@@ -64,12 +64,11 @@ def test_bench_gpu_runs_on_the_cpu_with_the_tiny_shape(tmp_path):
 
 def test_the_image_runs_as_the_users_uid_and_gpu_runs_share_memory():
     """A root container writes root-owned models/, .dvc/cache and git objects into the mounted checkout, after which
-    the user's own git and dvc fail; NCCL across GPUs needs the host's shared memory (--ipc=host)."""
+    the user's own git and dvc fail; NCCL across GPUs (and vLLM) need the host's shared memory (--ipc=host)."""
     lines = (REPO / "Dockerfile").read_text().splitlines()
     users = [line.split()[1] for line in lines if line.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
     assert any(line.startswith("ARG UID") for line in lines)
     documented = (REPO / "README.md").read_text() + (REPO / "Dockerfile").read_text()
     gpu_runs = [line for line in documented.splitlines() if "docker run" in line and "--gpus" in line]
-    nlistral_runs = [line for line in gpu_runs if "vllm/vllm-openai" not in line]
-    assert nlistral_runs and all("--ipc=host" in line for line in nlistral_runs)
+    assert len(gpu_runs) >= 3 and all("--ipc=host" in line for line in gpu_runs)  # vLLM's image asks for it too
