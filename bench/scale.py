@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from itertools import cycle
+from itertools import count, islice
 from pathlib import Path
 
 import yaml
@@ -66,14 +66,18 @@ def split_sizes(train_rows: int) -> dict[str, int]:
 
 
 def write_splits(data_dir: Path, pool: list[dict], train_rows: int) -> dict[str, int]:
-    """{data_dir}/{train,dev,test}.csv: `pool` repeated, each row with a distinct id (`<split>-<n>`)."""
+    """{data_dir}/{train,dev,test}.csv: `pool` repeated through the three splits, each row with a distinct id
+    (`<split>-<n>`). The k-th repeat of a row says "(copy k)" after its premise, so that every pair stays distinct,
+    as in the study: sft's duplicate and leak checks would otherwise drop the repeats and hide what grows."""
     sizes = split_sizes(train_rows)
-    rows = cycle(pool)
+    rows = ((k, row) for k in count() for row in pool)
     for split, n in sizes.items():
         with open(data_dir / f"{split}.csv", "w", encoding="utf-8", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=["id", "premise", "hypothesis", "label"], lineterminator="\n")
             writer.writeheader()
-            writer.writerows({"id": f"{split}-{i}", **next(rows)} for i in range(n))
+            for i, (k, row) in enumerate(islice(rows, n)):
+                premise = f"{row['premise']} (copy {k})" if k else row["premise"]
+                writer.writerow({**row, "id": f"{split}-{i}", "premise": premise})
     return sizes
 
 
