@@ -405,7 +405,8 @@ def browser_json(tabs) -> Iterator[Markup]:
 
 
 def browser_summary(tabs) -> dict:
-    """What the page shows above the rows: each tab's row count, the test sets' tags (one pass over the rows)."""
+    """What the page shows above the rows: each tab's row count, the test sets' tags. This first pass over the rows
+    reads every input, so a missing or malformed one stops the stage before the page is opened."""
     counts, tags = {}, set()
     for tab, rows in tabs.items():
         counts[tab] = 0
@@ -436,7 +437,7 @@ def write_page(ctx) -> None:
 
 def run(cfg) -> dict[Path, str]:
     ctx = collect(cfg)
-    reports = render(ctx)  # results and cards are rendered, and the page written, before either is written
+    reports = render(ctx)  # nothing is written until every input has been read (here and in write_page)
     write_page(ctx)
     for path, text in reports.items():
         with atomic_open(path) as handle:
