@@ -47,6 +47,13 @@ def predictions(rows, right, failed=lambda i: False, inject=False) -> list[dict]
     return out
 
 
+MACRO_F1 = {
+    "fine-tuned": 0.6932,
+    "base": 0.4987,
+    "teacher": 0.6512,
+}  # one per model: a cell shown in the wrong row shows
+
+
 def eval_metrics(model, model_id, preds, ci) -> dict:
     n = len(preds)
     correct = sum(p["correct"] for p in preds)
@@ -56,7 +63,7 @@ def eval_metrics(model, model_id, preds, ci) -> dict:
     return {
         "model": model, "model_id": model_id, "n": n, "accuracy": round(correct / n, 4), "accuracy_ci95": ci,
         "precision": 0.7143, "recall": 0.6818, "f1": 0.6977, "macro_precision": 0.7011, "macro_recall": 0.6955,
-        "macro_f1": 0.6932, "parse_failures": failures, "parse_failure_rate": round(failures / n, 4),
+        "macro_f1": MACRO_F1[model], "parse_failures": failures, "parse_failure_rate": round(failures / n, 4),
         "parse_failures_by_reason": {"no_json": failures} if failures else {},
         "accuracy_parsed": round(correct / (n - failures), 4), "confusion": conf,
         "samples_per_s": 12.5, "output_tokens_per_s": 310.2, "wall_time_s": 3.52,
@@ -86,10 +93,16 @@ def write_train_and_eval_outputs(cfg):
     write_json(paths.EVAL_TEACHER_METRICS, eval_metrics("teacher", "overlap-heuristic-v1", teacher, [0.5227, 0.7955]))
     write_csv(paths.CONFUSION, [{"actual": p["true_label"], "predicted": "unparsed" if p["predicted_label"] is None
                                  else p["predicted_label"]} for p in tuned], ("actual", "predicted"))  # fmt: skip
-    write_csv(paths.PLOT_ACCURACY_BY_LENGTH, [{"rationale_tokens": "0-100", "rows": 40, "accuracy": 0.725},
-              {"rationale_tokens": "101-200", "rows": 4, "accuracy": 0.5},
-              {"rationale_tokens": "201-300", "rows": 0, "accuracy": None},
-              {"rationale_tokens": "301+", "rows": 0, "accuracy": None}], ("rationale_tokens", "rows", "accuracy"))
+    write_csv(
+        paths.PLOT_ACCURACY_BY_LENGTH,
+        [
+            {"rationale_tokens": "0-100", "rows": 40, "accuracy": 0.725},
+            {"rationale_tokens": "101-200", "rows": 4, "accuracy": 0.5},
+            {"rationale_tokens": "201-300", "rows": 0, "accuracy": None},
+            {"rationale_tokens": "301+", "rows": 0, "accuracy": None},
+        ],
+        ("rationale_tokens", "rows", "accuracy"),
+    )
     write_json(paths.TRAIN_METRICS, {
         "train_loss": 2.8731, "train_loss_first": 6.1022, "train_loss_last": 1.2207, "eval_loss": 1.3391, "steps": 40,
         "epochs": 2.5, "train_rows": 128, "dev_rows": 44, "train_tokens": 28416, "loss_tokens": 17664,
@@ -167,6 +180,8 @@ def reported(outputs, monkeypatch):
 
 
 def test_report_writes_results_cards_and_page(reported):
+    """The page (reports/index.html) shows each model's own metrics in its own row of both tables (catches a
+    template that puts one model's numbers in every row, or a page that is never written)."""
     results = (reported / paths.REPORT_RESULTS).read_text()
     assert results.startswith("# NLIstral results: unit-exp\n")
     revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=reported, capture_output=True, text=True)
@@ -179,9 +194,93 @@ def test_report_writes_results_cards_and_page(reported):
     assert "| teacher | `overlap-heuristic-v1` | 44 |" in results
     for split in ("train", "dev"):
         assert f"| {split} |" in (reported / paths.REPORT_DATASET_CARD).read_text()
+    page = (reported / paths.REPORT_PAGE).read_text()
+    headline, test_sets = expected_rows(reported)
+    assert html_table(page, "headline") == [HEADER, *(row for row in headline)]
+    assert html_table(page, "test-sets") == [["test set", "model", *HEADER[2:]], *test_sets]
+
+
+HEADER = ["model", "model id", "rows", "accuracy", "95% CI", "macro F1", "parse failures", "fine-tuned minus this",
+          "McNemar p"]  # fmt: skip
+MODEL_NAMES = {"fine-tuned": "fine-tuned", "base": "base zero-shot", "teacher": "teacher"}
+
+
+def expected_cells(metrics: dict, comparison: dict | None) -> list[str]:
+    """One table row's cells from one model's own metrics (and its own comparison with the fine-tuned model)."""
+    c = comparison
+    return [report.num(metrics["n"]), report.pct(metrics["accuracy"]), report.interval(metrics["accuracy_ci95"]),
+            report.num(metrics["macro_f1"]), report.pct(metrics["parse_failure_rate"]),
+            f"{report.pct(c['difference'], True)} pp {report.interval(c['difference_ci95'], True)}" if c else "–",
+            report.pvalue(c["mcnemar_p"]) if c else "–"]  # fmt: skip
+
+
+def expected_rows(root) -> tuple[list[list[str]], list[list[str]]]:
+    """The test split's table and the extra test sets' table as they must read, row by row, from the metrics files."""
+    tuned = json.loads((root / paths.EVAL_METRICS).read_text())
+    headline = []
+    for name, path in (("fine-tuned", paths.EVAL_METRICS), ("base", paths.EVAL_BASE_METRICS),
+                       ("teacher", paths.EVAL_TEACHER_METRICS)):  # fmt: skip
+        metrics = json.loads((root / path).read_text())
+        comparison = tuned["comparisons"][name] if name != "fine-tuned" else None
+        headline.append([MODEL_NAMES[name], metrics["model_id"], *expected_cells(metrics, comparison)])
+    test_sets = []
+    for set_name in load_config().eval.test_sets:
+        summary = json.loads((root / paths.SET_METRICS.format(set=set_name)).read_text())
+        for name, metrics in summary["models"].items():
+            comparison = summary["comparisons"].get(name)
+            test_sets.append([set_name, MODEL_NAMES[name], *expected_cells(metrics, comparison)])
+    return headline, test_sets
+
+
+def markdown_table(text: str, header: str) -> list[list[str]]:
+    """The cells of the Markdown table whose header line starts with `header`, header row first."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        if not line.startswith("|---"):
+            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def html_table(page: str, table_id: str) -> list[list[str]]:
+    """The text of each cell of `<table id=table_id>`, row by row (header row first)."""
+    from html.parser import HTMLParser
+
+    class Table(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.inside, self.rows, self.cell = False, [], None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "table" and ("id", table_id) in attrs:
+                self.inside = True
+            elif self.inside and tag == "tr":
+                self.rows.append([])
+            elif self.inside and tag in ("td", "th"):
+                self.cell = ""
+
+        def handle_endtag(self, tag):
+            if tag == "table":
+                self.inside = False
+            elif self.inside and tag in ("td", "th"):
+                self.rows[-1].append(" ".join(self.cell.split()))
+                self.cell = None
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+
+    parser = Table()
+    parser.feed(page)
+    assert parser.rows, f"no <table id={table_id}> in the page"
+    return parser.rows
 
 
 def test_report_lists_every_test_set_with_its_per_tag_table(reported):
+    """Each per-tag cell is its own model's accuracy for its own tag value (not the teacher's, not another tag's)."""
     results = (reported / paths.REPORT_RESULTS).read_text()
     summary = json.loads((reported / paths.SET_METRICS.format(set="diagnostic")).read_text())
     for name, model in (("fine-tuned", "fine-tuned"), ("base", "base zero-shot"), ("teacher", "teacher")):
@@ -189,9 +288,15 @@ def test_report_lists_every_test_set_with_its_per_tag_table(reported):
         cells = f"{report.pct(m['accuracy'])} | {report.interval(m['accuracy_ci95'])}"
         assert f"| diagnostic | {model} | 36 | {cells} |" in results
     assert "### diagnostic: accuracy by phenomenon" in results
-    negation = next(line for line in results.splitlines() if line.startswith("| negation |"))
-    cells = summary["models"]["teacher"]["by_tag"]["phenomenon"]["negation"]
-    assert negation.startswith("| negation | 6 |") and report.pct(cells["accuracy"]) in negation
+    by_tag = markdown_table(results, "| phenomenon | rows |")
+    models = summary["models"]
+    assert by_tag[0] == ["phenomenon", "rows"] + [c for m in models for c in (MODEL_NAMES[m], "95% CI")]
+    assert by_tag[1:] == [[value, report.num(cell["n"])] + [
+        c for m in models.values() for c in (report.pct(m["by_tag"]["phenomenon"][value]["accuracy"]),
+                                             report.interval(m["by_tag"]["phenomenon"][value]["accuracy_ci95"]))]
+        for value, cell in models["fine-tuned"]["by_tag"]["phenomenon"].items()]  # fmt: skip
+    assert [row[0] for row in by_tag[1:]] == ["hypernym_hyponym", "lexical_overlap", "negation", "numbers",
+                                              "quantifiers", "word_order"]  # fmt: skip
 
 
 def test_cards_have_hugging_face_metadata(reported):
@@ -248,6 +353,13 @@ PROSE = ("95% CI", "95%")  # words of the text, not results
 
 
 def test_every_number_in_results_and_cards_is_a_metrics_value(reported):
+    """Each cell of results.md's two model tables is its own row's model and column's metric (catches, e.g., every
+    row showing the teacher's accuracy, or a column showing another metric); every other number in results.md and
+    the cards is a value of some metrics file or params.yaml."""
+    results = (reported / paths.REPORT_RESULTS).read_text()
+    headline, test_sets = expected_rows(reported)
+    assert markdown_table(results, "| model | model id |") == [HEADER, *[[r[0], f"`{r[1]}`", *r[2:]] for r in headline]]
+    assert markdown_table(results, "| test set | model |") == [["test set", "model", *HEADER[2:]], *test_sets]
     numbers, strings = source_values(reported)
     for name in (paths.REPORT_RESULTS, paths.REPORT_MODEL_CARD, paths.REPORT_DATASET_CARD):
         text = (reported / name).read_text()
@@ -264,15 +376,20 @@ def test_every_number_in_results_and_cards_is_a_metrics_value(reported):
             assert any(abs(Decimal(repr(v * scale)) - shown) <= half_unit for v in numbers), (name, token)
 
 
-def test_without_baselines_the_table_says_not_evaluated_and_a_real_profile_has_no_warning(outputs, tmp_path,
-                                                                                        monkeypatch):
+def test_without_baselines_the_table_says_not_evaluated_and_a_real_profile_has_no_warning(
+    outputs, tmp_path, monkeypatch
+):
     shutil.copytree(outputs, tmp_path / "repo")
     monkeypatch.chdir(tmp_path / "repo")
     eval_json = json.loads(Path(paths.EVAL_METRICS).read_text())
     del eval_json["comparisons"]
     write_json(paths.EVAL_METRICS, eval_json)
-    for path in (paths.EVAL_BASE_METRICS, paths.PREDICTIONS_BASE, paths.EVAL_TEACHER_METRICS,
-                 paths.PREDICTIONS_TEACHER):
+    for path in (
+        paths.EVAL_BASE_METRICS,
+        paths.PREDICTIONS_BASE,
+        paths.EVAL_TEACHER_METRICS,
+        paths.PREDICTIONS_TEACHER,
+    ):
         Path(path).unlink()
     report.run(load_config(["model.name=mistral7b", "teacher.backend=mistral", "reflector.backend=mistral"]))
     results = Path(paths.REPORT_RESULTS).read_text()
