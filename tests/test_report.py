@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO
+from test_imports import DEEP_LEARNING, loaded_by
 
 from nlistral import paths
 from nlistral.config import load_config
@@ -395,6 +396,15 @@ def test_without_baselines_the_table_says_not_evaluated_and_a_real_profile_has_n
     results = Path(paths.REPORT_RESULTS).read_text()
     assert "| base zero-shot | not evaluated |" in results and "| teacher | not evaluated |" in results
     assert "not a result" not in results and "not a result" not in Path(paths.REPORT_MODEL_CARD).read_text()
+
+
+def test_report_stage_imports_no_deep_learning(outputs, tmp_path):
+    """`nlistral report` runs for real (a fresh interpreter, every metrics file there) and loads no torch,
+    transformers, trl, peft or bitsandbytes: catches an import of them anywhere on report.run's path, not only at
+    module level."""
+    shutil.copytree(outputs, tmp_path / "repo", ignore=shutil.ignore_patterns("reports"))
+    assert not loaded_by(tmp_path / "repo", "report") & DEEP_LEARNING
+    assert (tmp_path / "repo" / paths.REPORT_PAGE).is_file()
 
 
 def test_report_before_evaluate_names_the_stage_and_writes_nothing(outputs, tmp_path, monkeypatch, capsys):
