@@ -82,11 +82,19 @@ def test_length_policy_drops_or_keeps_but_never_truncates(stage):
 
 
 def test_balance_and_shuffle_are_seeded(stage):
+    """Shuffling changes the source order, the same seed gives the same order and another seed another one, and
+    `sft.shuffle=false` keeps the source order: catches a shuffle that does nothing or ignores `sft.seed`."""
     thoughts = [thought(str(i), f"Scene {i} happens.", f"Claim {i}.", int(i < 6)) for i in range(8)]
     rows, metrics = stage(thoughts, [], "sft.balance_labels=true")
     assert metrics["label_counts"] == {"0": 2, "1": 2} and metrics["dropped"] == {"balance": 4}
     again, _ = stage(thoughts, [], "sft.balance_labels=true")
     assert [r["id"] for r in again] == [r["id"] for r in rows]
+    source = [t["id"] for t in thoughts]
+    kept, _ = stage(thoughts, [], "sft.shuffle=false")
+    assert [r["id"] for r in kept] == source
+    orders = [[r["id"] for r in stage(thoughts, [], f"sft.seed={seed}")[0]] for seed in (42, 42, 7)]
+    assert sorted(orders[0]) == sorted(source) and orders[0] != source
+    assert orders[0] == orders[1] and orders[2] != orders[0]
 
 
 def test_plot_data_comes_from_the_outputs(stage):
