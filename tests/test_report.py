@@ -491,7 +491,7 @@ def test_page_in_headless_chromium(reported, tmp_path):
 
 
 EXP_STAGE = """
-import json, sys
+import json, os, sys
 import yaml
 right = yaml.safe_load(open("params.yaml"))["right"]
 rows = [{"id": str(i), "true_label": i % 2, "correct": i < right} for i in range(20)]
@@ -500,6 +500,14 @@ with open("metrics/predictions.jsonl", "w") as f:
 acc = right / 20
 json.dump({"n": 20, "accuracy": acc, "accuracy_ci95": [max(acc - 0.2, 0), min(acc + 0.2, 1)], "macro_f1": acc,
            "parse_failure_rate": 0.0}, open("metrics/eval.json", "w"))
+# the extra test set `diag`: 10 rows, ranked the other way round (right=18 -> 4 right, right=6 -> 8 right)
+set_right = 10 - right // 3
+os.makedirs("metrics/test_sets/diag", exist_ok=True)
+with open("metrics/test_sets/diag/predictions.jsonl", "w") as f:
+    f.writelines(json.dumps({"id": f"d{i}", "true_label": 1, "correct": i < set_right}) + "\\n" for i in range(10))
+tuned = {"n": 10, "accuracy": set_right / 10, "accuracy_ci95": [0.1, 0.9], "macro_f1": 0.3, "parse_failure_rate": 0.1}
+summary = {"models": {"fine-tuned": tuned, "base": {**tuned, "accuracy": 0.5}}}
+json.dump(summary, open("metrics/test_sets/diag.json", "w"))
 """
 
 
@@ -518,9 +526,26 @@ def test_report_experiments_lists_two_experiments_side_by_side(tmp_path, monkeyp
     (root / "metrics").mkdir(parents=True)
     (root / "stage.py").write_text(EXP_STAGE)
     (root / "params.yaml").write_text("right: 10\n")
-    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"evaluate": {
-        "cmd": f"{sys.executable} stage.py", "deps": ["stage.py"], "params": ["right"],
-        "outs": ["metrics/predictions.jsonl", {"metrics/eval.json": {"cache": False}}]}}}))  # fmt: skip
+    (root / "dvc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "stages": {
+                    "evaluate": {
+                        "cmd": f"{sys.executable} stage.py",
+                        "deps": ["stage.py"],
+                        "params": ["right"],
+                        "outs": [
+                            "metrics/predictions.jsonl",
+                            {"metrics/eval.json": {"cache": False}},
+                            "metrics/test_sets/diag/predictions.jsonl",
+                            {"metrics/test_sets/diag.json": {"cache": False}},
+                        ],
+                    }
+                }
+            }
+        )
+    )
+    # fmt: skip
     monkeypatch.chdir(root)
     for name, value in GIT_IDENTITY.items():
         monkeypatch.setenv(name, value)
@@ -545,3 +570,17 @@ def test_report_experiments_lists_two_experiments_side_by_side(tmp_path, monkeyp
     assert cli.main(["report", "--all"]) == 0
     assert {"`HEAD`", "`better`", "`worse`"} <= {line.split("|")[1].strip() for line in capsys.readouterr().out
                                                  .splitlines()[2:]}  # fmt: skip
+
+    # README: `nlistral report --experiments A B --set NAME` / `nlistral compare A B --set NAME` compare runs on a
+    # set. `diag` ranks them the other way round, so reading the test split instead (or the wrong rows) shows.
+    assert cli.main(["report", "--experiments", "better", "worse", "--reference", "worse", "--set", "diag"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]}
+    assert list(rows) == ["`worse`", "`better`"]
+    assert rows["`better`"][:7] == ["10", "40.00%", "[10.00%, 90.00%]", "0.3", "10.00%", "50.00%", "not evaluated"]
+    assert rows["`worse`"][1] == "80.00%" and rows["`worse`"][7] == "reference"
+    assert rows["`better`"][7].startswith("-40.00 pp [") and rows["`better`"][8] == "0.125"  # 4 flips: 2 * 0.5**4
+    assert cli.main(["compare", "better", "worse", "--set", "diag", "--json", "cmp.json", "--bootstrap", "200"]) == 0
+    result = json.loads(Path("cmp.json").read_text())
+    assert (result["n"], result["accuracy_a"], result["accuracy_b"], result["mcnemar_p"]) == (10, 0.4, 0.8, 0.125)
+    assert [f["id"] for f in result["flipped"]] == ["d4", "d5", "d6", "d7"]
