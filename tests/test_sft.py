@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,70 @@ def test_a_pair_dropped_as_too_long_does_not_shadow_its_shorter_duplicate(stage)
 def test_balancing_a_one_label_set_is_an_error_not_an_empty_set(stage):
     with pytest.raises(StageError, match="no row has label 0"):
         stage([thought("1", "A man cooks.", "A person cooks.", 1)], [], "sft.balance_labels=true")
+
+
+def test_the_audit_keeps_the_whole_evidence_of_exactly_the_suspects():
+    """sft.audit on test_audit's constructed rows, without a stage run: every evidence field of a suspect, the
+    min_agreement edge (>=), a single sample counting whatever its agreement, ids matched as strings (survivors of
+    `make mutation` in audit())."""
+    from test_audit import REFLECTIONS, THOUGHTS
+
+    suspects = sft.audit(THOUGHTS, REFLECTIONS, 0.8)
+    assert [s["id"] for s in suspects] == ["2", "3"]
+    t, r = THOUGHTS[1], REFLECTIONS[0]
+    assert suspects[0] == {
+        "id": "2", "premise": t["premise"], "hypothesis": t["hypothesis"], "gold_label": 0, "teacher_label": 1,
+        "votes": t["votes"], "agreement": 1.0, "n_samples": 3, "teacher_rationale": "Step 1: teacher 2.",
+        "teacher_model": "teacher-model", "reflection_error_analysis": "E", "reflection_rationale": r[
+            "improved_thought_process"], "reflected_label": 0, "verified": True, "attempts": 2,
+        "reflector_model": "reflector-model"}  # fmt: skip
+    assert (suspects[1]["verified"], suspects[1]["reflected_label"]) == (False, 0)
+    assert [s["id"] for s in sft.audit(THOUGHTS, REFLECTIONS, 2 / 3)] == ["2", "3", "4"]
+    single = [{**t, "n_samples": 1, "agreement": 0.5} for t in THOUGHTS]
+    assert [s["id"] for s in sft.audit(single, REFLECTIONS, 0.8)] == ["2", "3", "4"]
+    as_ints = [{**r, "id": int(r["id"])} for r in REFLECTIONS]
+    assert [s["id"] for s in sft.audit(THOUGHTS, as_ints, 0.8)] == ["2", "3"]
+
+
+def test_rows_candidates_and_metrics_by_hand():
+    """One fine-tuning row whole; which thoughts and reflections are candidates; the metrics object for known
+    inputs, the length summaries (min, median, p95, max) and an empty split (survivors of `make mutation`)."""
+    from omegaconf import OmegaConf
+    from test_audit import REFLECTIONS, THOUGHTS
+
+    from nlistral.prompts import completion_json, sft_text, student_prompt
+
+    row = sft.sft_row("reflected", REFLECTIONS[0], "Better.", "teacher-model", "reflector-model")
+    prompt, completion = student_prompt(REFLECTIONS[0]["premise"], "Hypothesis 2."), completion_json("Better.", 0)
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    assert row == {"id": "2", "source": "reflected", "teacher_model": "teacher-model",
+                   "reflector_model": "reflector-model", "label": 0, "premise": REFLECTIONS[0]["premise"],
+                   "hypothesis": "Hypothesis 2.", "prompt": prompt, "completion": completion,
+                   "text": sft_text(prompt, completion), "messages": messages}  # fmt: skip
+    both = sft.candidates(THOUGHTS, REFLECTIONS, True)
+    assert [(r["id"], r["source"], r["teacher_model"], r["reflector_model"]) for r in both] == [
+        ("1", "original", "teacher-model", None),
+        ("2", "reflected", "teacher-model", "reflector-model"),
+        ("4", "reflected", "teacher-model", "reflector-model"),
+        ("5", "reflected", "teacher-model", "reflector-model"),
+    ]
+    assert [r["id"] for r in sft.candidates(THOUGHTS, REFLECTIONS, False)] == ["1"]  # fmt: skip
+
+    cfg = OmegaConf.create({"audit": {"min_agreement": 0.8}})
+    suspects = sft.audit(THOUGHTS, REFLECTIONS, 0.8)
+    lengths = [{"prompt_tokens": p, "completion_tokens": c} for p, c in zip(range(21, 0, -1), [4, 2, 8, 6] * 5 + [9],
+                                                                            strict=True)]  # fmt: skip
+    metrics = sft.sft_metrics(cfg, THOUGHTS, REFLECTIONS, suspects, 4, both, lengths,
+                              Counter({"suspect": 2, "duplicate": 1}), 1)  # fmt: skip
+    assert metrics == {
+        "candidates": 4, "rows": 4, "rows_by_source": {"original": 1, "reflected": 3},
+        "label_counts": {"0": 2, "1": 2}, "dropped": {"suspect": 2, "duplicate": 1}, "over_length_kept": 1,
+        "teacher_accuracy": 0.1667, "reflected": 4, "verified_reflections": 3, "unresolved": 1,
+        "reflection_success_rate": 0.6,  # 3 verified of the 5 rows the teacher got wrong
+        "audit": {"suspect": 2, "suspect_unresolved": 1, "suspect_verified_after_retries": 1, "min_agreement": 0.8,
+                  "dropped": 2},
+        "prompt_tokens": {"min": 1, "median": 11, "p95": 20, "max": 21},
+        "completion_tokens": {"min": 2, "median": 6, "p95": 8, "max": 9},
+    }  # fmt: skip
+    empty = sft.sft_metrics(cfg, [], [], [], 0, [], [], Counter(), 0)
+    assert (empty["teacher_accuracy"], empty["reflection_success_rate"], empty["prompt_tokens"]) == (0.0, 0.0, {})
