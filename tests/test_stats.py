@@ -116,6 +116,7 @@ def test_no_rows_one_row_and_the_settings_each_interval_uses():
     assert paired_comparison(correct, other, 200, 1)["difference_ci95"] == [-0.1, 0.35]
     three = paired_comparison([0, 0, 1], [1, 1, 1], 200, 0)
     assert (three["accuracy_a"], three["accuracy_b"], three["difference"]) == (0.3333, 1.0, 0.6667)
+    assert paired_comparison([1, 1, 1], [0, 0, 1], 200, 0)["accuracy_b"] == 0.3333
     assert accuracy_by_length([0, 0, 0], [1, 0, 0])[0]["accuracy"] == 0.3333
     with pytest.raises(ValueError):
         accuracy_by_length([0, 1], [1])
