@@ -144,6 +144,12 @@ def test_the_audit_keeps_the_whole_evidence_of_exactly_the_suspects():
     assert [s["id"] for s in sft.audit(single, REFLECTIONS, 0.8)] == ["2", "3", "4"]
     as_ints = [{**r, "id": int(r["id"])} for r in REFLECTIONS]
     assert [s["id"] for s in sft.audit(THOUGHTS, as_ints, 0.8)] == ["2", "3"]
+    orphan = {**REFLECTIONS[0], "id": "99"}  # no thought of that id (nor a right one): skipped, not the end
+    assert [s["id"] for s in sft.audit(THOUGHTS, [orphan, REFLECTIONS[0]], 0.8)] == ["2"]
+    unsampled = [{k: v for k, v in t.items() if k not in ("n_samples", "agreement")} for t in THOUGHTS]
+    old_rows = sft.audit(unsampled, REFLECTIONS, 0.8)  # rows written before sampling: one sample each
+    assert [(s["id"], s["n_samples"], s["agreement"]) for s in old_rows] == [("2", 1, None), ("3", 1, None),
+                                                                          ("4", 1, None)]  # fmt: skip
 
 
 def test_rows_candidates_and_metrics_by_hand():
@@ -174,17 +180,18 @@ def test_rows_candidates_and_metrics_by_hand():
     suspects = sft.audit(THOUGHTS, REFLECTIONS, 0.8)
     lengths = [{"prompt_tokens": p, "completion_tokens": c} for p, c in zip(range(21, 0, -1), [4, 2, 8, 6] * 5 + [9],
                                                                             strict=True)]  # fmt: skip
-    metrics = sft.sft_metrics(cfg, THOUGHTS, REFLECTIONS, suspects, 4, both, lengths,
+    metrics = sft.sft_metrics(cfg, THOUGHTS[:4], REFLECTIONS[:3], suspects[:1], 4, both[:3], lengths,
                               Counter({"suspect": 2, "duplicate": 1}), 1)  # fmt: skip
     assert metrics == {
-        "candidates": 4, "rows": 4, "rows_by_source": {"original": 1, "reflected": 3},
-        "label_counts": {"0": 2, "1": 2}, "dropped": {"suspect": 2, "duplicate": 1}, "over_length_kept": 1,
-        "teacher_accuracy": 0.1667, "reflected": 4, "verified_reflections": 3, "unresolved": 1,
-        "reflection_success_rate": 0.6,  # 3 verified of the 5 rows the teacher got wrong
-        "audit": {"suspect": 2, "suspect_unresolved": 1, "suspect_verified_after_retries": 1, "min_agreement": 0.8,
+        "candidates": 4, "rows": 3, "rows_by_source": {"original": 1, "reflected": 2},
+        "label_counts": {"0": 2, "1": 1}, "dropped": {"suspect": 2, "duplicate": 1}, "over_length_kept": 1,
+        "teacher_accuracy": 0.25, "reflected": 3, "verified_reflections": 2, "unresolved": 1,
+        "reflection_success_rate": 0.6667,  # 2 verified of the 3 rows the teacher got wrong
+        "audit": {"suspect": 1, "suspect_unresolved": 0, "suspect_verified_after_retries": 1, "min_agreement": 0.8,
                   "dropped": 2},
         "prompt_tokens": {"min": 1, "median": 11, "p95": 20, "max": 21},
         "completion_tokens": {"min": 2, "median": 6, "p95": 8, "max": 9},
     }  # fmt: skip
+    assert sft._describe([3, 1]) == {"min": 1, "median": 2, "p95": 3, "max": 3}
     empty = sft.sft_metrics(cfg, [], [], [], 0, [], [], Counter(), 0)
     assert (empty["teacher_accuracy"], empty["reflection_success_rate"], empty["prompt_tokens"]) == (0.0, 0.0, {})
