@@ -30,7 +30,7 @@ from nlistral import prompts
 from nlistral.config import ConfigError, compose_params, load_config
 from nlistral.io import read_jsonl, write_jsonl
 from nlistral.stages import base_model, evaluate, train
-from nlistral.trainer import build_trainer, training_args
+from nlistral.trainer import EvaluateAtEnd, build_trainer, training_args
 
 FP32 = {**FAST, "model.load_in_4bit": False, "train.eval_steps": 2, "train.save_steps": 2}
 HISTORY_HEADER = "step,epoch,loss,eval_loss,learning_rate,grad_norm,tokens_per_s"
@@ -182,7 +182,7 @@ def test_a_checkpoint_of_another_run_is_never_resumed(base, tmp_path, monkeypatc
         raise Killed(state.global_step)
 
     with monkeypatch.context() as mp:
-        mp.setattr(train.EvaluateAtEnd, "on_save", crash, raising=False)
+        mp.setattr(EvaluateAtEnd, "on_save", crash, raising=False)
         with pytest.raises(Killed):
             train.run(cfg)
     killed = root / train.CHECKPOINTS / same
