@@ -1,0 +1,73 @@
+"""sft.format end to end on the tiny model: each format's rows train an adapter whose evaluation asks the format's task,
+parses its labels and counts its output tokens; generation stops at the label when the label comes first."""
+
+import json
+import shutil
+
+import pytest
+from test_model_stages import FAST, PAIRS, make_cfg, write_inputs
+
+from nlistral.io import read_jsonl, write_jsonl
+from nlistral.stages import base_model, evaluate, train
+from nlistral.stages.sft import in_format
+
+FORMATS = ("cot", "label_first", "label_only", "multitask")
+TASKS = {"cot": ("cot",), "label_first": ("label_first",), "label_only": ("label",),
+         "multitask": ("label", "rationale")}
+LABEL_TOKENS = 12  # `{"predicted_label": 1,` and its stop: a handful of tokens in any tokenizer
+# Enough steps for the tiny model to learn each format's shape: every output parses.
+TRAINED = {**FAST, "train.max_steps": 80, "train.learning_rate": 5.0e-3, "model.load_in_4bit": False,
+           "model.max_seq_length": 256, "eval.max_new_tokens": 96, "eval.batch_size": 9}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def formats(tmp_path_factory):
+    """The tiny base built once; per format, its fine-tuning rows written from the same cot rows, trained, evaluated.
+    -> {format: (root, the train rows, eval metrics, predictions)}"""
+    built = tmp_path_factory.mktemp("base")
+    write_inputs(built)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(built)
+        base_model.run(make_cfg(**TRAINED))
+    results = {}
+    for name in FORMATS:
+        root = tmp_path_factory.mktemp(name)
+        write_inputs(root)
+        shutil.copytree(built / "models" / "base", root / "models" / "base")
+        for split in ("train", "dev"):
+            path = root / "data" / "finetune" / f"{split}_ft.jsonl"
+            cot = [row | {"task": "cot", "teacher_model": None, "reflector_model": None} for row in read_jsonl(path)]
+            cot = [row | {"premise": p, "hypothesis": h} for row, (p, h, _) in zip(cot, PAIRS * 5, strict=False)]
+            write_jsonl(path, in_format(cot, TASKS[name]))
+        cfg = make_cfg(**TRAINED, **{"sft.format": name})
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(root)
+            train.run(cfg)
+            metrics = evaluate.run(cfg)
+        results[name] = (root, read_jsonl(root / "data/finetune/train_ft.jsonl"), metrics,
+                         read_jsonl(root / "metrics/predictions.jsonl"))  # fmt: skip
+    return results
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_each_format_trains_and_its_evaluation_reads_the_labels(formats, name):
+    root, rows, metrics, predictions = formats[name]
+    assert {r["task"] for r in rows} == set(TASKS[name]) and len(rows) == 30 * len(TASKS[name])
+    assert json.loads((root / "metrics/eval.json").read_text()) == metrics
+    assert metrics["task"] == {"cot": "cot", "label_first": "label_first"}.get(name, "label")
+    assert metrics["n"] == 9 and metrics["parse_failures"] == 0, [p["output"] for p in predictions]
+    assert all(p["predicted_label"] in (0, 1) and p["correct"] == (p["predicted_label"] == p["true_label"])
+               for p in predictions)  # fmt: skip
+    assert metrics["accuracy"] == round(sum(p["correct"] for p in predictions) / 9, 4)
+    assert metrics["output_tokens_per_row"] == round(sum(p["output_tokens"] for p in predictions) / 9, 2)
+
+
+def test_generation_stops_at_the_label_when_it_comes_first(formats):
+    tokens = {name: [p["output_tokens"] for p in formats[name][3]] for name in FORMATS}
+    for name in ("label_first", "label_only", "multitask"):
+        assert max(tokens[name]) <= LABEL_TOKENS, (name, tokens[name])
+        assert all(p["output"].lstrip().startswith('{"predicted_label"') for p in formats[name][3])
+    assert min(tokens["cot"]) > 3 * LABEL_TOKENS  # cot writes its rationale before the label
+    label_first = formats["label_first"][3]
+    assert {p["parse_method"] for p in label_first} == {"label_prefix"} and '"thought_process"' not in str(
+        [p["output"] for p in label_first])
