@@ -19,6 +19,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from omegaconf import OmegaConf
 
 from nlistral import paths
+from nlistral.formatting import interval, num, pct, pvalue
 from nlistral.io import atomic_open, read_jsonl
 from nlistral.revision import git
 
@@ -95,38 +96,6 @@ def collect(cfg) -> dict:
         "accuracy_by_length": read_csv(paths.PLOT_ACCURACY_BY_LENGTH),
         "model_names": MODEL_NAMES,
     }
-
-
-# --- formatting: every number is shown as stored (percentages of stored fractions), so it can be checked
-
-
-def pct(value, signed=False) -> str:
-    """0.8958 -> "89.58%" (fractions are stored with 4 decimals: 2 decimals of a percentage are exact)."""
-    if value is None:
-        return "–"
-    return f"{value * 100:+.2f}" if signed else f"{value * 100:.2f}%"
-
-
-def interval(bounds, signed=False) -> str:
-    low, high = bounds
-    if signed:
-        return f"[{pct(low, True)} pp, {pct(high, True)} pp]"
-    return f"[{pct(low)}, {pct(high)}]"
-
-
-def pvalue(value) -> str:
-    return "–" if value is None else f"{value:.3g}"
-
-
-def num(value) -> str:
-    """An int, a float or null from a metrics file, as written there."""
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:g}" if abs(value) >= 1e-4 or value == 0 else f"{value:.3g}"
 
 
 def env() -> Environment:
