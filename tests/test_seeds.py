@@ -70,3 +70,7 @@ def test_group_by_seed_summarises_configurations_and_compares_them_over_seeds_an
     row = next(line for line in out.splitlines() if line.startswith("| `right=14`"))
     assert f"{pct(versus['difference'], True)} pp {interval(versus['difference_ci95'], True)}" in row
     assert row.rstrip(" |").endswith("yes") and "| 2 |" in row
+    assert cli.main(["report", "--experiments", *RUNS, "--group-by", "train.seed", "--reference", "right=14"]) == 0
+    flipped = json.loads((root / "metrics/seeds.json").read_text())["configurations"]
+    assert list(flipped) == ["right=14", "right=10"]
+    assert flipped["right=10"]["versus_reference"]["difference"] == -versus["difference"]

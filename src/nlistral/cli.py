@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="print the test table across these DVC experiments (names or git revisions) instead")
     chosen.add_argument("--all", action="store_true", help="the same across every experiment of this commit")
     report.add_argument("--reference", metavar="EXP", help="compare each experiment against this one "
-                        "(default: the first listed)")  # fmt: skip
+                        "(default: the first listed); with --group-by, a configuration (sft.format=cot) or an "
+                        "experiment's")  # fmt: skip
     report.add_argument("--group-by", nargs="+", metavar="KEY", help="with --experiments/--all: experiments that "
                         "differ only in these params (e.g. train.seed) are one configuration: mean, sd, min, max "
                         "across them; differences with an interval over seeds and test rows")  # fmt: skip

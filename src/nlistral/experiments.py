@@ -157,17 +157,31 @@ def compare_experiments(
     group_by: list[str] | None = None,
 ) -> str:  # fmt: skip
     names = experiments or all_experiments()
+    if group_by:
+        return seed_report(names, reference, resamples, seed, set_name, group_by)
     reference = reference or names[0]
     names = [reference, *(name for name in names if name != reference)]  # the reference first
-    runs = {name: load(name, set_name) for name in names}
-    if group_by:
-        groups = configurations({name: flat_params(name) for name in names}, group_by)
-        summary = seed_groups(runs, groups, next(iter(groups)), resamples, seed) | {"group_by": group_by,
-                                                                                 "set": set_name}  # fmt: skip
-        write_json(paths.SEEDS, summary)
-        text = seed_table(summary)
-        print(f"{text}\n\n(written to {paths.SEEDS}; `nlistral report` shows it in {paths.REPORT_RESULTS})")
-        return text
-    text = table(runs, reference, resamples, seed)
+    text = table({name: load(name, set_name) for name in names}, reference, resamples, seed)
     print(text)
+    return text
+
+
+def seed_report(names: list[str], reference: str | None, resamples: int, seed: int, set_name: str | None,
+                group_by: list[str]) -> str:  # fmt: skip
+    """--group-by: metrics/seeds.json and its table. `reference`: a configuration (`sft.format=cot`) or an experiment
+    (its configuration); default: the first experiment's."""
+    groups = configurations({name: flat_params(name) for name in names}, group_by)
+    if reference and reference not in groups:
+        found = [label for label, members in groups.items() if reference in members]
+        if not found:
+            raise ConfigError(f"--reference {reference!r} is neither a configuration ({', '.join(groups)}) nor one "
+                              "of the experiments")  # fmt: skip
+        reference = found[0]
+    reference = reference or next(iter(groups))
+    groups = {reference: groups[reference]} | groups  # the reference first
+    runs = {name: load(name, set_name) for name in names}
+    summary = seed_groups(runs, groups, reference, resamples, seed) | {"group_by": group_by, "set": set_name}
+    write_json(paths.SEEDS, summary)
+    text = seed_table(summary)
+    print(f"{text}\n\n(written to {paths.SEEDS}; `nlistral report` shows it in {paths.REPORT_RESULTS})")
     return text

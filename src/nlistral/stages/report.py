@@ -3,7 +3,8 @@
 Reads only what earlier stages wrote (metrics/, data/original_thoughts, data/reflected_thoughts, data/finetune) and
 params.yaml; every figure in the reports is a value from one of those files, formatted, never recomputed. The
 baselines (metrics/eval_base.json, eval_teacher.json) may be absent: their rows then say "not evaluated". Every set in
-eval.test_sets needs its summary (metrics/test_sets/<set>.json, `summarise-set`).
+eval.test_sets needs its summary (metrics/test_sets/<set>.json, `summarise-set`). metrics/seeds.json (configurations
+across seeds, `nlistral report --experiments ... --group-by`) is shown when present.
 """
 
 import base64
@@ -93,6 +94,7 @@ def collect(cfg) -> dict:
         "results": results,
         "comparisons": results["fine-tuned"].get("comparisons", {}),
         "test_sets": test_set_results(cfg),
+        "seeds": optional_json(paths.SEEDS),  # `nlistral report --experiments ... --group-by`, when it ran here
         "accuracy_by_length": read_csv(paths.PLOT_ACCURACY_BY_LENGTH),
         "model_names": MODEL_NAMES,
     }
