@@ -8,6 +8,7 @@ import pytest
 from test_model_stages import FAST, PAIRS, make_cfg, write_inputs
 
 from nlistral.io import read_jsonl, write_jsonl
+from nlistral.prompts import student_prompt
 from nlistral.stages import base_model, evaluate, train
 from nlistral.stages.sft import in_format
 
@@ -71,3 +72,33 @@ def test_generation_stops_at_the_label_when_it_comes_first(formats):
     label_first = formats["label_first"][3]
     assert {p["parse_method"] for p in label_first} == {"label_prefix"} and '"thought_process"' not in str(
         [p["output"] for p in label_first])
+
+
+def test_the_server_engine_asks_a_label_first_task_to_stop_at_the_label(workdir):
+    """eval.engine=server: a label-first task's requests carry `stop` and eval.label_max_new_tokens; cot's do not."""
+    from llm_server import LLMServer
+
+    from nlistral.config import load_config
+    from nlistral.evaluation import Generation, server_backend
+    from nlistral.llm.engine import Accept, Task, generate
+
+    cfg = load_config(["eval.label_max_new_tokens=7"])
+    rows = [("A man cooks.", "A person cooks."), ("A cat naps.", "A dog barks.")]
+    with LLMServer(reply=lambda body: {"content": '{"predicted_label": 1', "finish_reason": "stop"}) as server:
+        for task in ("cot", "label"):
+            backend = server_backend(cfg, "test-model", f"student {task}", task)
+            backend.base_url = server.url
+            replies = []
+
+            def keep(reply, replies=replies):
+                replies.append(reply)
+                return Accept({})
+
+            tasks = [Task(str(i), [{"role": "user", "content": student_prompt(p, h, task)}], keep, 0)
+                     for i, (p, h) in enumerate(rows)]  # fmt: skip
+            generate(backend, tasks, desc=task, cache_dir=str(workdir / ".cache"))
+            answers = [Generation(r.text, r.finish_reason, r.completion_tokens).answer(task) for r in replies]
+            if task == "label":
+                assert [(a.label, a.method) for a in answers] == [(1, "label_prefix")] * 2
+    asked = [(body.get("stop"), body["max_tokens"]) for body in server.chat_bodies]
+    assert asked == [(None, 256)] * 2 + [([",", "}"], 7)] * 2

@@ -117,3 +117,17 @@ def test_the_studys_real_outputs_parse(shared_data):
                if m["role"] == "assistant"]  # fmt: skip
     assert len(invalid) == 2
     assert [read_answer(text, "stop").error for text in invalid] == ["bad_label", "bad_label"]
+
+
+@pytest.mark.parametrize("text, finish_reason, task, label, method, error", [
+    ('{"predicted_label": 1}', "stop", "label", 1, "json", None),
+    ('{"predicted_label": 0,', "stop", "label_first", 0, "label_prefix", None),  # hf: the stop string is kept
+    ('{"predicted_label": 1', "stop", "label_first", 1, "label_prefix", None),  # a server's stop is not in the text
+    (' {"predicted_label": "1", "thought_process": "Step 1', "length", "label_first", 1, "label_prefix", None),
+    ('{"predicted_label": 10', "length", "label", None, None, "truncated"),
+    ('{"thought_process": "Step 1: x.", "predicted_label": 1', "length", "label", None, None, "truncated"),
+    ("The answer is 1", "stop", "label", None, None, "no_json"),
+])  # fmt: skip
+def test_label_first_tasks_read_the_label_they_start_with(text, finish_reason, task, label, method, error):
+    answer = read_answer(text, finish_reason, task)
+    assert (answer.label, answer.method, answer.error) == (label, method, error)
