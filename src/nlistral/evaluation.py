@@ -147,7 +147,7 @@ def server_generation(cfg, rows, adapter_dir=None, task: str = "cot") -> tuple[l
     namespace = f"student {served} via {template or server.base_url}"
     replies = {}
 
-    def task(row) -> Task:
+    def row_task(row) -> Task:
         def keep(reply):
             replies[str(row.id)] = reply
             return Accept({})
@@ -157,7 +157,7 @@ def server_generation(cfg, rows, adapter_dir=None, task: str = "cot") -> tuple[l
     backend = server_backend(cfg, model, namespace, task)
     with running_server(server, template, fields, model) as base_url:
         backend.base_url = base_url
-        outcomes, stats = engine_generate(backend, [task(r) for r in rows.itertuples()], desc=f"generate ({model})",
+        outcomes, stats = engine_generate(backend, [row_task(r) for r in rows.itertuples()], desc=f"generate ({model})",
                                                  cache_dir=cfg.get("llm_cache_dir"))  # fmt: skip
     outputs = []
     for outcome in outcomes:
