@@ -3,6 +3,7 @@ parses its labels and counts its output tokens; generation stops at the label wh
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from test_model_stages import FAST, PAIRS, make_cfg, write_inputs
@@ -102,3 +103,27 @@ def test_the_server_engine_asks_a_label_first_task_to_stop_at_the_label(workdir)
                 assert [(a.label, a.method) for a in answers] == [(1, "label_prefix")] * 2
     asked = [(body.get("stop"), body["max_tokens"]) for body in server.chat_bodies]
     assert asked == [(None, 256)] * 2 + [([",", "}"], 7)] * 2
+
+
+def test_served_label_first_predictions_equal_hf_generation(formats, tmp_path, monkeypatch):
+    """eval.engine=server on the label_first adapter: the model server stops at the label as the hf engine does."""
+    from omegaconf import OmegaConf
+    from test_evaluate import SERVE, SERVE_LORA
+
+    from nlistral import cli
+
+    root, _, metrics, predictions = formats["label_first"]
+    for name in ("models", "data"):
+        shutil.copytree(root / name, tmp_path / name)
+    for path in root.glob("mlflow.db*"):
+        shutil.copy(path, tmp_path / path.name)
+    monkeypatch.chdir(tmp_path)
+    settings = OmegaConf.merge(make_cfg(**TRAINED, **{"sft.format": "label_first"}),
+                               {"llm_cache_dir": str(tmp_path / ".cache"), "eval": {"engine": "server"}})  # fmt: skip
+    settings.eval.server.update({"command": SERVE_LORA, "base_command": SERVE, "max_concurrency": 1,
+                                 "ready_timeout_s": 120, "backoff_base_s": 0.01, "max_retries": 1})  # fmt: skip
+    OmegaConf.save(settings, "params.yaml")
+    assert cli.main(["evaluate"]) == 0
+    assert read_jsonl("metrics/predictions.jsonl") == predictions  # texts, tokens, labels, parse methods
+    served = json.loads(Path("metrics/eval.json").read_text())
+    assert served["output_tokens_per_row"] == metrics["output_tokens_per_row"] <= LABEL_TOKENS

@@ -74,7 +74,7 @@ def student_prompts(rows, tokenizer, task: str = "cot") -> list[str]:
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, batch_size: int, max_new_tokens: int, stop=None) -> list[Generation]:
     """Greedy generations in prompt order. Batched with left padding, longest prompts first. `stop`: strings that
-    end a row's generation (kept in its text, finish_reason "stop"), as a server's `stop` does."""
+    end a row's generation, left out of its text (finish_reason "stop"), as a server's `stop` does."""
     tokenizer.padding_side = "left"
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results = [None] * len(prompts)
@@ -90,7 +90,8 @@ def generate(model, tokenizer, prompts, batch_size: int, max_new_tokens: int, st
             while stop and ids and ids[-1] == tokenizer.pad_token_id:  # stopped early: padded until the batch ends
                 ids = ids[:-1]
             text = tokenizer.decode(ids, skip_special_tokens=True)
-            stopped = stopped or bool(stop and any(s in text for s in stop))
+            if (cut := min((text.find(s) for s in stop or () if s in text), default=-1)) >= 0:
+                text, stopped = text[:cut], True
             results[i] = Generation(text, "stop" if stopped else "length", len(ids))
     return results
 
