@@ -1,7 +1,7 @@
 """Output tokens per row and samples/s of evaluation for sft.format cot vs label_first vs label_only, on the tiny model.
 
 Run from the repo root with the venv active:
-    python bench/formats.py [--rows 64] [--epochs 10]
+    python bench/formats.py [--rows 128] [--epochs 10] [--learning-rate 5.0e-3]
 In a temporary copy of conf/, params.yaml and data/sample (cut to --rows training rows) it runs the embedded
 pipeline's stages in this process: thoughts and reflections (offline teacher), the tiny base once, then per format
 sft, train and evaluate, and prints each format's eval.json figures side by side: output_tokens_per_row,
@@ -28,8 +28,9 @@ def stage(*argv) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=64, help="training rows of data/sample")
+    parser.add_argument("--rows", type=int, default=128, help="training rows of data/sample")
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--learning-rate", default="5.0e-3", help="the tiny model learns each format's shape")
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -46,7 +47,8 @@ def main():
             stage("reflections", "--split", split)
         stage("base-model")
         for name in FORMATS:
-            overrides = [f"sft.format={name}", f"train.num_epochs={args.epochs}"]
+            overrides = [f"sft.format={name}", f"train.num_epochs={args.epochs}",
+                         f"train.learning_rate={args.learning_rate}"]
             for split in ("train", "dev"):
                 stage("sft", "--split", split, *overrides)
             stage("train", *overrides)

@@ -74,3 +74,9 @@ def test_group_by_seed_summarises_configurations_and_compares_them_over_seeds_an
     flipped = json.loads((root / "metrics/seeds.json").read_text())["configurations"]
     assert list(flipped) == ["right=14", "right=10"]
     assert flipped["right=10"]["versus_reference"]["difference"] == -versus["difference"]
+
+
+def test_group_by_needs_experiments(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["report", "--group-by", "train.seed"])
+    assert exit_.value.code == 2 and "--group-by needs --experiments or --all" in capsys.readouterr().err
