@@ -417,6 +417,8 @@ def test_the_readme_format_and_seed_sweep_groups_seeds_into_configurations(pipel
     block = [c.replace("cot,label_only,multitask", "cot,label_only").replace("train.seed=1,2,3", "train.seed=1,2")
              for c in block]  # fmt: skip
     queue, start, grouped, render = block
+    # 2 epochs of 32 rows teach the tiny model no answer (every accuracy 0): enough steps that seeds differ
+    queue += " -S 'train.num_epochs=20' -S 'train.learning_rate=5.0e-3'"
     run("git", "add", "-A", cwd=pipeline)
     run("git", "commit", "-qm", "before the format sweep", "--allow-empty", cwd=pipeline)  # `exp ls`: only these
     before = all_queue_states(pipeline)
@@ -461,6 +463,7 @@ def test_the_readme_format_and_seed_sweep_groups_seeds_into_configurations(pipel
             assert sorted(found["experiments"]) == sorted(members)
             expected = seeds.summary([round(sum(correct[m].values()) / len(ids), 4) for m in members])
             assert {k: found[k] for k in expected} == pytest.approx(expected, abs=1e-4), (label, found)
+        assert any(c["mean"] > 0 for c in result["configurations"].values()), result  # not a comparison of zeros
         versus = result["configurations"]["sft.format=label_only"]["versus_reference"]
         matrices = {label: [[correct[m][i] for i in ids] for m in result["configurations"][label]["experiments"]]
                     for label in groups}  # fmt: skip
