@@ -7,9 +7,10 @@ Like vLLM it loads the base weights (transformers: float32, or 4-bit NF4 with `-
 hf engine loads a QLoRA base; `--revision` counts for a hub id, a folder has none) and each LoRA adapter (peft)
 under its name, lists the base (as BASE) and the adapters at GET /v1/models, and answers POST /v1/chat/completions
 for either: the tokenizer's chat template applied to the messages with the generation prompt, tokenized without
-added special tokens, greedy decoding for `max_tokens`, finish_reason `stop` at EOS (EOS not in the text) or
-`length`. `usage.completion_tokens` counts the tokens before EOS (vLLM's count includes the EOS). It serves one
-request at a time; it refuses a temperature other than 0 (this server only decodes greedily).
+added special tokens, greedy decoding for `max_tokens`, finish_reason `stop` at EOS (EOS not in the text) or at a
+`stop` string (left out of the text), or `length`. `usage.completion_tokens` counts the tokens before EOS (vLLM's
+count includes the EOS). It serves one request at a time; it refuses a temperature other than 0 (this server only
+decodes greedily).
 
 For the tests, set in the environment (so the command, part of the reply cache's key, stays the same):
 MODEL_SERVER_DIE_AFTER=N exits (code 3, no reply) when chat request N + 1 arrives; MODEL_SERVER_REQUESTS_LOG=FILE
@@ -52,23 +53,27 @@ class Model:
         self.lock = threading.Lock()
 
     @torch.inference_mode()
-    def complete(self, name: str, messages: list[dict], max_tokens: int) -> tuple[str, str, int, int]:
+    def complete(self, name: str, messages: list[dict], max_tokens: int, stop=None) -> tuple[str, str, int, int]:
         tok = self.tokenizer
+        stops = {"stop_strings": stop, "tokenizer": tok} if stop else {}
         prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
         with self.lock:
             if name in self.adapters:
                 self.model.set_adapter(name)
                 out = self.model.generate(input_ids=ids, max_new_tokens=max_tokens, do_sample=False,
-                                          pad_token_id=tok.pad_token_id)  # fmt: skip
+                                          pad_token_id=tok.pad_token_id, **stops)  # fmt: skip
             else:
                 with self.model.disable_adapter() if self.adapters else nullcontext():
                     out = self.model.generate(input_ids=ids, max_new_tokens=max_tokens, do_sample=False,
-                                              pad_token_id=tok.pad_token_id)  # fmt: skip
+                                              pad_token_id=tok.pad_token_id, **stops)  # fmt: skip
         new = out[0, ids.shape[1] :].tolist()
         stopped = tok.eos_token_id in new
         new = new[: new.index(tok.eos_token_id)] if stopped else new
-        return tok.decode(new, skip_special_tokens=True), "stop" if stopped else "length", ids.shape[1], len(new)
+        text = tok.decode(new, skip_special_tokens=True)
+        if (cut := min((text.find(s) for s in stop or () if s in text), default=-1)) >= 0:
+            text, stopped = text[:cut], True
+        return text, "stop" if stopped else "length", ids.shape[1], len(new)
 
 
 def serve(model: Model, port: int, die_after: int | None, requests_log: str | None) -> None:
@@ -105,7 +110,7 @@ def serve(model: Model, port: int, die_after: int | None, requests_log: str | No
             if body.get("temperature", 1.0) != 0:
                 return self.send(400, {"message": "this server decodes greedily only: send temperature 0"})
             text, finish, prompt_tokens, completion_tokens = model.complete(
-                body["model"], body["messages"], int(body.get("max_tokens") or 16)
+                body["model"], body["messages"], int(body.get("max_tokens") or 16), body.get("stop")
             )
             served[0] += 1
             if requests_log:

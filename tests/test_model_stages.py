@@ -39,7 +39,7 @@ def make_cfg(**overrides):
         "train": OmegaConf.load(conf / "train" / "default.yaml"),
         "eval": OmegaConf.load(conf / "eval" / "default.yaml"),
         "sft": {"include_reflections": True, "balance_labels": False, "shuffle": True, "seed": 42,
-                "drop_too_long": False},
+                "drop_too_long": False, "format": "cot", "label_rows": "verified"},
         "mlflow": {"tracking_uri": "sqlite:///mlflow.db", "experiment": "unit"},
         "teacher": backends.teacher,
         "reflector": backends.reflector,

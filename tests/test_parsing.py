@@ -168,3 +168,17 @@ def test_labels_objects_and_fences_at_their_edges():
     assert read_answer("Here:\n```json\n" + REPLY + "```", "stop").method == "fenced_json"
     assert read_answer("```\nscratch\n```\nSo: " + REPLY, "stop").method == "embedded_json"
     assert read_answer(REPLY, "stop").thought_process == "Step 1: x."
+
+
+@pytest.mark.parametrize("text, finish_reason, task, label, method, error", [
+    ('{"predicted_label": 1}', "stop", "label", 1, "json", None),
+    ('{"predicted_label": 0,', "stop", "label_first", 0, "label_prefix", None),  # hf: the stop string is kept
+    ('{"predicted_label": 1', "stop", "label_first", 1, "label_prefix", None),  # a server's stop is not in the text
+    (' {"predicted_label": "1", "thought_process": "Step 1', "length", "label_first", 1, "label_prefix", None),
+    ('{"predicted_label": 10', "length", "label", None, None, "truncated"),
+    ('{"thought_process": "Step 1: x.", "predicted_label": 1', "length", "label", None, None, "truncated"),
+    ("The answer is 1", "stop", "label", None, None, "no_json"),
+])  # fmt: skip
+def test_label_first_tasks_read_the_label_they_start_with(text, finish_reason, task, label, method, error):
+    answer = read_answer(text, finish_reason, task)
+    assert (answer.label, answer.method, answer.error) == (label, method, error)

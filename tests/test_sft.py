@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nlistral.config import load_config
+from nlistral.config import ConfigError, load_config
 from nlistral.io import read_jsonl, write_jsonl
 from nlistral.model import load_tokenizer
 from nlistral.stages import StageError, sft
@@ -166,7 +166,7 @@ def test_rows_candidates_and_metrics_by_hand():
     assert row == {"id": "2", "source": "reflected", "teacher_model": "teacher-model",
                    "reflector_model": "reflector-model", "label": 0, "premise": REFLECTIONS[0]["premise"],
                    "hypothesis": "Hypothesis 2.", "prompt": prompt, "completion": completion,
-                   "text": sft_text(prompt, completion), "messages": messages}  # fmt: skip
+                   "text": sft_text(prompt, completion), "messages": messages, "task": "cot"}  # fmt: skip
     both = sft.candidates(THOUGHTS, REFLECTIONS, True)
     assert [(r["id"], r["source"], r["teacher_model"], r["reflector_model"]) for r in both] == [
         ("1", "original", "teacher-model", None),
@@ -176,7 +176,7 @@ def test_rows_candidates_and_metrics_by_hand():
     ]
     assert [r["id"] for r in sft.candidates(THOUGHTS, REFLECTIONS, False)] == ["1"]  # fmt: skip
 
-    cfg = OmegaConf.create({"audit": {"min_agreement": 0.8}})
+    cfg = OmegaConf.create({"audit": {"min_agreement": 0.8}, "sft": {"format": "cot", "label_rows": "verified"}})
     suspects = sft.audit(THOUGHTS, REFLECTIONS, 0.8)
     lengths = [{"prompt_tokens": p, "completion_tokens": c} for p, c in zip(range(21, 0, -1), [4, 2, 8, 6] * 5 + [9],
                                                                             strict=True)]  # fmt: skip
@@ -184,6 +184,7 @@ def test_rows_candidates_and_metrics_by_hand():
                               Counter({"suspect": 2, "duplicate": 1}), 1)  # fmt: skip
     assert metrics == {
         "candidates": 4, "rows": 3, "rows_by_source": {"original": 1, "reflected": 2},
+        "format": "cot", "examples": 3, "rows_by_task": {"cot": 3},
         "label_counts": {"0": 2, "1": 1}, "dropped": {"suspect": 2, "duplicate": 1}, "over_length_kept": 1,
         "teacher_accuracy": 0.25, "reflected": 3, "verified_reflections": 2, "unresolved": 1,
         "reflection_success_rate": 0.6667,  # 2 verified of the 3 rows the teacher got wrong
@@ -195,3 +196,49 @@ def test_rows_candidates_and_metrics_by_hand():
     assert sft._describe([3, 1]) == {"min": 1, "median": 2, "p95": 3, "max": 3}
     empty = sft.sft_metrics(cfg, [], [], [], 0, [], [], Counter(), 0)
     assert (empty["teacher_accuracy"], empty["reflection_success_rate"], empty["prompt_tokens"]) == (0.0, 0.0, {})
+
+
+FORMAT_ROWS = {  # sft.format -> (task, completion keys in order) of each row an example gives
+    "cot": [("cot", ["thought_process", "predicted_label"])],
+    "label_first": [("label_first", ["predicted_label", "thought_process"])],
+    "label_only": [("label", ["predicted_label"])],
+    "multitask": [("label", ["predicted_label"]), ("rationale", ["thought_process"])],
+}
+
+
+@pytest.mark.parametrize("name", FORMAT_ROWS)
+def test_every_format_is_written_from_the_same_verified_rows(stage, name):
+    thoughts = [thought("1", "A man cooks.", "A person cooks.", 1), thought("2", "A cat naps.", "A dog.", 0, False),
+                thought("3", "A dog runs.", "An animal runs.", 1)]  # "3" leaks into dev  # fmt: skip
+    reflections = [reflection("2", "A cat naps.", "A dog.", 0, verified=True)]
+    rows, metrics = stage(thoughts, reflections, f"sft.format={name}")
+    expected = FORMAT_ROWS[name]
+    assert sorted((r["id"], r["source"], r["task"]) for r in rows) == sorted(
+        (i, source, task) for i, source in (("1", "original"), ("2", "reflected")) for task, _ in expected)
+    assert metrics["rows"] == 2 * len(expected) and metrics["examples"] == 2 and metrics["format"] == name
+    assert metrics["rows_by_task"] == {task: 2 for task, _ in expected} and metrics["dropped"] == {"leak_dev": 1}
+    instructions = set()
+    for row in rows:
+        keys = dict(expected)[row["task"]]
+        completion = json.loads(row["completion"])
+        assert list(completion) == keys, row
+        assert completion.get("predicted_label", row["label"]) == row["label"]
+        assert completion.get("thought_process") in (None, "Step 1: 1.", "Step 1: better 2.")
+        instructions.add(row["prompt"].split("\n\n", 1)[1])
+        assert row["messages"][1]["content"] == row["completion"] and row["text"].endswith(row["completion"] + "</s>")
+        assert ('"thought_process"' in row["prompt"]) == ("thought_process" in keys)  # says which answer it expects
+    assert len(instructions) == len(expected)  # multitask: the two tasks differ by their instruction
+    lengths = Path("metrics/plots/lengths_train.csv").read_text().splitlines()
+    assert len(lengths) == 1 + len(rows) and {line.split(",")[2] for line in lengths[1:]} == dict(expected).keys()
+
+
+def test_label_only_can_train_on_every_gold_labelled_row(stage):
+    Path("data/tiny/train.csv").write_text("premise,hypothesis,label\nA man cooks.,A person cooks.,1\n"
+                                           "A cat naps.,A dog.,0\nA boy eats.,A boy is hungry.,0\n")  # fmt: skip
+    thoughts = [thought("0", "A man cooks.", "A person cooks.", 1), thought("1", "A cat naps.", "A dog.", 0, False)]
+    rows, metrics = stage(thoughts, [], "sft.format=label_only", "sft.label_rows=all")
+    assert sorted((r["id"], r["source"], r["task"], r["label"]) for r in rows) == [
+        ("0", "original", "label", 1), ("1", "gold", "label", 0), ("2", "gold", "label", 0)]
+    assert metrics["rows_by_source"] == {"original": 1, "reflected": 0, "gold": 2}
+    with pytest.raises(ConfigError, match="sft.label_rows"):
+        stage(thoughts, [], "sft.label_rows=all")  # cot cannot train on a row without a rationale

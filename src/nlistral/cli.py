@@ -67,7 +67,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="print the test table across these DVC experiments (names or git revisions) instead")
     chosen.add_argument("--all", action="store_true", help="the same across every experiment of this commit")
     report.add_argument("--reference", metavar="EXP", help="compare each experiment against this one "
-                        "(default: the first listed)")  # fmt: skip
+                        "(default: the first listed); with --group-by, a configuration (sft.format=cot) or an "
+                        "experiment's")  # fmt: skip
+    report.add_argument("--group-by", nargs="+", metavar="KEY", help="with --experiments/--all: experiments that "
+                        "differ only in these params (e.g. train.seed) are one configuration: mean, sd, min, max "
+                        "across them; differences with an interval over seeds and test rows")  # fmt: skip
     report.add_argument("--set", dest="set_name", metavar="NAME", help="with --experiments/--all: the table on the "
                         "extra test set NAME (eval.test_sets) instead of the test split")  # fmt: skip
     export = sub.add_parser("export", help="adapter + tokenizer + model card (as README.md) -> DIR, for the HF Hub")
@@ -121,9 +125,9 @@ def main(argv=None) -> int:
     from nlistral.compare import CompareError  # scipy
     from nlistral.data import DataError  # pandas
 
-    for option in ("reference", "set_name"):
+    for option in ("reference", "set_name", "group_by"):
         if args.command == "report" and getattr(args, option) and not (args.experiments or args.all):
-            parser.error(f"--{option.removesuffix('_name')} needs --experiments or --all")
+            parser.error(f"--{option.removesuffix('_name').replace('_', '-')} needs --experiments or --all")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -142,7 +146,8 @@ def main(argv=None) -> int:
         if args.command == "report" and (args.experiments or args.all):
             from nlistral.experiments import compare_experiments
 
-            compare_experiments(args.experiments, args.reference, *_bootstrap_settings(args), set_name=args.set_name)
+            compare_experiments(args.experiments, args.reference, *_bootstrap_settings(args), set_name=args.set_name,
+                                group_by=args.group_by)  # fmt: skip
             return 0
         cfg = load_config(args.overrides)
         if args.command == "estimate":

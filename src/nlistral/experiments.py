@@ -4,15 +4,26 @@
 Each experiment's metrics/eval*.json and predictions are read at its revision through `dvc.api` (git for the
 metrics, the DVC cache or remote for the predictions), and each is compared with the reference on the same rows:
 accuracy difference with a paired-bootstrap 95% CI and the exact McNemar p-value.
+
+`--group-by train.seed` (any params, dotted): experiments whose params differ only in those keys are one
+configuration, named by the params that tell configurations apart. Per configuration: the mean test accuracy over its
+seeds, their sd, min, max and count; against the reference's configuration: the difference of means with a 95%
+interval over both seeds and test rows (stats.seed_difference_ci), and whether it exceeds the seed spread (the larger
+of the two configurations' sds). Written to metrics/seeds.json, which the report stage shows (results.md, the page).
 """
 
 import json
 
-from nlistral import paths
-from nlistral.config import ConfigError
-from nlistral.stages.report import interval, pct, pvalue
-from nlistral.stats import paired_comparison
+import yaml
 
+from nlistral import paths
+from nlistral.config import PARAMS_FILE, ConfigError
+from nlistral.formatting import interval, pct, pvalue
+from nlistral.io import write_json
+from nlistral.stats import paired_comparison, seed_difference_ci, seed_summary
+
+SEED_COLUMNS = ("configuration", "experiments", "seeds", "mean accuracy", "sd", "min", "max",
+                "minus reference, 95% CI (seeds + rows)", "beyond seed spread")  # fmt: skip
 COLUMNS = ("experiment", "rows", "accuracy", "95% CI", "macro F1", "parse failures", "base zero-shot", "teacher",
            "minus reference", "McNemar p")  # fmt: skip
 
@@ -83,12 +94,94 @@ def table(runs: dict, reference: str, resamples: int, seed: int) -> str:
     return "\n".join(lines)
 
 
+def flat_params(rev: str) -> dict:
+    """params.yaml at `rev` as {dotted key: value}."""
+
+    def walk(value, prefix):
+        if isinstance(value, dict) and value:
+            return {k: v for key, item in value.items() for k, v in walk(item, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): value}
+
+    return walk(yaml.safe_load(read_at(rev, str(PARAMS_FILE))) or {}, "")
+
+
+def configurations(params: dict[str, dict], group_by: list[str]) -> dict[str, list[str]]:
+    """{configuration: its experiments}: experiments whose params differ only in `group_by` keys (or below them)
+    share one, named by the other params that differ across `params` ("all" when none do)."""
+    keys = sorted({k for p in params.values() for k in p if not any(k == g or k.startswith(f"{g}.") for g in group_by)})
+    differing = [k for k in keys if len({json.dumps(p.get(k), sort_keys=True) for p in params.values()}) > 1]
+    groups = {}
+    for name, p in params.items():
+        groups.setdefault(", ".join(f"{k}={p.get(k)}" for k in differing) or "all", []).append(name)
+    return groups
+
+
+def seed_groups(runs: dict, groups: dict[str, list[str]], reference: str, resamples: int, seed: int) -> dict:
+    """The metrics/seeds.json object: per configuration its seeds' accuracies summarised, and each configuration
+    against `reference` (a configuration) over seeds and rows (module doc)."""
+    ids = list(next(iter(runs.values()))["correct"])
+    for name, run in runs.items():
+        if set(run["correct"]) != set(ids):
+            raise ConfigError(f"{name} and {next(iter(runs))} were scored on different test rows: no paired comparison")
+
+    def matrix(members):  # seeds x rows
+        return [[runs[m]["correct"][i] for i in ids] for m in members]
+
+    found = {label: {"experiments": members, **seed_summary([runs[m]["eval"]["accuracy"] for m in members])}
+             for label, members in groups.items()}  # fmt: skip
+    ref = found[reference]
+    for label, config in found.items():
+        if label != reference:
+            difference, spread = round(config["mean"] - ref["mean"], 4), max(config["sd"], ref["sd"])
+            ci = seed_difference_ci(matrix(groups[reference]), matrix(groups[label]), resamples, seed)
+            config["versus_reference"] = {"difference": difference, "difference_ci95": ci, "seed_sd": spread,
+                                          "exceeds_seed_spread": abs(difference) > spread}  # fmt: skip
+    return {"reference": reference, "rows": len(ids), "bootstrap": resamples, "seed": seed, "configurations": found}
+
+
+def seed_table(summary: dict) -> str:
+    """metrics/seeds.json as a markdown table, the reference configuration first."""
+    lines = ["| " + " | ".join(SEED_COLUMNS) + " |", "|" + "---|" * len(SEED_COLUMNS)]
+    for label, c in summary["configurations"].items():
+        versus = c.get("versus_reference")
+        cells = [f"`{label}`", ", ".join(f"`{e}`" for e in c["experiments"]), str(c["n_seeds"]), pct(c["mean"]),
+                 f"{pct(c['sd'], True).lstrip('+')} pp", pct(c["min"]), pct(c["max"]),
+                 f"{pct(versus['difference'], True)} pp {interval(versus['difference_ci95'], True)}" if versus
+                 else "reference", ("yes" if versus["exceeds_seed_spread"] else "no") if versus else "–"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def compare_experiments(
-    experiments: list[str] | None, reference: str | None, resamples: int, seed: int, set_name: str | None = None
-) -> str:
+    experiments: list[str] | None, reference: str | None, resamples: int, seed: int, set_name: str | None = None,
+    group_by: list[str] | None = None,
+) -> str:  # fmt: skip
     names = experiments or all_experiments()
+    if group_by:
+        return seed_report(names, reference, resamples, seed, set_name, group_by)
     reference = reference or names[0]
     names = [reference, *(name for name in names if name != reference)]  # the reference first
     text = table({name: load(name, set_name) for name in names}, reference, resamples, seed)
     print(text)
+    return text
+
+
+def seed_report(names: list[str], reference: str | None, resamples: int, seed: int, set_name: str | None,
+                group_by: list[str]) -> str:  # fmt: skip
+    """--group-by: metrics/seeds.json and its table. `reference`: a configuration (`sft.format=cot`) or an experiment
+    (its configuration); default: the first experiment's."""
+    groups = configurations({name: flat_params(name) for name in names}, group_by)
+    if reference and reference not in groups:
+        found = [label for label, members in groups.items() if reference in members]
+        if not found:
+            raise ConfigError(f"--reference {reference!r} is neither a configuration ({', '.join(groups)}) nor one "
+                              "of the experiments")  # fmt: skip
+        reference = found[0]
+    reference = reference or next(iter(groups))
+    groups = {reference: groups[reference]} | groups  # the reference first
+    runs = {name: load(name, set_name) for name in names}
+    summary = seed_groups(runs, groups, reference, resamples, seed) | {"group_by": group_by, "set": set_name}
+    write_json(paths.SEEDS, summary)
+    text = seed_table(summary)
+    print(f"{text}\n\n(written to {paths.SEEDS}; `nlistral report` shows it in {paths.REPORT_RESULTS})")
     return text

@@ -7,6 +7,10 @@ How a reply was read is named (`Answer.method`): `json` (the reply is one JSON o
 object sits in a Markdown code fence), `embedded_json` (the object sits in prose), or, for evaluation only,
 `label_key` (no valid JSON object, but a literal `"predicted_label": 0|1` key, e.g. in JSON broken by an
 unescaped quote inside the reasoning). A label in prose alone ("the answer is 1") is never read.
+
+For the tasks whose answer starts with the label (prompts.COMPLETION_KEYS: `label_first`, `label`) evaluation stops
+generating once the label is readable, so their reader wants the label alone, and names `label_prefix` an output
+that is the start of the answer object (`{"predicted_label": 1,`), however it was cut.
 """
 
 import json
@@ -19,6 +23,8 @@ REFLECTION_FIELDS = ("error_analysis", "improved_thought_process")
 _LABELS = {0: 0, 1: 1, "0": 0, "1": 1, "true": 1, "false": 0}  # True == 1 and False == 0 as keys
 _FENCE = re.compile(r"```[A-Za-z]*[ \t]*\n(.*?)```", re.DOTALL)
 _LABEL_KEY = re.compile(r'"predicted_label"\s*:\s*"?\s*([01])(?![\d.])')
+_LABEL_PREFIX = re.compile(r'\s*\{\s*"predicted_label"\s*:\s*"?\s*([01])(?![\d.])')
+LABEL_FIRST_TASKS = ("label_first", "label")
 
 
 class ReplyError(ValueError):
@@ -113,11 +119,21 @@ class Answer:
     thought_process: str | None = None
 
 
-def read_answer(text: str, finish_reason: str | None) -> Answer:
-    """The evaluation parser: parse_reply's rules for a thought, plus the `label_key` fallback (module doc).
+def read_answer(text: str, finish_reason: str | None, task: str = "cot") -> Answer:
+    """The evaluation parser: parse_reply's rules for a thought, plus the `label_key` fallback (module doc); for a
+    label-first `task`, the label alone, or `label_prefix`.
 
-    A reply cut off by the length limit is a failure even when it holds a label: it did not finish its answer.
+    A reply cut off by the length limit is a failure even when it holds a label: it did not finish its answer
+    (unless the label comes first: then it is the answer).
     """
+    if task in LABEL_FIRST_TASKS:
+        try:
+            parsed, method = _read(text, (), None)
+        except ReplyError as err:
+            if match := _LABEL_PREFIX.match(text or ""):
+                return Answer(int(match.group(1)), "label_prefix", None)
+            return Answer(None, None, "truncated" if finish_reason in ("length", "model_length") else err.reason)
+        return Answer(parsed["predicted_label"], method, None)
     try:
         parsed, method = _read(text, THOUGHT_FIELDS, finish_reason)
     except ReplyError as err:

@@ -57,6 +57,8 @@ SET_FILES = {  # model -> (predictions, metrics)
     "base": (SET_PREDICTIONS_BASE, SET_EVAL_BASE),
     "teacher": (SET_PREDICTIONS_TEACHER, SET_EVAL_TEACHER),
 }
+# `nlistral report --experiments ... --group-by KEY`: configurations across seeds (the report shows it when present)
+SEEDS = "metrics/seeds.json"
 # report: read only the files above; the cards are its own outs (a stage cannot write into another's out folder)
 REPORT_RESULTS = Path("reports/results.md")  # results.md and the cards: git (small text, reads on a code host)
 REPORT_MODEL_CARD = Path("reports/model_card.md")

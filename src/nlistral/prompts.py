@@ -39,6 +39,37 @@ STUDENT_INSTRUCTION = (
     "Give your reasoning and the final label (1 = entailment, 0 = no entailment) as JSON: "
     '{"thought_process": "...", "predicted_label": 0 or 1}'
 )
+# The student's tasks (sft.format picks which it trains on; README: Fine-tuning formats). Each instruction says which
+# answer is expected, and the completion holds exactly those keys in that order. `label` and `rationale` carry
+# Distilling step-by-step's task prefixes (Hsieh et al. 2023), so a multitask model tells its two tasks apart.
+STUDENT_INSTRUCTIONS = {
+    "cot": STUDENT_INSTRUCTION,
+    "label_first": (
+        "Determine if the hypothesis is entailed by the premise. Give the label first (1 = entailment, "
+        '0 = no entailment), then your reasoning, as JSON: {"predicted_label": 0 or 1, "thought_process": "..."}'
+    ),
+    "label": (
+        "[label] Determine if the hypothesis is entailed by the premise. Give only the label (1 = entailment, "
+        '0 = no entailment) as JSON: {"predicted_label": 0 or 1}'
+    ),
+    "rationale": (
+        "[rationale] Explain step by step whether the hypothesis is entailed by the premise, as JSON: "
+        '{"thought_process": "..."}'
+    ),
+}
+COMPLETION_KEYS = {
+    "cot": ("thought_process", "predicted_label"),
+    "label_first": ("predicted_label", "thought_process"),
+    "label": ("predicted_label",),
+    "rationale": ("thought_process",),
+}
+# sft.format -> (the tasks each example is trained on, the task evaluation asks)
+FORMATS = {
+    "cot": (("cot",), "cot"),
+    "label_first": (("label_first",), "label_first"),
+    "label_only": (("label",), "label"),
+    "multitask": (("label", "rationale"), "label"),
+}
 
 
 def pair_text(premise: str, hypothesis: str) -> str:
@@ -75,13 +106,22 @@ def reflector_messages(
     ]
 
 
-def student_prompt(premise: str, hypothesis: str) -> str:
-    """The instruction the fine-tuned model sees, in training and in evaluation alike."""
-    return f"{pair_text(premise, hypothesis)}\n\n{STUDENT_INSTRUCTION}"
+def student_prompt(premise: str, hypothesis: str, task: str = "cot") -> str:
+    """The instruction the fine-tuned model sees for `task`, in training and in evaluation alike."""
+    return f"{pair_text(premise, hypothesis)}\n\n{STUDENT_INSTRUCTIONS[task]}"
 
 
-def completion_json(thought_process: str, label: int) -> str:
-    return json.dumps({"thought_process": thought_process, "predicted_label": int(label)}, ensure_ascii=False)
+def completion_json(thought_process: str | None, label: int, task: str = "cot") -> str:
+    """The answer `task` expects: COMPLETION_KEYS[task], in that order."""
+    values = {"thought_process": thought_process, "predicted_label": int(label)}
+    return json.dumps({key: values[key] for key in COMPLETION_KEYS[task]}, ensure_ascii=False)
+
+
+def check_format(name: str) -> tuple[tuple[str, ...], str]:
+    """(training tasks, evaluation task) of sft.format `name`; ValueError naming the choices otherwise."""
+    if name not in FORMATS:
+        raise ValueError(f"sft.format={name!r}: choose from {', '.join(FORMATS)}")
+    return FORMATS[name]
 
 
 def student_chat_prompt(tokenizer, prompt: str) -> str:

@@ -88,6 +88,7 @@ def eval_metrics(cfg, records, model: str, model_id: str, wall: float) -> dict:
     metrics["parse_failures_by_reason"] = dict(Counter(r["parse_error"] for r in records if r["parse_error"]))
     output_tokens = sum(r["output_tokens"] for r in records)
     metrics |= {
+        "output_tokens_per_row": round(output_tokens / len(records), 2) if records else 0.0,
         "samples_per_s": round(len(records) / wall, 3) if wall else 0.0,
         "output_tokens_per_s": round(output_tokens / wall, 1) if wall else 0.0,
         "wall_time_s": round(wall, 2),

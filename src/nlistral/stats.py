@@ -56,6 +56,41 @@ def paired_comparison(a_correct, b_correct, resamples: int, seed: int) -> dict:
     }
 
 
+def seed_summary(accuracies) -> dict:
+    """One configuration's test accuracies across training seeds: mean, sample sd (0 for one seed), min, max, n."""
+    values = np.asarray(accuracies, dtype=float)
+    return {
+        "n_seeds": len(values),
+        "mean": round(float(values.mean()), 4),
+        "sd": round(float(values.std(ddof=1)), 4) if len(values) > 1 else 0.0,
+        "min": round(float(values.min()), 4),
+        "max": round(float(values.max()), 4),
+    }
+
+
+def seed_difference_ci(a_correct, b_correct, resamples: int, seed: int) -> list[float]:
+    """95% percentile interval of B's mean accuracy minus A's, over seeds and test rows (a two-level bootstrap).
+
+    `a_correct`, `b_correct`: per-row 0/1 correctness, one row of the matrix per training seed, the same test rows in
+    the same order. Each resample draws, with replacement, A's seeds, then B's seeds, then the test rows (the same
+    rows for both: paired), and takes the mean over the drawn seeds of each one's accuracy on the drawn rows. Draws
+    come from numpy's default_rng(seed) in batches of up to BATCH resamples, in that order, each as one
+    (batch, count) array of `integers`.
+    """
+    a, b = np.asarray(a_correct, dtype=float), np.asarray(b_correct, dtype=float)
+    n = a.shape[1]
+    rng = np.random.default_rng(seed)
+    differences = []
+    for start in range(0, resamples, BATCH):
+        k = min(BATCH, resamples - start)
+        seeds_a, seeds_b = rng.integers(0, len(a), (k, len(a))), rng.integers(0, len(b), (k, len(b)))
+        rows = rng.integers(0, n, (k, n))
+        per_row = b[seeds_b].mean(axis=1) - a[seeds_a].mean(axis=1)  # (k, n): the drawn seeds' mean, row by row
+        differences.append(np.take_along_axis(per_row, rows, axis=1).mean(axis=1))
+    low, high = np.percentile(np.concatenate(differences), [2.5, 97.5])
+    return [round(float(low), 4), round(float(high), 4)]
+
+
 def accuracy_by_length(lengths, correct, column: str = "rationale_tokens") -> list[dict]:
     """Rows and accuracy per length bucket (LENGTH_BUCKETS); accuracy None for an empty bucket."""
     table = []

@@ -154,6 +154,8 @@ class HttpClient:
             body["random_seed" if self.backend == "mistral" else "seed"] = seed
         if cfg.response_format:
             body["response_format"] = {"type": cfg.response_format}
+        if cfg.get("stop"):  # the student's label-first tasks (nlistral.evaluation)
+            body["stop"] = list(cfg.stop)
         return body
 
     def key(self, body: dict) -> str:

@@ -15,7 +15,7 @@ import mlflow
 
 from nlistral import tracking
 from nlistral.compare import CompareError, compare_records
-from nlistral.evaluation import check_engine, check_failures, run_generation
+from nlistral.evaluation import check_engine, check_failures, eval_task, run_generation
 from nlistral.io import read_jsonl, write_csv, write_json, write_jsonl
 from nlistral.model import base_info, load_adapter_model, load_tokenizer
 from nlistral.paths import (
@@ -77,14 +77,15 @@ def _log_to_training_run(cfg, metrics: dict) -> None:
 
 def run(cfg) -> dict:
     check_engine(cfg)
+    task = eval_task(cfg)
     rows = eval_rows(cfg)
     tokenizer = load_tokenizer(ADAPTER_DIR)
-    outputs, wall = run_generation(cfg, rows, lambda: load_adapter_model(cfg), tokenizer, ADAPTER_DIR)
+    outputs, wall = run_generation(cfg, rows, lambda: load_adapter_model(cfg), tokenizer, ADAPTER_DIR, task)
 
-    answers = [g.answer() for g in outputs]
+    answers = [g.answer(task) for g in outputs]
     records = [prediction(row, g.text, g.finish_reason, g.output_tokens, answer)
                for row, g, answer in zip(rows.itertuples(), outputs, answers, strict=True)]  # fmt: skip
-    metrics = eval_metrics(cfg, records, "fine-tuned", base_info()["name_or_path"], wall)
+    metrics = eval_metrics(cfg, records, "fine-tuned", base_info()["name_or_path"], wall) | {"task": task}
     metrics["comparisons"] = comparisons(cfg, records)
 
     write_jsonl(PREDICTIONS, records)

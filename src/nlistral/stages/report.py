@@ -3,7 +3,8 @@
 Reads only what earlier stages wrote (metrics/, data/original_thoughts, data/reflected_thoughts, data/finetune) and
 params.yaml; every figure in the reports is a value from one of those files, formatted, never recomputed. The
 baselines (metrics/eval_base.json, eval_teacher.json) may be absent: their rows then say "not evaluated". Every set in
-eval.test_sets needs its summary (metrics/test_sets/<set>.json, `summarise-set`).
+eval.test_sets needs its summary (metrics/test_sets/<set>.json, `summarise-set`). metrics/seeds.json (configurations
+across seeds, `nlistral report --experiments ... --group-by`) is shown when present.
 """
 
 import base64
@@ -22,6 +23,7 @@ from markupsafe import Markup
 from omegaconf import OmegaConf
 
 from nlistral import paths
+from nlistral.formatting import interval, num, pct, pvalue
 from nlistral.io import atomic_open, iter_jsonl
 from nlistral.revision import git
 
@@ -95,41 +97,10 @@ def collect(cfg) -> dict:
         "results": results,
         "comparisons": results["fine-tuned"].get("comparisons", {}),
         "test_sets": test_set_results(cfg),
+        "seeds": optional_json(paths.SEEDS),  # `nlistral report --experiments ... --group-by`, when it ran here
         "accuracy_by_length": read_csv(paths.PLOT_ACCURACY_BY_LENGTH),
         "model_names": MODEL_NAMES,
     }
-
-
-# --- formatting: every number is shown as stored (percentages of stored fractions), so it can be checked
-
-
-def pct(value, signed=False) -> str:
-    """0.8958 -> "89.58%" (fractions are stored with 4 decimals: 2 decimals of a percentage are exact)."""
-    if value is None:
-        return "–"
-    return f"{value * 100:+.2f}" if signed else f"{value * 100:.2f}%"
-
-
-def interval(bounds, signed=False) -> str:
-    low, high = bounds
-    if signed:
-        return f"[{pct(low, True)} pp, {pct(high, True)} pp]"
-    return f"[{pct(low)}, {pct(high)}]"
-
-
-def pvalue(value) -> str:
-    return "–" if value is None else f"{value:.3g}"
-
-
-def num(value) -> str:
-    """An int, a float or null from a metrics file, as written there."""
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:g}" if abs(value) >= 1e-4 or value == 0 else f"{value:.3g}"
 
 
 def env() -> Environment:

@@ -11,21 +11,29 @@ Label-noise audit: a row is suspect when the models resist its gold label: the t
 agreement >= audit.min_agreement when it sampled several replies, teacher.n_samples > 1) and the reflector needed
 more than one attempt to argue for it, or never did (unresolved). Suspects go to data/audit/{split}_suspect.jsonl
 with the evidence; `sft.drop_suspect: true` (experiment=drop_suspect) leaves them out of the fine-tuning set.
+
+Formats (`sft.format`, prompts.FORMATS): the rows above are chosen and filtered once, as chain-of-thought rows, then
+written in the format, so every format trains on the same verified examples: `cot`, `label_first`, `label_only`
+(the label task alone; `sft.label_rows: all` adds every other row of the split that has a gold label) or `multitask`
+(a label-task and a rationale-task row per example). Each row names its `task`; the metrics count rows per task.
 """
 
+import json
 import random
 import statistics
 from collections import Counter
 
 from nlistral import paths
+from nlistral.config import ConfigError
 from nlistral.data import load_split
 from nlistral.io import read_jsonl, write_csv, write_json, write_jsonl
 from nlistral.model import load_tokenizer
-from nlistral.prompts import completion_json, sft_text, student_chat_prompt, student_prompt
+from nlistral.prompts import check_format, completion_json, sft_text, student_chat_prompt, student_prompt
 from nlistral.stages import StageError
 from nlistral.stats import accuracy_by_length
 
-LENGTH_FIELDS = ("id", "source", "prompt_tokens", "completion_tokens")
+LENGTH_FIELDS = ("id", "source", "task", "prompt_tokens", "completion_tokens")
+SOURCES = {"verified": ("original", "reflected"), "all": ("original", "reflected", "gold")}  # sft.label_rows
 ACCURACY_FIELDS = ("rationale_tokens", "rows", "accuracy")
 
 
@@ -33,12 +41,14 @@ def pair_key(premise: str, hypothesis: str) -> tuple[str, str]:
     return " ".join(premise.casefold().split()), " ".join(hypothesis.casefold().split())
 
 
-def sft_row(source: str, item: dict, thought: str, teacher_model=None, reflector_model=None) -> dict:
-    prompt = student_prompt(item["premise"], item["hypothesis"])
-    completion = completion_json(thought, item["true_label"])
+def sft_row(source: str, item: dict, thought: str | None, teacher_model=None, reflector_model=None,
+            task: str = "cot") -> dict:  # fmt: skip
+    prompt = student_prompt(item["premise"], item["hypothesis"], task)
+    completion = completion_json(thought, item["true_label"], task)
     return {
         "id": str(item["id"]),
         "source": source,
+        "task": task,
         "teacher_model": teacher_model,
         "reflector_model": reflector_model,
         "label": item["true_label"],
@@ -60,6 +70,27 @@ def candidates(thought_rows, reflection_rows, include_reflections: bool) -> list
             if r["verified"]
         ]
     return rows
+
+
+def gold_rows(data_dir, split: str, explained: list[dict]) -> list[dict]:
+    """sft.label_rows=all: label-task rows (source `gold`) for the split's rows no candidate explains."""
+    have = {r["id"] for r in explained}
+    return [sft_row("gold", {"id": r.id, "premise": r.premise, "hypothesis": r.hypothesis, "true_label": int(r.label)},
+                    None, task="label") for r in load_split(data_dir, split).itertuples() if str(r.id) not in have]
+
+
+def in_format(rows, tasks) -> list[dict]:
+    """Each example (a cot row, or a gold label-task row) as one row per task, built from the same fields."""
+    out = []
+    for row in rows:
+        if row["task"] != "cot":  # a gold row: already its label task
+            out.append(row)
+            continue
+        thought = json.loads(row["completion"])["thought_process"]
+        item = {"id": row["id"], "premise": row["premise"], "hypothesis": row["hypothesis"], "true_label": row["label"]}
+        out += [sft_row(row["source"], item, thought, row["teacher_model"], row["reflector_model"], task)
+                for task in tasks]  # fmt: skip
+    return out
 
 
 def audit(thought_rows, reflection_rows, min_agreement: float) -> list[dict]:
@@ -152,8 +183,8 @@ def filter_rows(rows, held_out: dict, tokenizer, cfg) -> tuple[list[dict], dict,
             over_length_kept += 1
         seen.add(key)
         kept.append(row)
-        lengths[row["id"]] = {"id": row["id"], "source": row["source"], "prompt_tokens": prompt_tokens,
-                              "completion_tokens": completion_tokens}  # fmt: skip
+        lengths[row["id"]] = {"id": row["id"], "source": row["source"], "task": row["task"],
+                              "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}  # fmt: skip
     return kept, lengths, dropped, over_length_kept
 
 
@@ -166,7 +197,10 @@ def sft_metrics(cfg, thought_rows, reflection_rows, suspects, candidates_n: int,
     return {
         "candidates": candidates_n,
         "rows": len(kept),
-        "rows_by_source": {source: sum(r["source"] == source for r in kept) for source in ("original", "reflected")},
+        "rows_by_source": {source: sum(r["source"] == source for r in kept) for source in SOURCES[cfg.sft.label_rows]},
+        "format": cfg.sft.format,
+        "examples": len({r["id"] for r in kept}),
+        "rows_by_task": dict(Counter(r["task"] for r in kept)),
         "label_counts": {str(label): sum(r["label"] == label for r in kept) for label in (0, 1)},
         "dropped": dict(dropped),
         "over_length_kept": over_length_kept,
@@ -188,10 +222,19 @@ def sft_metrics(cfg, thought_rows, reflection_rows, suspects, candidates_n: int,
 
 
 def run(cfg, split: str) -> dict:
+    try:
+        tasks, _ = check_format(cfg.sft.format)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if cfg.sft.label_rows not in SOURCES or (cfg.sft.label_rows == "all" and cfg.sft.format != "label_only"):
+        raise ConfigError(f"sft.label_rows={cfg.sft.label_rows!r}: 'verified', or 'all' with sft.format=label_only "
+                          "(only the label task can train on a row without a rationale)")  # fmt: skip
     thought_rows = read_jsonl(paths.require(paths.THOUGHTS, split))
     reflection_rows = read_jsonl(paths.require(paths.REFLECTIONS, split))
     paths.require(paths.BASE_DIR)
     rows = candidates(thought_rows, reflection_rows, cfg.sft.include_reflections)
+    if cfg.sft.label_rows == "all":
+        rows += gold_rows(cfg.data.dir, split, rows)
     candidates_n = len(rows)
     suspects = audit(thought_rows, reflection_rows, cfg.audit.min_agreement)
     write_jsonl(paths.AUDIT_SUSPECT.format(split=split), suspects)
@@ -209,11 +252,16 @@ def run(cfg, split: str) -> dict:
         balanced = balance(kept, rng)
         dropped["balance"] += len(kept) - len(balanced)
         kept = balanced
+    kept = in_format(kept, tasks)
     if cfg.sft.shuffle:
         rng.shuffle(kept)
     write_jsonl(paths.FINETUNE.format(split=split), kept)
 
-    kept_lengths = [lengths[r["id"]] for r in kept]
+    if cfg.sft.format == "cot":  # the rows as filtered
+        kept_lengths = [lengths[r["id"]] for r in kept]
+    else:
+        kept_lengths = [dict(zip(LENGTH_FIELDS, (r["id"], r["source"], r["task"], *token_lengths(tokenizer, r)),
+                                 strict=True)) for r in kept]  # fmt: skip
     write_csv(paths.PLOT_LENGTHS.format(split=split), kept_lengths, LENGTH_FIELDS)
     write_csv(paths.PLOT_TEACHER_ACCURACY.format(split=split), teacher_accuracy_by_length(thought_rows, tokenizer),
               ACCURACY_FIELDS)

@@ -1,0 +1,82 @@
+"""`nlistral report --experiments ... --group-by KEY`: experiments that differ only in a seed are one configuration,
+summarised across seeds, and compared with an interval over seeds and test rows (real DVC experiments, in-process)."""
+
+import json
+import sys
+
+import pytest
+import seeds
+import yaml
+from test_report import GIT_IDENTITY, git
+
+from nlistral import cli
+from nlistral.formatting import interval, pct
+
+# A stand-in evaluate stage: the first `right` of 20 rows are right, and each seed flips rows of its own.
+STAGE = """
+import json
+import yaml
+params = yaml.safe_load(open("params.yaml"))
+right, seed = params["right"], params["train"]["seed"]
+correct = [(i < right) != (i % 7 == seed) for i in range(20)]
+with open("metrics/predictions.jsonl", "w") as f:
+    f.writelines(json.dumps({"id": str(i), "true_label": i % 2, "correct": c}) + "\\n" for i, c in enumerate(correct))
+acc = sum(correct) / 20
+json.dump({"n": 20, "accuracy": acc, "accuracy_ci95": [0, 1], "macro_f1": acc, "parse_failure_rate": 0.0},
+          open("metrics/eval.json", "w"))
+"""
+RUNS = {"a1": (10, 1), "a2": (10, 2), "a3": (10, 3), "b1": (14, 1), "b2": (14, 4)}  # name: (right, train.seed)
+
+
+def test_group_by_seed_summarises_configurations_and_compares_them_over_seeds_and_rows(tmp_path, monkeypatch, capsys):
+    from dvc.repo import Repo
+
+    root = tmp_path / "exp"
+    (root / "metrics").mkdir(parents=True)
+    (root / "stage.py").write_text(STAGE)
+    (root / "params.yaml").write_text("right: 10\ntrain:\n  seed: 0\n  lr: 0.1\n")
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"evaluate": {
+        "cmd": f"{sys.executable} stage.py", "deps": ["stage.py"], "params": ["right", "train.seed"],
+        "outs": ["metrics/predictions.jsonl", {"metrics/eval.json": {"cache": False}}]}}}))  # fmt: skip
+    monkeypatch.chdir(root)
+    for name, value in GIT_IDENTITY.items():
+        monkeypatch.setenv(name, value)
+    git("git", "init", "-q", cwd=root)
+    repo = Repo.init(str(root))
+    repo.reproduce()
+    git("git", "add", "-A", cwd=root)
+    git("git", "commit", "-qm", "baseline", cwd=root)
+    for name, (right, seed) in RUNS.items():
+        repo.experiments.run(name=name, params=[f"right={right}", f"train.seed={seed}"])
+    repo.close()
+    capsys.readouterr()
+
+    assert cli.main(["report", "--experiments", *RUNS, "--group-by", "train.seed"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads((root / "metrics/seeds.json").read_text())
+    correct = {name: [(i < right) != (i % 7 == seed) for i in range(20)] for name, (right, seed) in RUNS.items()}
+    groups = {"right=10": ["a1", "a2", "a3"], "right=14": ["b1", "b2"]}
+    assert {label: c["experiments"] for label, c in result["configurations"].items()} == groups
+    for label, members in groups.items():
+        expected = seeds.summary([sum(correct[m]) / 20 for m in members])
+        assert {k: result["configurations"][label][k] for k in expected} == expected
+    versus = result["configurations"]["right=14"]["versus_reference"]
+    a, b = result["configurations"]["right=10"], result["configurations"]["right=14"]
+    assert versus["difference"] == round(b["mean"] - a["mean"], 4) and versus["seed_sd"] == max(a["sd"], b["sd"])
+    assert versus["difference_ci95"] == pytest.approx(
+        seeds.interval([correct[m] for m in groups["right=10"]], [correct[m] for m in groups["right=14"]],
+                       result["bootstrap"], result["seed"]), abs=1e-4)  # fmt: skip
+    assert versus["exceeds_seed_spread"] == (abs(versus["difference"]) > versus["seed_sd"]) is True
+    row = next(line for line in out.splitlines() if line.startswith("| `right=14`"))
+    assert f"{pct(versus['difference'], True)} pp {interval(versus['difference_ci95'], True)}" in row
+    assert row.rstrip(" |").endswith("yes") and "| 2 |" in row
+    assert cli.main(["report", "--experiments", *RUNS, "--group-by", "train.seed", "--reference", "right=14"]) == 0
+    flipped = json.loads((root / "metrics/seeds.json").read_text())["configurations"]
+    assert list(flipped) == ["right=14", "right=10"]
+    assert flipped["right=10"]["versus_reference"]["difference"] == -versus["difference"]
+
+
+def test_group_by_needs_experiments(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["report", "--group-by", "train.seed"])
+    assert exit_.value.code == 2 and "--group-by needs --experiments or --all" in capsys.readouterr().err
