@@ -1,3 +1,4 @@
+import logging
 import os
 import shutil
 import socket
@@ -61,6 +62,18 @@ def _restore_environ():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_log_handlers():
+    """An in-process `cli.main` (logging.basicConfig) or DVC call leaves stream handlers on the test's captured
+    stderr, closed once that test ends; a later test's DVC logging would fail on them."""
+    yield
+    for name in ("", "dvc"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
+                logger.removeHandler(handler)
 
 
 def free_port() -> int:

@@ -44,7 +44,9 @@ def dvc_stages() -> dict[str, dict]:
 
 def declared_paths() -> set[str]:
     """Every path constant in nlistral.paths, per split and test set; files inside an output folder are not outs."""
-    values = {str(v) for k, v in vars(paths).items() if k.isupper() and isinstance(v, str | Path)}
+    command_outputs = {"SEEDS"}  # written by `nlistral report --group-by`, a command, not a stage
+    values = {str(v) for k, v in vars(paths).items()
+              if k.isupper() and isinstance(v, str | Path) and k not in command_outputs}  # fmt: skip
     expanded = {v.format(split=split, set=name) for v in values for split in SPLITS for name in TEST_SETS}
     expanded |= {paths.PREPARE_METRICS.format(split=split) for split in PREPARED_SPLITS}
     return {p for p in expanded if not any(p.startswith(f"{other}/") for other in expanded)}
