@@ -126,3 +126,15 @@ def test_real_tokenizer_rows_train_on_the_completion_and_its_end_of_turn_and_the
         stopped = prediction["finish_reason"] == "stop"
         assert (prediction["output_tokens"] < cfg.eval.max_new_tokens) if stopped else (
             prediction["output_tokens"] == cfg.eval.max_new_tokens)  # fmt: skip
+
+
+def test_a_gguf_file_missing_from_its_folder_is_a_config_error_naming_the_key(tmp_path, monkeypatch):
+    """Before: a transformers traceback after the tokenizer lookup. No download needed, no models/base left."""
+    from nlistral.config import ConfigError
+
+    write_inputs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg(**{"model.build_tiny": False, "model.name_or_path": str(tmp_path), "model.gguf_file": GGUF})
+    with pytest.raises(ConfigError, match=rf"model.gguf_file='{GGUF}': no such file in model.name_or_path="):
+        base_model.run(cfg)
+    assert not (tmp_path / "models/base").exists()

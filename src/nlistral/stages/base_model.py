@@ -10,6 +10,8 @@ are loaded by name (base_model.json) where needed.
 the tiny model (in 4-bit for QLoRA: transformers cannot quantize while it reads a GGUF file).
 """
 
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
@@ -22,6 +24,7 @@ from transformers import (
 )
 
 from nlistral import prompts
+from nlistral.config import ConfigError
 from nlistral.data import load_split
 from nlistral.io import write_json
 from nlistral.model import compute_dtype, staged_dir
@@ -118,6 +121,10 @@ def run(cfg) -> dict:
             info = {"name_or_path": str(BASE_DIR), "revision": None, "built_tiny": True,
                     "parameters": model.num_parameters()}  # fmt: skip
         elif cfg.model.gguf_file:
+            folder = Path(cfg.model.name_or_path)
+            if folder.is_dir() and not (folder / cfg.model.gguf_file).is_file():
+                raise ConfigError(f"model.gguf_file={cfg.model.gguf_file!r}: no such file in "
+                                  f"model.name_or_path={str(folder)!r}")  # fmt: skip
             source = {"revision": cfg.model.revision, "gguf_file": cfg.model.gguf_file}
             tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path, **source)
             model = AutoModelForCausalLM.from_pretrained(  # dequantized whole: a plain, savable checkpoint
