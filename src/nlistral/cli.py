@@ -7,7 +7,9 @@ import os
 import signal
 import sys
 
-from nlistral.config import PARAMS_FILE, ConfigError, compose_params, load_config
+from omegaconf import OmegaConf
+
+from nlistral.config import PARAMS_FILE, ConfigError, compose_params, load_config, validate
 from nlistral.paths import PREDICTIONS, SET_PREDICTIONS, MissingInput
 from nlistral.stages import StageError
 
@@ -128,7 +130,9 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.command == "params":
-            PARAMS_FILE.write_text(compose_params(args.overrides), encoding="utf-8")
+            params = compose_params(args.overrides)
+            validate(OmegaConf.create(params))  # what a stage would refuse never reaches params.yaml
+            PARAMS_FILE.write_text(params, encoding="utf-8")
             print(f"wrote {PARAMS_FILE}")
             return 0
         if args.command == "compare":
