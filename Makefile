@@ -8,7 +8,7 @@ export PATH := $(BIN):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup run test params lint browser
+.PHONY: setup run test params lint docs browser
 
 setup: $(VENV)/.installed
 
@@ -46,11 +46,14 @@ params: setup
 browser:
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 
+# .pre-commit-config.yaml: no conflict markers, YAML/TOML parse, whitespace, ruff check + format, the docs build
 lint: setup
-	@# no merge-conflict marker left in a tracked file (a README once shipped with one)
-	! git grep -nE '^(<{7}|>{7})( |$$)'
-	ruff check .
+	pre-commit run --all-files --show-diff-on-failure
 	mypy
+
+# The documentation site (docs/, mkdocs.yml) -> .site/; `$(BIN)/mkdocs serve` previews it at http://127.0.0.1:8000
+docs: setup
+	mkdocs build --strict
 
 # The model server's own environment for eval.engine=server (README: Evaluation): vLLM pins its own torch and
 # transformers (requirements-vllm.txt), so it never shares .venv. A CUDA machine; run it as `.venv-vllm/bin/vllm`.

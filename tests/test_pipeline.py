@@ -28,11 +28,28 @@ ROWS = {"train": 32, "dev": 12, "test": 12}
 METRIC_KEYS = {
     "metrics/thoughts_train.json": {"rows", "ok", "failed", "correct", "accuracy", "requests", "cost_usd"},
     "metrics/reflections_train.json": {"rows", "ok", "failed", "verified", "unresolved", "success_rate"},
-    "metrics/sft_train.json": {"rows", "rows_by_source", "label_counts", "teacher_accuracy", "dropped",
-                               "reflection_success_rate", "prompt_tokens", "completion_tokens"},  # fmt: skip
+    "metrics/sft_train.json": {
+        "rows",
+        "rows_by_source",
+        "label_counts",
+        "teacher_accuracy",
+        "dropped",
+        "reflection_success_rate",
+        "prompt_tokens",
+        "completion_tokens",
+    },  # fmt: skip
     "metrics/train.json": {"train_loss"},
-    "metrics/eval.json": {"accuracy", "accuracy_ci95", "precision", "recall", "f1", "macro_f1", "parse_failures",
-                          "confusion", "comparisons"},
+    "metrics/eval.json": {
+        "accuracy",
+        "accuracy_ci95",
+        "precision",
+        "recall",
+        "f1",
+        "macro_f1",
+        "parse_failures",
+        "confusion",
+        "comparisons",
+    },
     "metrics/eval_base.json": {"accuracy", "accuracy_ci95", "parse_failures_by_reason"},
     "metrics/eval_teacher.json": {"accuracy", "accuracy_ci95", "cost_usd", "requests"},
 }
@@ -304,11 +321,15 @@ def test_a_sweep_on_two_queue_workers_reruns_only_training_and_logs_a_named_run_
         ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
         assert ran == {"train", "evaluate", "report"} | tuned, (name, out[-3000:])
 
-    mlflow_runs = sqlite3.connect(pipeline / "mlflow.db").execute(
-        "SELECT r.name, p.value, t.value, m.value FROM runs r JOIN params p ON p.run_uuid = r.run_uuid "
-        "AND p.key = 'train.learning_rate' JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'torch_threads' "
-        "JOIN latest_metrics m ON m.run_uuid = r.run_uuid AND m.key = 'test_accuracy'"
-    ).fetchall()
+    mlflow_runs = (
+        sqlite3.connect(pipeline / "mlflow.db")
+        .execute(
+            "SELECT r.name, p.value, t.value, m.value FROM runs r JOIN params p ON p.run_uuid = r.run_uuid "
+            "AND p.key = 'train.learning_rate' JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'torch_threads' "
+            "JOIN latest_metrics m ON m.run_uuid = r.run_uuid AND m.key = 'test_accuracy'"
+        )
+        .fetchall()
+    )
     swept = {name: (float(lr), threads) for name, lr, threads, _ in mlflow_runs}
     assert len(mlflow_runs) == len(SWEEP) and swept == {name: (lr, threads) for name, lr in SWEEP.items()}, mlflow_runs
 
@@ -351,8 +372,9 @@ def start(command, cwd) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
 
 
-def test_two_machines_run_experiments_at_once_share_them_and_ask_no_llm(pipeline, llm, s3_remote, tracking_server,
-                                                                          tmp_path):
+def test_two_machines_run_experiments_at_once_share_them_and_ask_no_llm(
+    pipeline, llm, s3_remote, tracking_server, tmp_path
+):
     """README "Run experiments on several machines", verbatim: A (the pipeline's repo) and B (a fresh clone) each
     run a train experiment at the same time, logging to one `mlflow server`; each pulls the other's and reports
     both. No stage of either asks the LLM server anything."""

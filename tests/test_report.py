@@ -86,10 +86,16 @@ def write_train_and_eval_outputs(cfg):
     write_json(paths.EVAL_TEACHER_METRICS, eval_metrics("teacher", "overlap-heuristic-v1", teacher, [0.5227, 0.7955]))
     write_csv(paths.CONFUSION, [{"actual": p["true_label"], "predicted": "unparsed" if p["predicted_label"] is None
                                  else p["predicted_label"]} for p in tuned], ("actual", "predicted"))  # fmt: skip
-    write_csv(paths.PLOT_ACCURACY_BY_LENGTH, [{"rationale_tokens": "0-100", "rows": 40, "accuracy": 0.725},
-              {"rationale_tokens": "101-200", "rows": 4, "accuracy": 0.5},
-              {"rationale_tokens": "201-300", "rows": 0, "accuracy": None},
-              {"rationale_tokens": "301+", "rows": 0, "accuracy": None}], ("rationale_tokens", "rows", "accuracy"))
+    write_csv(
+        paths.PLOT_ACCURACY_BY_LENGTH,
+        [
+            {"rationale_tokens": "0-100", "rows": 40, "accuracy": 0.725},
+            {"rationale_tokens": "101-200", "rows": 4, "accuracy": 0.5},
+            {"rationale_tokens": "201-300", "rows": 0, "accuracy": None},
+            {"rationale_tokens": "301+", "rows": 0, "accuracy": None},
+        ],
+        ("rationale_tokens", "rows", "accuracy"),
+    )
     write_json(paths.TRAIN_METRICS, {
         "train_loss": 2.8731, "train_loss_first": 6.1022, "train_loss_last": 1.2207, "eval_loss": 1.3391, "steps": 40,
         "epochs": 2.5, "train_rows": 128, "dev_rows": 44, "train_tokens": 28416, "loss_tokens": 17664,
@@ -264,15 +270,20 @@ def test_every_number_in_results_and_cards_is_a_metrics_value(reported):
             assert any(abs(Decimal(repr(v * scale)) - shown) <= half_unit for v in numbers), (name, token)
 
 
-def test_without_baselines_the_table_says_not_evaluated_and_a_real_profile_has_no_warning(outputs, tmp_path,
-                                                                                        monkeypatch):
+def test_without_baselines_the_table_says_not_evaluated_and_a_real_profile_has_no_warning(
+    outputs, tmp_path, monkeypatch
+):
     shutil.copytree(outputs, tmp_path / "repo")
     monkeypatch.chdir(tmp_path / "repo")
     eval_json = json.loads(Path(paths.EVAL_METRICS).read_text())
     del eval_json["comparisons"]
     write_json(paths.EVAL_METRICS, eval_json)
-    for path in (paths.EVAL_BASE_METRICS, paths.PREDICTIONS_BASE, paths.EVAL_TEACHER_METRICS,
-                 paths.PREDICTIONS_TEACHER):
+    for path in (
+        paths.EVAL_BASE_METRICS,
+        paths.PREDICTIONS_BASE,
+        paths.EVAL_TEACHER_METRICS,
+        paths.PREDICTIONS_TEACHER,
+    ):
         Path(path).unlink()
     report.run(load_config(["model.name=mistral7b", "teacher.backend=mistral", "reflector.backend=mistral"]))
     results = Path(paths.REPORT_RESULTS).read_text()

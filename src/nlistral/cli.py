@@ -65,8 +65,12 @@ def _parser() -> argparse.ArgumentParser:
         )
     report = sub.choices["report"]
     chosen = report.add_mutually_exclusive_group()
-    chosen.add_argument("--experiments", nargs="+", metavar="EXP",
-                        help="print the test table across these DVC experiments (names or git revisions) instead")
+    chosen.add_argument(
+        "--experiments",
+        nargs="+",
+        metavar="EXP",
+        help="print the test table across these DVC experiments (names or git revisions) instead",
+    )
     chosen.add_argument("--all", action="store_true", help="the same across every experiment of this commit")
     report.add_argument("--reference", metavar="EXP", help="compare each experiment against this one "
                         "(default: the first listed)")  # fmt: skip

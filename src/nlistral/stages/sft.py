@@ -215,8 +215,11 @@ def run(cfg, split: str) -> dict:
 
     kept_lengths = [lengths[r["id"]] for r in kept]
     write_csv(paths.PLOT_LENGTHS.format(split=split), kept_lengths, LENGTH_FIELDS)
-    write_csv(paths.PLOT_TEACHER_ACCURACY.format(split=split), teacher_accuracy_by_length(thought_rows, tokenizer),
-              ACCURACY_FIELDS)
+    write_csv(
+        paths.PLOT_TEACHER_ACCURACY.format(split=split),
+        teacher_accuracy_by_length(thought_rows, tokenizer),
+        ACCURACY_FIELDS,
+    )
     metrics = sft_metrics(cfg, thought_rows, reflection_rows, suspects, candidates_n, kept, kept_lengths, dropped,
                           over_length_kept)  # fmt: skip
     write_json(paths.SFT_METRICS.format(split=split), metrics)

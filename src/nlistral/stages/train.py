@@ -90,8 +90,11 @@ def run_tags(cfg) -> dict:
     info = base_info()
     source = info.get("source")  # a GGUF file that base_model converted
     tags = {
-        "base_model": f"tiny ({cfg.model.name})" if info.get("built_tiny") else
-        f"{source['name_or_path']} ({source['gguf_file']})" if source else info["name_or_path"],
+        "base_model": f"tiny ({cfg.model.name})"
+        if info.get("built_tiny")
+        else f"{source['name_or_path']} ({source['gguf_file']})"
+        if source
+        else info["name_or_path"],
         "base_model_revision": info.get("revision"),
         "torch_threads": str(torch.get_num_threads()),
     }
