@@ -8,9 +8,14 @@ export PATH := $(BIN):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup run test params lint docs browser
+.PHONY: setup setup-dev lock run test params lint docs browser
 
+# The environment is locked: requirements.txt pins every package `make run` needs (the runtime), requirements-dev.txt
+# adds the tests' and tools' on top; both are generated from requirements*.in by `make lock` (pip-tools) for
+# Linux x86_64 and CPython 3.11. torch is pinned by version only (2.13.0): pip takes the CPU build this machine's
+# pip configuration offers, and PyPI's CUDA build (with the nvidia-* wheels it pins) on a GPU box.
 setup: $(VENV)/.installed
+setup-dev: $(VENV)/.installed-dev
 
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "NLIstral needs Python >= 3.10"'
@@ -22,6 +27,21 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	@# The one file skipped is Python 3.12 syntax in torch's own test helpers.
 	$(BIN)/python -m compileall -q -j 0 -x 'py312_intrinsics' $(VENV)/lib
 	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --no-compile -r requirements-dev.txt -c constraints.txt
+	$(BIN)/python -m compileall -q -j 0 -x 'py312_intrinsics' $(VENV)/lib
+	touch $@
+
+# Regenerate the locks after editing requirements*.in (pins already in a lock stay unless the .in asks otherwise;
+# `make lock LOCK_ARGS=--upgrade` moves every unpinned package to its newest release).
+PIP_COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links \
+	--no-emit-trusted-host --no-emit-options -c constraints.txt $(LOCK_ARGS)
+lock: setup-dev
+	$(PIP_COMPILE) -o requirements.txt requirements.in
+	$(PIP_COMPILE) -o requirements-dev.txt requirements-dev.in
+	@# the version, not this machine's local CPU build of it (2.13.0+cpu): a GPU box installs PyPI's CUDA build
+	sed -i 's/^torch==\(.*\)+cpu$$/torch==\1/' requirements.txt requirements-dev.txt
 
 run: setup
 	dvc repro
@@ -36,7 +56,7 @@ run: setup
 	@echo "Runs:    $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db, then open http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
 	@echo "Report:  reports/results.md, reports/index.html (open in a browser), model and dataset cards"
 
-test: setup
+test: setup-dev
 	HF_HUB_OFFLINE=1 $(BIN)/pytest
 
 params: setup
@@ -47,12 +67,12 @@ browser:
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 
 # .pre-commit-config.yaml: no conflict markers, YAML/TOML parse, whitespace, ruff check + format, the docs build
-lint: setup
+lint: setup-dev
 	pre-commit run --all-files --show-diff-on-failure
 	mypy
 
 # The documentation site (docs/, mkdocs.yml) -> .site/; `$(BIN)/mkdocs serve` previews it at http://127.0.0.1:8000
-docs: setup
+docs: setup-dev
 	mkdocs build --strict
 
 # The model server's own environment for eval.engine=server (README: Evaluation): vLLM pins its own torch and
