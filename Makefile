@@ -46,18 +46,11 @@ lock: setup-dev
 run: setup
 	dvc repro
 	@echo
-	dvc metrics show metrics/eval.json
-	@echo
-	@# the extra test sets (eval.test_sets): accuracy per set, model and tag, from reports/results.md
-	@sed -n '/^## Extra test sets/,/^## Data funnel/p' reports/results.md | sed '$$d'
-	@echo "Test sets: metrics/test_sets/<set>.json (per model, per tag, comparisons), predictions in metrics/test_sets/<set>/"
-	@echo "Outputs: data/{original_thoughts,reflected_thoughts,finetune}/, models/adapter/, metrics/"
-	@echo "Metrics: $(VENV)/bin/dvc metrics show (every stage)    Plots: $(VENV)/bin/dvc plots show"
-	@echo "Runs:    $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db, then open http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
-	@echo "Report:  reports/results.md, reports/index.html (open in a browser), model and dataset cards"
+	@nlistral summary
 
+# PYTEST_ARGS: e.g. "-n 2 --dist loadgroup" (pytest-xdist; a module's tests that share a fixture stay on one worker)
 test: setup-dev
-	HF_HUB_OFFLINE=1 $(BIN)/pytest
+	HF_HUB_OFFLINE=1 $(BIN)/pytest $(PYTEST_ARGS)
 
 params: setup
 	nlistral params

@@ -18,7 +18,8 @@ from llm_server import KEY, LLMServer
 
 from nlistral.io import read_jsonl
 
-pytestmark = pytest.mark.slow
+# `pytest -n 2 --dist loadgroup` (pytest-xdist) keeps this module on one worker: its module fixtures are built once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipeline")]
 # `git commit` and `dvc exp run` need an identity; CI machines may have none configured.
 GIT_IDENTITY = {f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")
                 for what, value in (("NAME", "nlistral-tests"), ("EMAIL", "tests@nlistral.invalid"))}  # fmt: skip
@@ -155,8 +156,39 @@ def pipeline(tmp_path_factory, llm):
     run("git", "init", "-q", cwd=root)
     run("git", "add", "-A", cwd=root)
     run("git", "commit", "-qm", "copy", cwd=root)
-    run("dvc", "repro", cwd=root)
+    REPRO_OUTPUT[root] = run("dvc", "repro", cwd=root)
     return root
+
+
+REPRO_OUTPUT: dict[Path, str] = {}  # the pipeline's `dvc repro` output, stages' included
+# What a warning looks like in it: Python's warnings, a library's WARNING log line, DVC's "is empty"
+WARNING = re.compile(r"Warning\b|\bWARNING\b|is empty\.|pip install ")
+
+
+def test_a_clean_run_prints_no_warning(pipeline):
+    warnings = [line for line in REPRO_OUTPUT[pipeline].splitlines() if WARNING.search(line)]
+    assert not warnings, "\n".join(warnings)
+
+
+def test_the_run_ends_on_the_tables_within_80_columns(pipeline):
+    """`make run`'s last command: the three models on the test split and on each extra set, and where things are."""
+    out = run(sys.executable, "-m", "nlistral", "summary", cwd=pipeline)
+    assert max(len(line) for line in out.splitlines()) <= 80, out
+    test_table = out.split("\n\n")[0].splitlines()
+    assert [line.split("  ")[0] for line in test_table[2:]] == ["fine-tuned", "base zero-shot", "teacher"], out
+    eval_json = json.loads((pipeline / "metrics/eval.json").read_text())
+    assert f"{eval_json['accuracy'] * 100:.1f}" in test_table[2]
+    assert f"{eval_json['comparisons']['base']['mcnemar_p']:.3g}" in test_table[3]
+    for name in ("diagnostic", "hanslike"):
+        assert f"Extra test set {name}:" in out
+    for where in ("reports/results.md", "reports/index.html", "dvc metrics show", "dvc plots show", "mlflow ui"):
+        assert where in out
+
+
+def test_everything_the_run_writes_is_tracked_or_ignored(pipeline):
+    """No untracked file after `dvc repro` (git status shows only the committed results it changed)."""
+    status = run("git", "status", "--porcelain", "--untracked-files=all", cwd=pipeline)
+    assert not [line for line in status.splitlines() if line.startswith("??")], status
 
 
 def test_counts_add_up(pipeline):

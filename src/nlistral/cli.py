@@ -82,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     estimate.add_argument("--split", action="append", choices=("train", "dev"), help="default: both")
     estimate.add_argument("--json", action="store_true", help="one JSON object")
     estimate.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. teacher=mistral")
+    sub.add_parser("summary", help="the test tables and where the outputs are (what `make run` ends on)")
     params = sub.add_parser("params", help="compose conf/ into params.yaml (what `dvc exp run` does)")
     params.add_argument("overrides", nargs="*", metavar="OVERRIDE", help="Hydra overrides: experiment=no_reflections")
     compare = sub.add_parser(
@@ -138,6 +139,9 @@ def main(argv=None) -> int:
             validate(OmegaConf.create(params))  # what a stage would refuse never reaches params.yaml
             PARAMS_FILE.write_text(params, encoding="utf-8")
             print(f"wrote {PARAMS_FILE}")
+            return 0
+        if args.command == "summary":
+            importlib.import_module("nlistral.summary").run(load_config())
             return 0
         if args.command == "compare":
             _compare(args)
