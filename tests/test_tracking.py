@@ -95,10 +95,11 @@ UI_URL = re.compile(r"http://127\.0\.0\.1:5000(/#/experiments/\d+/runs\?[\w=&]+)
 
 
 def runs_url_path() -> str:
-    """The path of the runs-table URL in README's MLflow section, the same one `make run` prints at its end."""
+    """The path of the runs-table URL in README's MLflow section, the same one `make run` prints at its end
+    (`nlistral summary`)."""
     [path] = set(UI_URL.findall((REPO / "README.md").read_text()))
-    run_target = re.search(r"^run:.*?\n(?=\S)", (REPO / "Makefile").read_text(), re.M | re.S).group()
-    assert UI_URL.findall(run_target) == [path], "the Makefile's `run` target names another MLflow URL than README"
+    printed = (REPO / "src" / "nlistral" / "summary.py").read_text()
+    assert UI_URL.findall(printed) == [path], "`nlistral summary` (make run) names another MLflow URL than README"
     return path
 
 

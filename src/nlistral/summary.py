@@ -8,7 +8,7 @@ from nlistral import paths
 from nlistral.stages.report import MODEL_NAMES, is_embedded, test_results, test_set_results
 
 WIDTH = 80
-HEADER = ("model", "rows", "acc.", "95% CI", "unparsed", "fine-tuned minus this", "McNemar p")
+HEADER = ("model", "acc.", "95% CI", "unparsed", "fine-tuned - this", "McNemar p")
 
 
 def _pct(value, signed=False) -> str:
@@ -23,14 +23,23 @@ def rows(results: dict, comparisons: dict) -> list[tuple[str, ...]]:
     """One row per model: its accuracy and, for a baseline, the fine-tuned model's difference from it."""
     lines = []
     for name, r in results.items():
-        c = comparisons.get(name)
-        versus = (f"{_pct(c['difference'], True)} {_interval(c['difference_ci95'], True)}", f"{c['mcnemar_p']:.3g}")
-        lines.append((MODEL_NAMES[name], str(r["n"]), _pct(r["accuracy"]), _interval(r["accuracy_ci95"]),
-                      _pct(r["parse_failure_rate"]), *(versus if c else ("", ""))))  # fmt: skip
+        versus = ("", "")
+        if c := comparisons.get(name):
+            versus = (f"{_pct(c['difference'], True)} {_interval(c['difference_ci95'], True)}", f"{c['mcnemar_p']:.3g}")
+        lines.append((MODEL_NAMES[name], _pct(r["accuracy"]), _interval(r["accuracy_ci95"]),
+                      _pct(r["parse_failure_rate"]), *versus))  # fmt: skip
     return lines
 
 
-def table(lines: list[tuple[str, ...]]) -> str:
+def table(title: str, results: dict, comparisons: dict) -> str:
+    """`title`, its row count (the models were scored on the same rows) and the table."""
+    counts = {r["n"] for r in results.values()}
+    rows_ = (
+        f"{counts.pop()} rows"
+        if len(counts) == 1
+        else "rows: " + ", ".join(f"{n} {r['n']}" for n, r in results.items())
+    )
+    lines = rows(results, comparisons)
     widths = [max(len(line[i]) for line in [HEADER, *lines]) for i in range(len(HEADER))]
     text = [
         "  ".join(
@@ -38,25 +47,24 @@ def table(lines: list[tuple[str, ...]]) -> str:
         )
         for row in [HEADER, *lines]
     ]
-    return "\n".join(line.rstrip() for line in text)
+    return "\n".join([f"{title}, {rows_} (percentages, 95% CIs):", *(line.rstrip() for line in text)])
 
 
 def render(cfg) -> str:
     results = test_results()
-    out = ["Test split (accuracy, CI and differences in percentage points):", table(rows(results, results[
-        "fine-tuned"].get("comparisons", {})))]  # fmt: skip
+    out = [table("Test split", results, results["fine-tuned"].get("comparisons", {}))]
     for name, s in test_set_results(cfg).items():
-        out += ["", f"Extra test set {name}:", table(rows(s["models"], s.get("comparisons", {})))]
+        out += ["", table(f"Extra test set {name}", s["models"], s.get("comparisons", {}))]
     if is_embedded(cfg):
-        out += ["", "Embedded profile: stand-in teacher and tiny model; the numbers show that every stage runs."]
+        out += ["", "Embedded profile: stand-in LLMs and a tiny model; these numbers are not a result."]
     out += [
         "",
-        f"Report:  {paths.REPORT_RESULTS} (every table), {paths.REPORT_PAGE} (open in a browser),",
+        f"Report:  {paths.REPORT_RESULTS} (every table), {paths.REPORT_PAGE} (a browser),",
         f"         {paths.REPORT_MODEL_CARD}, {paths.REPORT_DATASET_CARD}",
-        f"Metrics: metrics/ ({paths.SET_METRICS.format(set='<set>')} per extra set): .venv/bin/dvc metrics show",
+        f"Metrics: metrics/, {paths.SET_METRICS.format(set='<set>')}: .venv/bin/dvc metrics show",
         "Plots:   .venv/bin/dvc plots show",
         "Runs:    .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db, then open",
-        "         http://127.0.0.1:5000/#/experiments/1/runs",
+        "  http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning",
     ]
     return "\n".join(out)
 
