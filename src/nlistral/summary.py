@@ -56,7 +56,7 @@ def render(cfg) -> str:
     for name, s in test_set_results(cfg).items():
         out += ["", table(f"Extra test set {name}", s["models"], s.get("comparisons", {}))]
     if is_embedded(cfg):
-        out += ["", "Embedded profile: stand-in LLMs and a tiny model; these numbers are not a result."]
+        out += ["", "Embedded profile (stand-in LLMs, tiny model): these numbers are not a result."]
     out += [
         "",
         f"Report:  {paths.REPORT_RESULTS} (every table), {paths.REPORT_PAGE} (a browser),",
