@@ -13,7 +13,7 @@ import boto3
 import botocore.exceptions
 import mlflow
 import pytest
-from conftest import REPO, free_port, serving
+from conftest import REPO, doc_section, free_port, serving
 from llm_server import KEY, LLMServer
 
 from nlistral.io import read_jsonl
@@ -257,8 +257,8 @@ def s3_remote(tmp_path):
 
 
 def readme_blocks(heading: str) -> list[list[str]]:
-    """The ```bash blocks of a README section, one command per line, end-of-line comments removed."""
-    section = (REPO / "README.md").read_text().split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+    """The ```bash blocks of a README or docs/ section, one command per line, end-of-line comments removed."""
+    section = doc_section(heading)
     blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL)
     return [[re.sub(r"\s+#.*", "", line) for line in block.splitlines() if line.strip()] for block in blocks]
 
