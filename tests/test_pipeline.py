@@ -180,7 +180,7 @@ def test_the_run_ends_on_the_tables_within_80_columns(pipeline):
     assert f"{eval_json['accuracy'] * 100:.1f}" in test_table[2]
     assert f"{eval_json['comparisons']['base']['mcnemar_p']:.3g}" in test_table[3]
     for name in ("diagnostic", "hanslike"):
-        assert f"Extra test set {name}:" in out
+        assert f"Extra test set {name}, " in out
     for where in ("reports/results.md", "reports/index.html", "dvc metrics show", "dvc plots show", "mlflow ui"):
         assert where in out
 
