@@ -8,7 +8,7 @@ export PATH := $(BIN):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup setup-dev lock run test params lint docs browser
+.PHONY: setup setup-dev lock run test params lint docs browser mutation
 
 # The environment is locked: requirements.txt pins every package `make run` needs (the runtime), requirements-dev.txt
 # adds the tests' and tools' on top; both are generated from requirements*.in by `make lock` (pip-tools) for
@@ -54,6 +54,15 @@ test: setup-dev
 
 params: setup
 	nlistral params
+
+# Mutation testing (not in CI: slow, ~1 h on 2 cores): mutmut (pinned in requirements-dev.in) changes the modules whose
+# bugs would silently change results, one small edit at a time, and runs the unit tests that cover each edit
+# (pyproject.toml [tool.mutmut]). One module at a time; then the survivors per module: `mutmut show NAME` shows one.
+MUTATED := stats scoring parsing data prompts stages.sft
+mutation: setup-dev
+	for m in $(MUTATED); do HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 mutmut run --max-children 2 "nlistral.$$m.*" || exit 1; done
+	@mutmut results --all true | awk -F ': ' '{ split($$1, n, "."); m = n[2] (n[2] == "stages" ? "." n[3] : ""); \
+		count[m "\t" $$2]++ } END { for (k in count) print k "\t" count[k] }' | sort
 
 # The report page's test runs in a real headless Chromium: Debian's package (root; CI runs this from .ci/run).
 browser:

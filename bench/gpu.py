@@ -1,7 +1,9 @@
 """The first GPU's measurements, as one JSON object: the train and evaluate stages' own code on a Mistral-7B-shaped
-model with random weights (speed and memory are real, the weights are not), with `experiment=ablation1`'s settings.
+model with random weights (speed and memory are real, the weights are not), with a study experiment's settings
+(`--experiment`, default ablation1).
 
-    python bench/gpu.py                          # one CUDA GPU, ~5 min on an H200
+    python bench/gpu.py                          # one CUDA GPU, ~3 min on an H200
+    python bench/gpu.py --experiment ablation2 --rows 0   # another configuration, training only
     python bench/gpu.py --shape tiny --steps 2   # the same path on the CPU (tests/test_bench_gpu.py runs it)
 
 1. models/base: MistralConfig()'s shape (7B) built straight in bfloat16 on the device, saved, with a byte-level BPE
@@ -51,9 +53,10 @@ TOKENIZER_VOCAB = 32000  # MistralConfig()'s vocabulary: the tokenizer's ids mus
 
 
 def settings(args) -> list[str]:
-    """ablation1 (batch 16 x 2, r=16, paged 8-bit AdamW, gradient checkpointing, max length 512), timed steps only."""
+    """The experiment's (ablation1: batch 16 x 2, r=16, paged 8-bit AdamW, gradient checkpointing, max length 512),
+    timed steps only."""
     steps = args.warmup + args.steps
-    return ["experiment=ablation1", f"train.max_steps={steps}", f"train.eval_steps={steps + 1}",
+    return [f"experiment={args.experiment}", f"train.max_steps={steps}", f"train.eval_steps={steps + 1}",
             f"train.save_steps={steps + 1}", "train.early_stopping_patience=0", "train.logging_steps=1"]  # fmt: skip
 
 
@@ -200,9 +203,10 @@ def measure_server_generation(cfg, rows, command: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=("7b", "tiny"), default="7b")
+    parser.add_argument("--experiment", choices=("ablation0", "ablation1", "ablation2"), default="ablation1")
     parser.add_argument("--warmup", type=int, default=2, help="training steps before timing starts")
     parser.add_argument("--steps", type=int, default=8, help="timed training steps")
-    parser.add_argument("--rows", type=int, default=64, help="test rows generated")
+    parser.add_argument("--rows", type=int, default=64, help="test rows generated (0: training only)")
     parser.add_argument("--server-command", help="eval.server.command (default: vLLM's when .venv-vllm exists)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
@@ -212,7 +216,7 @@ def main() -> None:
         params.write(compose_params(settings(args)))
         params.flush()
         cfg = load_config(params_file=params.name)
-    test_rows = rows_of(cfg, "test", args.rows)
+    test_rows = rows_of(cfg, "test", args.rows) if args.rows else None
     result = {
         "card": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
         "versions": {name: version(name) for name in ("torch", "transformers", "bitsandbytes", "peft", "trl",
@@ -226,12 +230,13 @@ def main() -> None:
         result["base"] = build_base(cfg, args.shape, Path(root) / BASE_DIR)
         write_finetune_rows(cfg, 4 * (args.warmup + args.steps) * cfg.train.per_device_batch_size)
         result["train"] = measure_training(cfg, args)
-        result["generate_hf"] = measure_hf_generation(cfg, test_rows)
-        command = args.server_command or (VLLM_COMMAND if VLLM.exists() else None)
-        result["generate_server"] = (
-            measure_server_generation(cfg, test_rows, command) if command
-            else "not run: no .venv-vllm/bin/vllm (make vllm-env) and no --server-command"
-        )  # fmt: skip
+        if args.rows:
+            result["generate_hf"] = measure_hf_generation(cfg, test_rows)
+            command = args.server_command or (VLLM_COMMAND if VLLM.exists() else None)
+            result["generate_server"] = (
+                measure_server_generation(cfg, test_rows, command) if command
+                else "not run: no .venv-vllm/bin/vllm (make vllm-env) and no --server-command"
+            )  # fmt: skip
         os.chdir(REPO)
     text = json.dumps(result, indent=2)
     print(text)

@@ -105,3 +105,29 @@ def _answers(url: str) -> bool:
         return requests.get(url, timeout=5).ok
     except requests.RequestException:
         return False
+
+
+def paired_by_hand(a_rows, b_rows, a_name: str, b_name: str, resamples: int, seed: int) -> dict:
+    """A comparison object of B against A computed here, not with nlistral.compare: rows matched by id in A's
+    order, accuracies and discordant counts by hand, the exact McNemar p-value from scipy, the paired bootstrap
+    interval from nlistral.stats (its own tests pin it)."""
+    from scipy.stats import binomtest
+
+    from nlistral.stats import paired_comparison
+
+    b_by_id = {str(r["id"]): r for r in b_rows}
+    assert sorted(b_by_id) == sorted(str(r["id"]) for r in a_rows)
+    a = [bool(r["correct"]) for r in a_rows]
+    b = [bool(b_by_id[str(r["id"])]["correct"]) for r in a_rows]
+    right_wrong, wrong_right = (
+        sum(x and not y for x, y in zip(a, b, strict=True)),
+        sum(y and not x for x, y in zip(a, b, strict=True)),
+    )
+    discordant = right_wrong + wrong_right
+    by_hand = {
+        "a": a_name, "b": b_name, "n": len(a), "accuracy_a": round(sum(a) / len(a), 4),
+        "accuracy_b": round(sum(b) / len(b), 4), "difference": round((sum(b) - sum(a)) / len(a), 4),
+        "mcnemar_p": float(binomtest(wrong_right, discordant, 0.5).pvalue) if discordant else 1.0,
+        "a_right_b_wrong": right_wrong, "a_wrong_b_right": wrong_right,
+    }  # fmt: skip
+    return by_hand | {"difference_ci95": paired_comparison(a, b, resamples, seed)["difference_ci95"]}

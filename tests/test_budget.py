@@ -56,3 +56,22 @@ def test_a_budget_too_small_for_one_request_sends_nothing(server):
     with pytest.raises(StageError, match="budget_usd=0.01 reached: this run spent \\$0.0000"):
         run(server, budget_usd=0.01)
     assert server.counts["chat"] == 0 and len(read_jsonl(FAILED)) == ROWS
+
+
+def test_a_timed_out_request_keeps_its_worst_case_in_the_budget(server, capsys):
+    """README: "A timed-out request keeps its worst case (the provider may have billed it)" — through the CLI. The
+    budget fits one request's worst case, not two; the first request hangs past timeout_s, so the second must not be
+    sent (catches a timeout that releases its reservation: the second would be sent and answered)."""
+    from nlistral import cli
+    from nlistral.llm.budget import worst_prompt_tokens
+
+    server.faults = [{"hang": 60}]
+    overrides = stage_overrides("teacher", server.url, price_input_per_mtok=PRICE, price_output_per_mtok=PRICE,
+                                max_tokens=100000, budget_usd=150, timeout_s=3)  # fmt: skip
+    assert cli.main(["thoughts", "--split", "train", *overrides]) == 1
+    [first] = server.chat_bodies  # the one that hung: nothing after it was sent, not even its retry
+    worst = (worst_prompt_tokens(first["messages"]) + first["max_tokens"]) * PRICE / 1e6
+    assert 100 < worst <= 150 < 2 * worst  # one worst case fits the cap, two do not
+    assert "teacher.budget_usd=150 reached" in capsys.readouterr().err
+    # the hung row's retry did not fit either: every row is unsent for the budget
+    assert [r["reason"] for r in read_jsonl(FAILED)] == ["budget"] * ROWS

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from nlistral.data import DataError, load_split
+from nlistral.data import DataError, load_split, read_csv
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -111,3 +111,33 @@ def test_real_esnli_dev_loads():
     df = load_split(SHARED_DATA / "esnli", "dev")
     assert len(df) == 9842
     assert set(df["label"]) == {0, 1}
+
+
+@pytest.mark.parametrize(
+    ("text", "tags", "message"),
+    [
+        (HEADER + GOOD, ("label",), "1: column 'label': is a data column, not a tag column"),
+        (HEADER + GOOD, ("id",), "1: column 'id': is a data column, not a tag column"),
+        ("id,premise,premise,hypothesis,label\n", (), "1: column 'premise': appears more than once in the header"),
+        ("id,id,premise,hypothesis,label\n", (), "1: column 'id': appears more than once in the header"),
+        (HEADER + GOOD, ("topic",), "1: column 'topic': missing from the header (found: id, premise, hypothesis, "
+         "label)"),
+        (HEADER + "c,A man, a dog,B,1\n", (), "2: expected 4 fields like the header, got 5"),
+        ('"id,premise,hypothesis,label\n', (), "1: malformed CSV (unexpected end of data)"),
+        (HEADER + "c,,B,1\n", (), "2: column 'premise': empty value"),
+    ],
+)  # fmt: skip
+def test_each_bad_file_error_is_the_whole_message(tmp_path, text, tags, message):
+    """Path, line, column and problem, the whole message (survivors of `make mutation` changed parts of these)."""
+    path = write(tmp_path, text) / "train.csv"
+    with pytest.raises(DataError) as info:
+        read_csv(path, tags)
+    assert str(info.value) == f"{path}:{message}"
+
+
+def test_crlf_inside_a_quoted_field_is_kept_and_columns_come_in_order(tmp_path):
+    """Text is kept exactly, a Windows line end inside quotes too (newline="" in the reader), and without an id
+    column the frame still reads id, premise, hypothesis, label."""
+    df = load_split(write(tmp_path, 'premise,hypothesis,label\r\n"Two\r\ndogs.",Dogs.,1\r\n'), "train")
+    assert list(df.columns) == ["id", "premise", "hypothesis", "label"]
+    assert df.to_dict("records") == [{"id": "0", "premise": "Two\r\ndogs.", "hypothesis": "Dogs.", "label": 1}]

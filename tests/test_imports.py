@@ -2,7 +2,7 @@
 
 Each command runs for real (in a fresh interpreter, on the sample data with the offline backends) and reports the
 top-level packages it loaded. `report` and `compare` read a whole pipeline's outputs: `compare` runs on two small
-predictions files, `report` is checked as the CLI imports it.
+predictions files; `report` runs on a whole pipeline's outputs in test_report.py.
 """
 
 import json
@@ -73,9 +73,3 @@ def test_help_imports_no_pandas_scipy_or_deep_learning(sample_root):
 def test_llm_and_scoring_commands_import_no_deep_learning(sample_root, monkeypatch, args):
     monkeypatch.setenv("NLISTRAL_CACHE_DIR", str(sample_root / "cache"))
     assert not loaded_by(sample_root, *args) & DEEP_LEARNING
-
-
-def test_report_stage_imports_no_deep_learning():
-    code = "import sys, nlistral.cli, nlistral.stages.report; print(' '.join(sys.modules))"
-    modules = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert not {m.split(".")[0] for m in modules} & DEEP_LEARNING

@@ -3,7 +3,15 @@ import json
 import pytest
 
 from nlistral.io import read_jsonl
-from nlistral.parsing import REFLECTION_FIELDS, ReplyError, parse_reply, read_answer
+from nlistral.parsing import (
+    REFLECTION_FIELDS,
+    THOUGHT_FIELDS,
+    Answer,
+    ReplyError,
+    parse_label,
+    parse_reply,
+    read_answer,
+)
 
 
 @pytest.mark.parametrize(
@@ -117,3 +125,46 @@ def test_the_studys_real_outputs_parse(shared_data):
                if m["role"] == "assistant"]  # fmt: skip
     assert len(invalid) == 2
     assert [read_answer(text, "stop").error for text in invalid] == ["bad_label", "bad_label"]
+
+
+REPLY = '{"thought_process": "Step 1: x.", "predicted_label": 1}'
+
+
+@pytest.mark.parametrize(
+    ("text", "fields", "finish", "reason", "feedback"),
+    [
+        (REPLY, THOUGHT_FIELDS, "model_length", "truncated",
+         "Your reply was cut off by the length limit. Answer again, more concisely."),
+        ("No JSON.", THOUGHT_FIELDS, "stop", "no_json",
+         'Your reply held no JSON object. Answer with one JSON object with keys "thought_process", "predicted_label".'),
+        ("No JSON.", REFLECTION_FIELDS, "stop", "no_json", 'Your reply held no JSON object. Answer with one JSON '
+         'object with keys "error_analysis", "improved_thought_process", "predicted_label".'),
+        ('{"predicted_label": 1}', THOUGHT_FIELDS, "stop", "missing_thought_process",
+         'The key "thought_process" was missing; it must hold your reasoning as a non-empty string.'),
+        ('{"thought_process": " ", "predicted_label": 1}', THOUGHT_FIELDS, "stop", "missing_thought_process",
+         'The key "thought_process" was empty or not a string; it must hold your reasoning as a non-empty string.'),
+        ('{"thought_process": "x"}', THOUGHT_FIELDS, "stop", "missing_predicted_label",
+         'The key "predicted_label" was missing; it must be the number 0 (no entailment) or 1 (entailment).'),
+        ('{"thought_process": "x", "predicted_label": "maybe"}', THOUGHT_FIELDS, "stop", "bad_label",
+         'predicted_label was "maybe"; it must be the number 0 (no entailment) or 1 (entailment).'),
+    ],
+)  # fmt: skip
+def test_each_failure_has_its_exact_reprompt(text, fields, finish, reason, feedback):
+    """The feedback is the reprompt the LLM reads (it changes what the teacher answers next): pinned word for word,
+    for both length finish reasons (survivors of `make mutation` changed these texts unnoticed)."""
+    with pytest.raises(ReplyError) as err:
+        parse_reply(text, fields, finish)
+    assert (err.value.reason, err.value.feedback) == (reason, feedback)
+
+
+def test_labels_objects_and_fences_at_their_edges():
+    """parse_label's float and case handling; a `{` that is not JSON before the object; an object ending exactly at
+    its fence's end; a fence elsewhere in the reply does not make an object in prose `fenced_json`."""
+    assert [parse_label(v) for v in (0.0, 1.0, " TRUE ", "False", "1")] == [0, 1, 1, 0, 1]
+    for bad in (2.0, 0.5, "yes"):
+        with pytest.raises(ReplyError):
+            parse_label(bad)
+    assert read_answer("Set {a, b} first. " + REPLY, "stop") == Answer(1, "embedded_json", None, "Step 1: x.")
+    assert read_answer("Here:\n```json\n" + REPLY + "```", "stop").method == "fenced_json"
+    assert read_answer("```\nscratch\n```\nSo: " + REPLY, "stop").method == "embedded_json"
+    assert read_answer(REPLY, "stop").thought_process == "Step 1: x."

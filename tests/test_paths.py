@@ -62,11 +62,19 @@ def test_dvc_yaml_outs_are_the_paths_module():
 
 
 def test_dvc_yaml_deps_on_stage_outputs_are_in_the_paths_module():
+    """Every dep is a stage output named in nlistral.paths (or a folder of them), a file in the repo (code,
+    templates, configs) or a path from params (`${...}`): catches a typo such as `data/finetune/dev_tf.jsonl` or
+    `…_thougths.jsonl`, which DVC would take as an input nothing writes."""
     produced = declared_paths()
     for name, stage in dvc_stages().items():
-        outputs = {d for d in stage["deps"] if d.split("/")[0] in ("metrics", "models", "data") and "$" not in d}
-        folders = {d for d in outputs if any(p.startswith(f"{d}/") for p in produced)}  # e.g. report: metrics/test_sets
-        assert outputs - folders - {d for d in outputs if d.startswith("data/") and d not in produced} <= produced, name
+        for dep in sorted(stage["deps"]):
+            if "$" in dep:  # a path from params.yaml (data.dir, a test set's file): the config's, not ours
+                continue
+            if dep.split("/")[0] in ("metrics", "models", "data", "reports"):
+                folder = any(p.startswith(f"{dep}/") for p in produced)  # e.g. report: metrics/test_sets
+                assert dep in produced or folder, f"dvc.yaml stage {name}: dep {dep} is no stage's output"
+            else:
+                assert (REPO / dep).exists(), f"dvc.yaml stage {name}: dep {dep} does not exist"
 
 
 def test_importing_a_stage_imports_no_other_stage():

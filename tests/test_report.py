@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO
+from test_imports import DEEP_LEARNING, loaded_by
 
 from nlistral import paths
 from nlistral.config import load_config
@@ -50,6 +51,13 @@ def predictions(rows, right, failed=lambda i: False, inject=False) -> list[dict]
     return out
 
 
+MACRO_F1 = {
+    "fine-tuned": 0.6932,
+    "base": 0.4987,
+    "teacher": 0.6512,
+}  # one per model: a cell shown in the wrong row shows
+
+
 def eval_metrics(model, model_id, preds, ci) -> dict:
     n = len(preds)
     correct = sum(p["correct"] for p in preds)
@@ -59,7 +67,7 @@ def eval_metrics(model, model_id, preds, ci) -> dict:
     return {
         "model": model, "model_id": model_id, "n": n, "accuracy": round(correct / n, 4), "accuracy_ci95": ci,
         "precision": 0.7143, "recall": 0.6818, "f1": 0.6977, "macro_precision": 0.7011, "macro_recall": 0.6955,
-        "macro_f1": 0.6932, "parse_failures": failures, "parse_failure_rate": round(failures / n, 4),
+        "macro_f1": MACRO_F1[model], "parse_failures": failures, "parse_failure_rate": round(failures / n, 4),
         "parse_failures_by_reason": {"no_json": failures} if failures else {},
         "accuracy_parsed": round(correct / (n - failures), 4), "confusion": conf,
         "samples_per_s": 12.5, "output_tokens_per_s": 310.2, "wall_time_s": 3.52,
@@ -176,6 +184,8 @@ def reported(outputs, monkeypatch):
 
 
 def test_report_writes_results_cards_and_page(reported):
+    """The page (reports/index.html) shows each model's own metrics in its own row of both tables (catches a
+    template that puts one model's numbers in every row, or a page that is never written)."""
     results = (reported / paths.REPORT_RESULTS).read_text()
     assert results.startswith("# NLIstral results: unit-exp\n")
     revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=reported, capture_output=True, text=True)
@@ -188,9 +198,93 @@ def test_report_writes_results_cards_and_page(reported):
     assert "| teacher | `overlap-heuristic-v1` | 44 |" in results
     for split in ("train", "dev"):
         assert f"| {split} |" in (reported / paths.REPORT_DATASET_CARD).read_text()
+    page = (reported / paths.REPORT_PAGE).read_text()
+    headline, test_sets = expected_rows(reported)
+    assert html_table(page, "headline") == [HEADER, *(row for row in headline)]
+    assert html_table(page, "test-sets") == [["test set", "model", *HEADER[2:]], *test_sets]
+
+
+HEADER = ["model", "model id", "rows", "accuracy", "95% CI", "macro F1", "parse failures", "fine-tuned minus this",
+          "McNemar p"]  # fmt: skip
+MODEL_NAMES = {"fine-tuned": "fine-tuned", "base": "base zero-shot", "teacher": "teacher"}
+
+
+def expected_cells(metrics: dict, comparison: dict | None) -> list[str]:
+    """One table row's cells from one model's own metrics (and its own comparison with the fine-tuned model)."""
+    c = comparison
+    return [report.num(metrics["n"]), report.pct(metrics["accuracy"]), report.interval(metrics["accuracy_ci95"]),
+            report.num(metrics["macro_f1"]), report.pct(metrics["parse_failure_rate"]),
+            f"{report.pct(c['difference'], True)} pp {report.interval(c['difference_ci95'], True)}" if c else "–",
+            report.pvalue(c["mcnemar_p"]) if c else "–"]  # fmt: skip
+
+
+def expected_rows(root) -> tuple[list[list[str]], list[list[str]]]:
+    """The test split's table and the extra test sets' table as they must read, row by row, from the metrics files."""
+    tuned = json.loads((root / paths.EVAL_METRICS).read_text())
+    headline = []
+    for name, path in (("fine-tuned", paths.EVAL_METRICS), ("base", paths.EVAL_BASE_METRICS),
+                       ("teacher", paths.EVAL_TEACHER_METRICS)):  # fmt: skip
+        metrics = json.loads((root / path).read_text())
+        comparison = tuned["comparisons"][name] if name != "fine-tuned" else None
+        headline.append([MODEL_NAMES[name], metrics["model_id"], *expected_cells(metrics, comparison)])
+    test_sets = []
+    for set_name in load_config().eval.test_sets:
+        summary = json.loads((root / paths.SET_METRICS.format(set=set_name)).read_text())
+        for name, metrics in summary["models"].items():
+            comparison = summary["comparisons"].get(name)
+            test_sets.append([set_name, MODEL_NAMES[name], *expected_cells(metrics, comparison)])
+    return headline, test_sets
+
+
+def markdown_table(text: str, header: str) -> list[list[str]]:
+    """The cells of the Markdown table whose header line starts with `header`, header row first."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        if not line.startswith("|---"):
+            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def html_table(page: str, table_id: str) -> list[list[str]]:
+    """The text of each cell of `<table id=table_id>`, row by row (header row first)."""
+    from html.parser import HTMLParser
+
+    class Table(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.inside, self.rows, self.cell = False, [], None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "table" and ("id", table_id) in attrs:
+                self.inside = True
+            elif self.inside and tag == "tr":
+                self.rows.append([])
+            elif self.inside and tag in ("td", "th"):
+                self.cell = ""
+
+        def handle_endtag(self, tag):
+            if tag == "table":
+                self.inside = False
+            elif self.inside and tag in ("td", "th"):
+                self.rows[-1].append(" ".join(self.cell.split()))
+                self.cell = None
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+
+    parser = Table()
+    parser.feed(page)
+    assert parser.rows, f"no <table id={table_id}> in the page"
+    return parser.rows
 
 
 def test_report_lists_every_test_set_with_its_per_tag_table(reported):
+    """Each per-tag cell is its own model's accuracy for its own tag value (not the teacher's, not another tag's)."""
     results = (reported / paths.REPORT_RESULTS).read_text()
     summary = json.loads((reported / paths.SET_METRICS.format(set="diagnostic")).read_text())
     for name, model in (("fine-tuned", "fine-tuned"), ("base", "base zero-shot"), ("teacher", "teacher")):
@@ -198,9 +292,15 @@ def test_report_lists_every_test_set_with_its_per_tag_table(reported):
         cells = f"{report.pct(m['accuracy'])} | {report.interval(m['accuracy_ci95'])}"
         assert f"| diagnostic | {model} | 36 | {cells} |" in results
     assert "### diagnostic: accuracy by phenomenon" in results
-    negation = next(line for line in results.splitlines() if line.startswith("| negation |"))
-    cells = summary["models"]["teacher"]["by_tag"]["phenomenon"]["negation"]
-    assert negation.startswith("| negation | 6 |") and report.pct(cells["accuracy"]) in negation
+    by_tag = markdown_table(results, "| phenomenon | rows |")
+    models = summary["models"]
+    assert by_tag[0] == ["phenomenon", "rows"] + [c for m in models for c in (MODEL_NAMES[m], "95% CI")]
+    assert by_tag[1:] == [[value, report.num(cell["n"])] + [
+        c for m in models.values() for c in (report.pct(m["by_tag"]["phenomenon"][value]["accuracy"]),
+                                             report.interval(m["by_tag"]["phenomenon"][value]["accuracy_ci95"]))]
+        for value, cell in models["fine-tuned"]["by_tag"]["phenomenon"].items()]  # fmt: skip
+    assert [row[0] for row in by_tag[1:]] == ["hypernym_hyponym", "lexical_overlap", "negation", "numbers",
+                                              "quantifiers", "word_order"]  # fmt: skip
 
 
 def test_cards_have_hugging_face_metadata(reported):
@@ -257,6 +357,13 @@ PROSE = ("95% CI", "95%")  # words of the text, not results
 
 
 def test_every_number_in_results_and_cards_is_a_metrics_value(reported):
+    """Each cell of results.md's two model tables is its own row's model and column's metric (catches, e.g., every
+    row showing the teacher's accuracy, or a column showing another metric); every other number in results.md and
+    the cards is a value of some metrics file or params.yaml."""
+    results = (reported / paths.REPORT_RESULTS).read_text()
+    headline, test_sets = expected_rows(reported)
+    assert markdown_table(results, "| model | model id |") == [HEADER, *[[r[0], f"`{r[1]}`", *r[2:]] for r in headline]]
+    assert markdown_table(results, "| test set | model |") == [["test set", "model", *HEADER[2:]], *test_sets]
     numbers, strings = source_values(reported)
     for name in (paths.REPORT_RESULTS, paths.REPORT_MODEL_CARD, paths.REPORT_DATASET_CARD):
         text = (reported / name).read_text()
@@ -292,6 +399,15 @@ def test_without_baselines_the_table_says_not_evaluated_and_a_real_profile_has_n
     results = Path(paths.REPORT_RESULTS).read_text()
     assert "| base zero-shot | not evaluated |" in results and "| teacher | not evaluated |" in results
     assert "not a result" not in results and "not a result" not in Path(paths.REPORT_MODEL_CARD).read_text()
+
+
+def test_report_stage_imports_no_deep_learning(outputs, tmp_path):
+    """`nlistral report` runs for real (a fresh interpreter, every metrics file there) and loads no torch,
+    transformers, trl, peft or bitsandbytes: catches an import of them anywhere on report.run's path, not only at
+    module level."""
+    shutil.copytree(outputs, tmp_path / "repo", ignore=shutil.ignore_patterns("reports"))
+    assert not loaded_by(tmp_path / "repo", "report") & DEEP_LEARNING
+    assert (tmp_path / "repo" / paths.REPORT_PAGE).is_file()
 
 
 def test_report_before_evaluate_names_the_stage_and_writes_nothing(outputs, tmp_path, monkeypatch, capsys):
@@ -378,7 +494,7 @@ def test_page_in_headless_chromium(reported, tmp_path):
 
 
 EXP_STAGE = """
-import json, sys
+import json, os, sys
 import yaml
 right = yaml.safe_load(open("params.yaml"))["right"]
 rows = [{"id": str(i), "true_label": i % 2, "correct": i < right} for i in range(20)]
@@ -387,6 +503,14 @@ with open("metrics/predictions.jsonl", "w") as f:
 acc = right / 20
 json.dump({"n": 20, "accuracy": acc, "accuracy_ci95": [max(acc - 0.2, 0), min(acc + 0.2, 1)], "macro_f1": acc,
            "parse_failure_rate": 0.0}, open("metrics/eval.json", "w"))
+# the extra test set `diag`: 10 rows, ranked the other way round (right=18 -> 4 right, right=6 -> 8 right)
+set_right = 10 - right // 3
+os.makedirs("metrics/test_sets/diag", exist_ok=True)
+with open("metrics/test_sets/diag/predictions.jsonl", "w") as f:
+    f.writelines(json.dumps({"id": f"d{i}", "true_label": 1, "correct": i < set_right}) + "\\n" for i in range(10))
+tuned = {"n": 10, "accuracy": set_right / 10, "accuracy_ci95": [0.1, 0.9], "macro_f1": 0.3, "parse_failure_rate": 0.1}
+summary = {"models": {"fine-tuned": tuned, "base": {**tuned, "accuracy": 0.5}}}
+json.dump(summary, open("metrics/test_sets/diag.json", "w"))
 """
 
 
@@ -405,9 +529,26 @@ def test_report_experiments_lists_two_experiments_side_by_side(tmp_path, monkeyp
     (root / "metrics").mkdir(parents=True)
     (root / "stage.py").write_text(EXP_STAGE)
     (root / "params.yaml").write_text("right: 10\n")
-    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"evaluate": {
-        "cmd": f"{sys.executable} stage.py", "deps": ["stage.py"], "params": ["right"],
-        "outs": ["metrics/predictions.jsonl", {"metrics/eval.json": {"cache": False}}]}}}))  # fmt: skip
+    (root / "dvc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "stages": {
+                    "evaluate": {
+                        "cmd": f"{sys.executable} stage.py",
+                        "deps": ["stage.py"],
+                        "params": ["right"],
+                        "outs": [
+                            "metrics/predictions.jsonl",
+                            {"metrics/eval.json": {"cache": False}},
+                            "metrics/test_sets/diag/predictions.jsonl",
+                            {"metrics/test_sets/diag.json": {"cache": False}},
+                        ],
+                    }
+                }
+            }
+        )
+    )
+    # fmt: skip
     monkeypatch.chdir(root)
     for name, value in GIT_IDENTITY.items():
         monkeypatch.setenv(name, value)
@@ -432,3 +573,17 @@ def test_report_experiments_lists_two_experiments_side_by_side(tmp_path, monkeyp
     assert cli.main(["report", "--all"]) == 0
     assert {"`HEAD`", "`better`", "`worse`"} <= {line.split("|")[1].strip() for line in capsys.readouterr().out
                                                  .splitlines()[2:]}  # fmt: skip
+
+    # README: `nlistral report --experiments A B --set NAME` / `nlistral compare A B --set NAME` compare runs on a
+    # set. `diag` ranks them the other way round, so reading the test split instead (or the wrong rows) shows.
+    assert cli.main(["report", "--experiments", "better", "worse", "--reference", "worse", "--set", "diag"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]}
+    assert list(rows) == ["`worse`", "`better`"]
+    assert rows["`better`"][:7] == ["10", "40.00%", "[10.00%, 90.00%]", "0.3", "10.00%", "50.00%", "not evaluated"]
+    assert rows["`worse`"][1] == "80.00%" and rows["`worse`"][7] == "reference"
+    assert rows["`better`"][7].startswith("-40.00 pp [") and rows["`better`"][8] == "0.125"  # 4 flips: 2 * 0.5**4
+    assert cli.main(["compare", "better", "worse", "--set", "diag", "--json", "cmp.json", "--bootstrap", "200"]) == 0
+    result = json.loads(Path("cmp.json").read_text())
+    assert (result["n"], result["accuracy_a"], result["accuracy_b"], result["mcnemar_p"]) == (10, 0.4, 0.8, 0.125)
+    assert [f["id"] for f in result["flipped"]] == ["d4", "d5", "d6", "d7"]

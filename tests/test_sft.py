@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -82,11 +83,19 @@ def test_length_policy_drops_or_keeps_but_never_truncates(stage):
 
 
 def test_balance_and_shuffle_are_seeded(stage):
+    """Shuffling changes the source order, the same seed gives the same order and another seed another one, and
+    `sft.shuffle=false` keeps the source order: catches a shuffle that does nothing or ignores `sft.seed`."""
     thoughts = [thought(str(i), f"Scene {i} happens.", f"Claim {i}.", int(i < 6)) for i in range(8)]
     rows, metrics = stage(thoughts, [], "sft.balance_labels=true")
     assert metrics["label_counts"] == {"0": 2, "1": 2} and metrics["dropped"] == {"balance": 4}
     again, _ = stage(thoughts, [], "sft.balance_labels=true")
     assert [r["id"] for r in again] == [r["id"] for r in rows]
+    source = [t["id"] for t in thoughts]
+    kept, _ = stage(thoughts, [], "sft.shuffle=false")
+    assert [r["id"] for r in kept] == source
+    orders = [[r["id"] for r in stage(thoughts, [], f"sft.seed={seed}")[0]] for seed in (42, 42, 7)]
+    assert sorted(orders[0]) == sorted(source) and orders[0] != source
+    assert orders[0] == orders[1] and orders[2] != orders[0]
 
 
 def test_plot_data_comes_from_the_outputs(stage):
@@ -112,3 +121,77 @@ def test_a_pair_dropped_as_too_long_does_not_shadow_its_shorter_duplicate(stage)
 def test_balancing_a_one_label_set_is_an_error_not_an_empty_set(stage):
     with pytest.raises(StageError, match="no row has label 0"):
         stage([thought("1", "A man cooks.", "A person cooks.", 1)], [], "sft.balance_labels=true")
+
+
+def test_the_audit_keeps_the_whole_evidence_of_exactly_the_suspects():
+    """sft.audit on test_audit's constructed rows, without a stage run: every evidence field of a suspect, the
+    min_agreement edge (>=), a single sample counting whatever its agreement, ids matched as strings (survivors of
+    `make mutation` in audit())."""
+    from test_audit import REFLECTIONS, THOUGHTS
+
+    suspects = sft.audit(THOUGHTS, REFLECTIONS, 0.8)
+    assert [s["id"] for s in suspects] == ["2", "3"]
+    t, r = THOUGHTS[1], REFLECTIONS[0]
+    assert suspects[0] == {
+        "id": "2", "premise": t["premise"], "hypothesis": t["hypothesis"], "gold_label": 0, "teacher_label": 1,
+        "votes": t["votes"], "agreement": 1.0, "n_samples": 3, "teacher_rationale": "Step 1: teacher 2.",
+        "teacher_model": "teacher-model", "reflection_error_analysis": "E", "reflection_rationale": r[
+            "improved_thought_process"], "reflected_label": 0, "verified": True, "attempts": 2,
+        "reflector_model": "reflector-model"}  # fmt: skip
+    assert (suspects[1]["verified"], suspects[1]["reflected_label"]) == (False, 0)
+    assert [s["id"] for s in sft.audit(THOUGHTS, REFLECTIONS, 2 / 3)] == ["2", "3", "4"]
+    single = [{**t, "n_samples": 1, "agreement": 0.5} for t in THOUGHTS]
+    assert [s["id"] for s in sft.audit(single, REFLECTIONS, 0.8)] == ["2", "3", "4"]
+    as_ints = [{**r, "id": int(r["id"])} for r in REFLECTIONS]
+    assert [s["id"] for s in sft.audit(THOUGHTS, as_ints, 0.8)] == ["2", "3"]
+    orphan = {**REFLECTIONS[0], "id": "99"}  # no thought of that id (nor a right one): skipped, not the end
+    assert [s["id"] for s in sft.audit(THOUGHTS, [orphan, REFLECTIONS[0]], 0.8)] == ["2"]
+    unsampled = [{k: v for k, v in t.items() if k not in ("n_samples", "agreement")} for t in THOUGHTS]
+    old_rows = sft.audit(unsampled, REFLECTIONS, 0.8)  # rows written before sampling: one sample each
+    assert [(s["id"], s["n_samples"], s["agreement"]) for s in old_rows] == [("2", 1, None), ("3", 1, None),
+                                                                          ("4", 1, None)]  # fmt: skip
+
+
+def test_rows_candidates_and_metrics_by_hand():
+    """One fine-tuning row whole; which thoughts and reflections are candidates; the metrics object for known
+    inputs, the length summaries (min, median, p95, max) and an empty split (survivors of `make mutation`)."""
+    from omegaconf import OmegaConf
+    from test_audit import REFLECTIONS, THOUGHTS
+
+    from nlistral.prompts import completion_json, sft_text, student_prompt
+
+    row = sft.sft_row("reflected", REFLECTIONS[0], "Better.", "teacher-model", "reflector-model")
+    prompt, completion = student_prompt(REFLECTIONS[0]["premise"], "Hypothesis 2."), completion_json("Better.", 0)
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    assert row == {"id": "2", "source": "reflected", "teacher_model": "teacher-model",
+                   "reflector_model": "reflector-model", "label": 0, "premise": REFLECTIONS[0]["premise"],
+                   "hypothesis": "Hypothesis 2.", "prompt": prompt, "completion": completion,
+                   "text": sft_text(prompt, completion), "messages": messages}  # fmt: skip
+    both = sft.candidates(THOUGHTS, REFLECTIONS, True)
+    assert [(r["id"], r["source"], r["teacher_model"], r["reflector_model"]) for r in both] == [
+        ("1", "original", "teacher-model", None),
+        ("2", "reflected", "teacher-model", "reflector-model"),
+        ("4", "reflected", "teacher-model", "reflector-model"),
+        ("5", "reflected", "teacher-model", "reflector-model"),
+    ]
+    assert [r["id"] for r in sft.candidates(THOUGHTS, REFLECTIONS, False)] == ["1"]  # fmt: skip
+
+    cfg = OmegaConf.create({"audit": {"min_agreement": 0.8}})
+    suspects = sft.audit(THOUGHTS, REFLECTIONS, 0.8)
+    lengths = [{"prompt_tokens": p, "completion_tokens": c} for p, c in zip(range(21, 0, -1), [4, 2, 8, 6] * 5 + [9],
+                                                                            strict=True)]  # fmt: skip
+    metrics = sft.sft_metrics(cfg, THOUGHTS[:4], REFLECTIONS[:3], suspects[:1], 4, both[:3], lengths,
+                              Counter({"suspect": 2, "duplicate": 1}), 1)  # fmt: skip
+    assert metrics == {
+        "candidates": 4, "rows": 3, "rows_by_source": {"original": 1, "reflected": 2},
+        "label_counts": {"0": 2, "1": 1}, "dropped": {"suspect": 2, "duplicate": 1}, "over_length_kept": 1,
+        "teacher_accuracy": 0.25, "reflected": 3, "verified_reflections": 2, "unresolved": 1,
+        "reflection_success_rate": 0.6667,  # 2 verified of the 3 rows the teacher got wrong
+        "audit": {"suspect": 1, "suspect_unresolved": 0, "suspect_verified_after_retries": 1, "min_agreement": 0.8,
+                  "dropped": 2},
+        "prompt_tokens": {"min": 1, "median": 11, "p95": 20, "max": 21},
+        "completion_tokens": {"min": 2, "median": 6, "p95": 8, "max": 9},
+    }  # fmt: skip
+    assert sft._describe([3, 1]) == {"min": 1, "median": 2, "p95": 3, "max": 3}
+    empty = sft.sft_metrics(cfg, [], [], [], 0, [], [], Counter(), 0)
+    assert (empty["teacher_accuracy"], empty["reflection_success_rate"], empty["prompt_tokens"]) == (0.0, 0.0, {})

@@ -99,3 +99,35 @@ def test_accuracy_by_length_uses_the_studys_buckets():
         {"rationale_tokens": "301+", "rows": 2, "accuracy": 0.5},
     ]
     assert accuracy_by_length([], [])[0] == {"rationale_tokens": "0-100", "rows": 0, "accuracy": None}
+
+
+def test_no_rows_one_row_and_the_settings_each_interval_uses():
+    """Survivors of `make mutation` in stats.py, killed: empty and one-row inputs (an `if n` dropped, an index off by
+    one), the resample count and seed reaching scipy (pinned values, seeds 0 and 1 differ), 4 decimals everywhere,
+    and zip's strict check."""
+    assert accuracy_ci([], 200, 0) == [0.0, 0.0] and accuracy_ci([True], 200, 0) == [1.0, 1.0]
+    assert paired_comparison([], [], 200, 0) == {
+        "n": 0, "accuracy_a": 0.0, "accuracy_b": 0.0, "difference": 0.0, "difference_ci95": [0.0, 0.0],
+        "mcnemar_p": 1.0, "a_right_b_wrong": 0, "a_wrong_b_right": 0}  # fmt: skip
+    correct = [1, 0, 1, 1, 0, 1, 1, 1, 0, 1] * 4
+    assert accuracy_ci(correct, 200, 0) == [0.55, 0.8256] and accuracy_ci(correct, 200, 1) == [0.5494, 0.85]
+    other = [1, 1, 1, 0, 1, 1, 0, 1, 1, 1] * 4
+    assert paired_comparison(correct, other, 200, 0)["difference_ci95"] == [-0.1006, 0.2756]
+    assert paired_comparison(correct, other, 200, 1)["difference_ci95"] == [-0.1, 0.35]
+    three = paired_comparison([0, 0, 1], [1, 1, 1], 200, 0)
+    assert (three["accuracy_a"], three["accuracy_b"], three["difference"]) == (0.3333, 1.0, 0.6667)
+    assert paired_comparison([1, 1, 1], [0, 0, 1], 200, 0)["accuracy_b"] == 0.3333
+    assert accuracy_by_length([0, 0, 0], [1, 0, 0])[0]["accuracy"] == 0.3333
+    with pytest.raises(ValueError):
+        accuracy_by_length([0, 1], [1])
+
+
+def test_a_constant_outcome_needs_no_bootstrap():
+    """A constant outcome is answered without scipy's bootstrap (which warns on degenerate data): catches the
+    constant check being dropped or inverted."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert accuracy_ci([1] * 25, 200, 0) == [1.0, 1.0] and accuracy_ci([0] * 25, 200, 0) == [0.0, 0.0]
+        assert isinstance(accuracy_ci([1] * 25, 200, 0)[0], float)

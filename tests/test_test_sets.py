@@ -7,10 +7,9 @@ import shutil
 
 import datasets
 import pytest
-from conftest import REPO
+from conftest import REPO, paired_by_hand
 
 from nlistral import cli
-from nlistral.compare import compare_records
 from nlistral.config import compose_params, load_config
 from nlistral.io import read_jsonl
 from nlistral.stages import evaluate_set, summarise_set
@@ -70,7 +69,9 @@ def set_overrides(**sets) -> list[str]:
 
 @pytest.fixture(scope="module")
 def evaluated(built_base, tmp_path_factory):
-    """Both sets through all three models and the summary, with an untrained LoRA adapter on the tiny base."""
+    """Both sets through all three models and the summary, with a LoRA adapter on the tiny base whose weights are
+    random, not PEFT's zero B matrix: an all-zero adapter answers exactly as the base does, so a stage that ignored
+    the adapter would pass unseen."""
     from peft import LoraConfig, get_peft_model
 
     from nlistral.model import load_base_model
@@ -85,7 +86,9 @@ def evaluated(built_base, tmp_path_factory):
         mp.setenv("HF_DATASETS_CACHE", str(root / ".cache" / "datasets"))
         mp.setenv("NLISTRAL_CACHE_DIR", str(root / ".cache" / "llm"))
         cfg = load_config(set_overrides(**SETS))
-        adapter = get_peft_model(load_base_model(cfg), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        adapter = get_peft_model(
+            load_base_model(cfg), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        )
         adapter.save_pretrained(root / "models" / "adapter")
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
             if (built_base / name).is_file():
@@ -116,6 +119,19 @@ def test_every_model_is_scored_on_every_set_with_the_rows_tags(evaluated):
     assert [r["tags"]["heuristic"] for r in hans] == HANS_LIKE["heuristic"]
 
 
+def test_the_fine_tuned_model_answers_with_its_adapter_and_the_base_without(evaluated):
+    """Catches `evaluate-set --model fine-tuned` scoring the base model (the adapter never loaded): the fixture's
+    adapter has non-zero weights, so its greedy outputs differ from the base's on every row of both sets."""
+    root, *_ = evaluated
+    for name in SETS:
+        tuned, base = (
+            read_jsonl(root / f"metrics/test_sets/{name}/{f}.jsonl") for f in ("predictions", "predictions_base")
+        )
+        assert [r["id"] for r in tuned] == [r["id"] for r in base]
+        same = [t["id"] for t, b in zip(tuned, base, strict=True) if t["output"] == b["output"]]
+        assert not same, f"{name}: fine-tuned and base gave the same output on rows {same}"
+
+
 def test_per_tag_accuracy_is_the_hand_count():
     hand = [(True, "negation"), (False, "negation"), (True, "negation"), (False, "numbers"), (True, "word_order")]
     records = [{"correct": c, "tags": {"phenomenon": t}} for c, t in hand]
@@ -136,9 +152,8 @@ def test_the_summary_counts_each_tag_and_pairs_each_baseline(evaluated):
             rows = [r for r in records if r["tags"]["heuristic"] == value]
             assert cell["n"] == len(rows) and cell["accuracy"] == round(sum(r["correct"] for r in rows) / len(rows), 4)
         if model != "fine-tuned":
-            expected = compare_records(records, tuned, model, "fine-tuned", cfg.eval.bootstrap, cfg.eval.seed)
-            del expected["flipped"]
-            assert summaries["hanslike"]["comparisons"][model] == expected
+            expected = paired_by_hand(records, tuned, model, "fine-tuned", cfg.eval.bootstrap, cfg.eval.seed)
+            assert summaries["hanslike"]["comparisons"][model] == expected  # by hand: not compare_records itself
     assert summaries["tagged"]["models"]["teacher"]["by_tag"]["phenomenon"]["negation"]["n"] == 3
 
 

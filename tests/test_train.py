@@ -30,7 +30,7 @@ from nlistral import prompts
 from nlistral.config import ConfigError, compose_params, load_config
 from nlistral.io import read_jsonl, write_jsonl
 from nlistral.stages import base_model, evaluate, train
-from nlistral.trainer import build_trainer, training_args
+from nlistral.trainer import EvaluateAtEnd, build_trainer, training_args
 
 # `pytest -n 2 --dist loadgroup` (pytest-xdist) keeps this module on one worker: its module fixtures are built once
 pytestmark = pytest.mark.xdist_group("train")
@@ -162,13 +162,48 @@ def test_warmup_ratio_and_steps_together_are_an_error(base, monkeypatch):
         training_args(cfg, "unused")
 
 
+class Killed(Exception):
+    """The crash injected right after a checkpoint is saved (a deterministic stand-in for kill -9 mid-training)."""
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_a_checkpoint_of_another_run_is_never_resumed(base, tmp_path, monkeypatch):
+    """A training killed after its first checkpoint, then a run with another config: it starts at step 0 and leaves
+    the first run's checkpoints byte for byte (catches a fingerprint that misses a train.* key, or a run that
+    clears checkpoints/ wholesale); then the first config with `train.resume=never` starts over instead of resuming
+    (catches `resume` being ignored) and in a new MLflow run."""
     root = repo_copy(base, tmp_path)
     monkeypatch.chdir(root)
     cfg = make_cfg(**FP32)
     same = train.fingerprint(cfg)
     assert train.fingerprint(make_cfg(**{**FP32, "train.resume": "never"})) == same
-    assert train.fingerprint(make_cfg(**{**FP32, "train.learning_rate": 1.0e-4})) != same
+
+    def crash(self, args, state, control, **kwargs):
+        raise Killed(state.global_step)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(EvaluateAtEnd, "on_save", crash, raising=False)
+        with pytest.raises(Killed):
+            train.run(cfg)
+    killed = root / train.CHECKPOINTS / same
+    assert [p.name for p in killed.glob("checkpoint-*")] == ["checkpoint-2"]
+    left = files(killed)
+    killed_run = json.loads((killed / train.CHECKPOINT_RUN).read_text())["run_id"]
+
+    other = make_cfg(**{**FP32, "train.learning_rate": 1.0e-4})
+    assert train.fingerprint(other) != same
+    metrics = train.run(other)
+    assert metrics["resumed_from_step"] is None and metrics["steps"] == 6
+    assert files(killed) == left  # still there, untouched: a rerun of the first config could resume it
+
+    metrics = train.run(make_cfg(**{**FP32, "train.resume": "never"}))
+    assert metrics["resumed_from_step"] is None and metrics["steps"] == 6
+    assert json.loads((root / "models/adapter/mlflow_run.json").read_text())["run_id"] != killed_run
+    assert not killed.exists()  # finished: nothing left to resume
+
     (root / "data" / "finetune").unlink()
     (root / "data" / "finetune").mkdir()
     rows = read_jsonl(base / "data/finetune/train_ft.jsonl")

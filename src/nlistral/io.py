@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -45,9 +46,16 @@ def write_jsonl(path, records) -> int:
     return count
 
 
-def read_jsonl(path) -> list[dict]:
+def iter_jsonl(path) -> Iterator[dict]:
+    """The records of a JSONL file one at a time (a stage that passes rows through never holds the file)."""
     with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        for line in handle:
+            if line.strip():
+                yield json.loads(line)
+
+
+def read_jsonl(path) -> list[dict]:
+    return list(iter_jsonl(path))
 
 
 def write_json(path, data) -> None:

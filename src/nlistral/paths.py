@@ -58,11 +58,10 @@ SET_FILES = {  # model -> (predictions, metrics)
     "teacher": (SET_PREDICTIONS_TEACHER, SET_EVAL_TEACHER),
 }
 # report: read only the files above; the cards are its own outs (a stage cannot write into another's out folder)
-REPORT_DIR = Path("reports")
-REPORT_RESULTS = REPORT_DIR / "results.md"
-REPORT_MODEL_CARD = REPORT_DIR / "model_card.md"
-REPORT_DATASET_CARD = REPORT_DIR / "dataset_card.md"
-REPORT_PAGE = REPORT_DIR / "index.html"
+REPORT_RESULTS = Path("reports/results.md")  # results.md and the cards: git (small text, reads on a code host)
+REPORT_MODEL_CARD = Path("reports/model_card.md")
+REPORT_DATASET_CARD = Path("reports/dataset_card.md")
+REPORT_PAGE = Path("reports/index.html")  # the row browser, every row: DVC cache
 
 # Which command writes each stage output that another stage reads: (CLI command, dvc.yaml stage).
 PRODUCERS = {

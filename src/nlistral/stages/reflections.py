@@ -6,7 +6,7 @@ is never overwritten, and unresolved reflections never reach the fine-tuning set
 """
 
 from nlistral import paths
-from nlistral.io import read_jsonl
+from nlistral.io import iter_jsonl
 from nlistral.llm.engine import Accept, Reject, Reprompt, Task, generate
 from nlistral.parsing import REFLECTION_FIELDS, ReplyError, parse_reply
 from nlistral.prompts import label_mismatch_feedback, reflector_messages
@@ -37,7 +37,7 @@ def reflection_check(true_label: int, max_attempts: int, max_reprompts: int):
 
 
 def run(cfg, split: str) -> dict:
-    wrong = [t for t in read_jsonl(paths.require(paths.THOUGHTS, split)) if not t["correct"]]
+    wrong = [t for t in iter_jsonl(paths.require(paths.THOUGHTS, split)) if not t["correct"]]  # only these are held
     ref = cfg.reflector
     tasks = [
         Task(

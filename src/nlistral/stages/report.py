@@ -11,15 +11,18 @@ import csv
 import io
 import json
 import os
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+from jinja2.utils import htmlsafe_json_dumps
+from markupsafe import Markup
 from omegaconf import OmegaConf
 
 from nlistral import paths
-from nlistral.io import atomic_open, read_jsonl
+from nlistral.io import atomic_open, iter_jsonl
 from nlistral.revision import git
 
 SPLITS = ("train", "dev")
@@ -322,56 +325,58 @@ def prediction_view(row) -> dict:
             "output": row["output"]}  # fmt: skip
 
 
-def test_rows() -> list[dict]:
+def views_by_id(path) -> dict[str, dict]:
+    """A predictions file as id -> its prediction_view (what the browser shows of another model's row)."""
+    return {str(r["id"]): prediction_view(r) for r in iter_jsonl(path)}
+
+
+def test_rows() -> Iterator[dict]:
     """One entry per test row: the fine-tuned model's prediction and the baselines' for the same row."""
-    tuned = read_jsonl(paths.require(paths.PREDICTIONS))
-    others = {name: {str(r["id"]): r for r in read_jsonl(path)}
+    others = {name: views_by_id(path)
               for name, path in (("base", paths.PREDICTIONS_BASE), ("teacher", paths.PREDICTIONS_TEACHER))
               if Path(path).is_file()}  # fmt: skip
-    rows = []
-    for row in tuned:
+    for row in iter_jsonl(paths.require(paths.PREDICTIONS)):
         key = str(row["id"])
         models = {"fine-tuned": prediction_view(row)}
-        models |= {name: prediction_view(by_id[key]) for name, by_id in others.items() if key in by_id}
+        models |= {name: by_id[key] for name, by_id in others.items() if key in by_id}
         base = models.get("base")
-        rows.append({
+        yield {
             "id": key, "premise": row["premise"], "hypothesis": row["hypothesis"], "gold": row["true_label"],
             "models": models,
             "wrong": not row["correct"],
             "parse_failure": row["predicted_label"] is None,
             "flipped": base is not None and base["correct"] != row["correct"],
-        })  # fmt: skip
-    return rows
+        }  # fmt: skip
 
 
-def test_set_rows(test_sets) -> list[dict]:
+def test_set_rows(test_sets) -> Iterator[dict]:
     """One entry per row of each extra test set: the three models' predictions, and the row's tags."""
-    rows = []
     for name in test_sets:
-        models = {model: read_jsonl(paths.require(template, set_name=name))
-                  for model, (template, _) in paths.SET_FILES.items()}  # fmt: skip
-        others = {model: {str(r["id"]): r for r in records} for model, records in models.items()}
-        for row in models["fine-tuned"]:
+        tuned, _ = paths.SET_FILES["fine-tuned"]
+        others = {model: views_by_id(paths.require(template, set_name=name))
+                  for model, (template, _) in paths.SET_FILES.items() if model != "fine-tuned"}  # fmt: skip
+        for row in iter_jsonl(paths.require(tuned, set_name=name)):
             key = str(row["id"])
-            rows.append({
+            yield {
                 "id": key, "set": name, "premise": row["premise"], "hypothesis": row["hypothesis"],
                 "gold": row["true_label"], "tags": [f"{tag}={value}" for tag, value in row["tags"].items()],
-                "models": {model: prediction_view(by_id[key]) for model, by_id in others.items()},
+                "models": {"fine-tuned": prediction_view(row)} | {model: by_id[key] for model, by_id in others.items()},
                 "wrong": not row["correct"], "parse_failure": row["predicted_label"] is None,
-            })  # fmt: skip
-    return rows
+            }  # fmt: skip
 
 
-def training_rows() -> list[dict]:
-    """Train and dev rows as the teacher and the reflector saw them, and whether they reached the fine-tuning set."""
-    rows = []
+def training_rows() -> Iterator[dict]:
+    """Train and dev rows as the teacher and the reflector saw them, and whether they reached the fine-tuning set.
+    Only the reflections (the teacher's wrong rows) and each row's fine-tuning source are held; the thoughts stream."""
     for split in SPLITS:
-        reflections = {str(r["id"]): r for r in read_jsonl(paths.require(paths.REFLECTIONS, split))}
-        sources = {str(r["id"]): r["source"] for r in read_jsonl(paths.require(paths.FINETUNE, split))}
-        for thought in read_jsonl(paths.require(paths.THOUGHTS, split)):
+        reflections = {str(r["id"]): {key: r[key] for key in ("error_analysis", "improved_thought_process",
+                                                              "reflected_label", "verified")}
+                       for r in iter_jsonl(paths.require(paths.REFLECTIONS, split))}  # fmt: skip
+        sources = {str(r["id"]): r["source"] for r in iter_jsonl(paths.require(paths.FINETUNE, split))}
+        for thought in iter_jsonl(paths.require(paths.THOUGHTS, split)):
             key = str(thought["id"])
             reflection = reflections.get(key)
-            rows.append({
+            yield {
                 "id": key, "split": split, "premise": thought["premise"], "hypothesis": thought["hypothesis"],
                 "gold": thought["true_label"], "teacher_label": thought["predicted_label"],
                 "rationale": thought["thought_process"],
@@ -382,28 +387,60 @@ def training_rows() -> list[dict]:
                 "wrong": not thought["correct"],
                 "reflected": reflection is not None,
                 "unresolved": reflection is not None and not reflection["verified"],
-            })  # fmt: skip
-    return rows
+            }  # fmt: skip
+
+
+def browser_rows(test_sets) -> dict[str, Callable[[], Iterator[dict]]]:
+    """The row browser's tabs (sorted, as `tojson` orders keys): tab -> a fresh stream of its rows."""
+    return {"sets": lambda: test_set_rows(test_sets), "test": test_rows, "train": training_rows}
+
+
+def browser_json(tabs) -> Iterator[Markup]:
+    """The browser's data as `tojson` writes it ({"sets": [...], "test": [...], "train": [...]}), row by row."""
+    for i, (tab, rows) in enumerate(tabs.items()):
+        yield Markup(("{" if i == 0 else "], ") + htmlsafe_json_dumps(tab) + ": [")
+        for k, row in enumerate(rows()):
+            yield Markup(", " if k else "") + htmlsafe_json_dumps(row, sort_keys=True)
+    yield Markup("]}")
+
+
+def browser_summary(tabs) -> dict:
+    """What the page shows above the rows: each tab's row count, the test sets' tags. This first pass over the rows
+    reads every input, so a missing or malformed one stops the stage before the page is opened."""
+    counts, tags = {}, set()
+    for tab, rows in tabs.items():
+        counts[tab] = 0
+        for row in rows():
+            counts[tab] += 1
+            tags.update(row.get("tags", ()) if tab == "sets" else ())
+    return {"counts": counts, "set_tags": sorted(tags)}
 
 
 def render(ctx) -> dict[Path, str]:
-    """Report file -> its text."""
+    """Results and cards -> their text (small); the page is written by `write_page`, streaming its rows."""
     templates = env()
     ctx = {**ctx, "model_card_metadata": model_card_metadata(ctx), "dataset_card_metadata": dataset_card_metadata(ctx)}
-    browser = {"test": test_rows(), "sets": test_set_rows(ctx["test_sets"]), "train": training_rows()}
-    page = {**ctx, "charts": charts(ctx), "browser": browser}
     return {
         paths.REPORT_RESULTS: templates.get_template("results.md.j2").render(ctx),
         paths.REPORT_MODEL_CARD: templates.get_template("model_card.md.j2").render(ctx),
         paths.REPORT_DATASET_CARD: templates.get_template("dataset_card.md.j2").render(ctx),
-        paths.REPORT_PAGE: templates.get_template("index.html.j2").render(page),
     }
 
 
+def write_page(ctx) -> None:
+    """reports/index.html, its rows streamed from the stage outputs into the file (never held whole), atomically."""
+    tabs = browser_rows(ctx["test_sets"])
+    page = {**ctx, "charts": charts(ctx), "browser": browser_summary(tabs), "browser_json": browser_json(tabs)}
+    with atomic_open(paths.REPORT_PAGE) as handle:
+        handle.writelines(env().get_template("index.html.j2").generate(page))
+
+
 def run(cfg) -> dict[Path, str]:
-    reports = render(collect(cfg))  # everything is read and rendered before anything is written
+    ctx = collect(cfg)
+    reports = render(ctx)  # nothing is written until every input has been read (here and in write_page)
+    write_page(ctx)
     for path, text in reports.items():
         with atomic_open(path) as handle:
             handle.write(text)
-    print(f"report: wrote {', '.join(str(p) for p in reports)}")
+    print(f"report: wrote {', '.join(str(p) for p in [*reports, paths.REPORT_PAGE])}")
     return reports
