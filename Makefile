@@ -77,7 +77,7 @@ lint: setup-dev
 docs: setup-dev
 	mkdocs build --strict
 
-# The model server's own environment for eval.engine=server (README: Evaluation): vLLM pins its own torch and
+# The model server's own environment for eval.engine=server (docs/evaluation.md: Evaluation): vLLM pins its own torch and
 # transformers (requirements-vllm.txt), so it never shares .venv. A CUDA machine; run it as `.venv-vllm/bin/vllm`.
 .PHONY: vllm-env
 vllm-env: .venv-vllm/.installed

@@ -86,7 +86,7 @@ def fingerprint(cfg) -> str:
 
 def run_tags(cfg) -> dict:
     """Where the run came from, beyond the git commit and DVC experiment (tracking.start_run tags those): the base
-    model, the fine-tuning data's digests, and the CPU threads torch used (OMP_NUM_THREADS; README: sweeps)."""
+    model, the fine-tuning data's digests, and the CPU threads torch used (OMP_NUM_THREADS; docs/experiments.md)."""
     info = base_info()
     source = info.get("source")  # a GGUF file that base_model converted
     tags = {
