@@ -23,7 +23,7 @@ BAD = [
     (["train"], "train.max_steps=0", "train: max_steps=0: -1 (train for num_epochs) or a number of steps > 0"),
     (["base-model"], "model.dtype=float8", "model.dtype='float8': should be 'float32', 'bfloat16' or 'float16'"),
     (["base-model"], "model.bnb_4bit_quant_type=int4", "model.bnb_4bit_quant_type='int4': should be 'nf4' or"),
-    (["evaluate"], "eval.engine=vllm", "eval.engine='vllm': should be 'hf' or 'server'"),
+    (["evaluate"], "eval.engine=vllm", "eval.engine='vllm': choose from hf, server; vLLM runs as a server"),
     (["evaluate"], "eval.batch_size=0", "eval.batch_size=0: should be greater than 0"),
     (["evaluate"], "eval.server.max_failure_rate=2", "eval.server.max_failure_rate=2: should be less than or equal"),
     (["evaluate-teacher"], "teacher.backend=gpt", "teacher.backend='gpt': should be 'offline', 'mistral', "),

@@ -9,7 +9,7 @@ is refused, not coerced. Keys the schema does not know pass unchecked (`+key=val
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nlistral.config import ConfigError
 
@@ -21,6 +21,7 @@ Probability = Annotated[float, Field(ge=0, le=1)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 Name = Annotated[str, Field(min_length=1)]
 DType = Literal["float32", "bfloat16", "float16"]
+ENGINES = ("hf", "server")  # eval.engine: transformers in-process, or an OpenAI-compatible server
 # transformers' SchedulerType values (tests/test_schema.py checks the list against the pinned transformers)
 SCHEDULERS = Literal[
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
@@ -121,12 +122,20 @@ class Eval(Section):
     batch_size: Positive = 1
     max_new_tokens: Positive = 1
     limit: Positive | None = None
-    engine: Literal["hf", "server"] = "hf"
+    engine: str = "hf"
     bootstrap: Positive = 1
     seed: int = 0
     teacher_max_reprompts: Count = 0
     server: Server | None = None
     test_sets: dict[str, TestSet] = {}
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, engine: str) -> str:
+        if engine not in ENGINES:
+            hint = "; vLLM runs as a server: eval.engine=server (docs/evaluation.md)" if engine == "vllm" else ""
+            raise ValueError(f"choose from {', '.join(ENGINES)}{hint}")
+        return engine
 
 
 class LLM(Section):
@@ -232,6 +241,6 @@ def check(params: dict[str, Any]) -> None:
     except ValidationError as err:
         error = err.errors()[0]
         key = ".".join(str(part) for part in error["loc"] if not _is_union_tag(part))
-        if error["type"] == "value_error":  # a rule across keys: its message names the key and value
+        if error["type"] == "value_error" and isinstance(error["input"], dict):  # a rule across a section's keys
             raise ConfigError(f"{key}: {_allowed(error)}") from None
         raise ConfigError(f"{key}={error['input']!r}: {_allowed(error)}") from None
