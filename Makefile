@@ -8,9 +8,14 @@ export PATH := $(BIN):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup run test params lint browser mutation
+.PHONY: setup setup-dev lock run test params lint docs browser mutation
 
+# The environment is locked: requirements.txt pins every package `make run` needs (the runtime), requirements-dev.txt
+# adds the tests' and tools' on top; both are generated from requirements*.in by `make lock` (pip-tools) for
+# Linux x86_64 and CPython 3.11. torch is pinned by version only (2.13.0): pip takes the CPU build this machine's
+# pip configuration offers, and PyPI's CUDA build (with the nvidia-* wheels it pins) on a GPU box.
 setup: $(VENV)/.installed
+setup-dev: $(VENV)/.installed-dev
 
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "NLIstral needs Python >= 3.10"'
@@ -23,30 +28,38 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	$(BIN)/python -m compileall -q -j 0 -x 'py312_intrinsics' $(VENV)/lib
 	touch $@
 
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --no-compile -r requirements-dev.txt -c constraints.txt
+	$(BIN)/python -m compileall -q -j 0 -x 'py312_intrinsics' $(VENV)/lib
+	touch $@
+
+# Regenerate the locks after editing requirements*.in (pins already in a lock stay unless the .in asks otherwise;
+# `make lock LOCK_ARGS=--upgrade` moves every unpinned package to its newest release).
+PIP_COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links \
+	--no-emit-trusted-host --no-emit-options -c constraints.txt $(LOCK_ARGS)
+lock: setup-dev
+	$(PIP_COMPILE) -o requirements.txt requirements.in
+	$(PIP_COMPILE) -o requirements-dev.txt requirements-dev.in
+	@# the version, not this machine's local CPU build of it (2.13.0+cpu): a GPU box installs PyPI's CUDA build
+	sed -i 's/^torch==\(.*\)+cpu$$/torch==\1/' requirements.txt requirements-dev.txt
+
 run: setup
 	dvc repro
 	@echo
-	dvc metrics show metrics/eval.json
-	@echo
-	@# the extra test sets (eval.test_sets): accuracy per set, model and tag, from reports/results.md
-	@sed -n '/^## Extra test sets/,/^## Data funnel/p' reports/results.md | sed '$$d'
-	@echo "Test sets: metrics/test_sets/<set>.json (per model, per tag, comparisons), predictions in metrics/test_sets/<set>/"
-	@echo "Outputs: data/{original_thoughts,reflected_thoughts,finetune}/, models/adapter/, metrics/"
-	@echo "Metrics: $(VENV)/bin/dvc metrics show (every stage)    Plots: $(VENV)/bin/dvc plots show"
-	@echo "Runs:    $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db, then open http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
-	@echo "Report:  reports/results.md, reports/index.html (open in a browser), model and dataset cards"
+	@nlistral summary
 
-test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/pytest
+# PYTEST_ARGS: e.g. "-n 2 --dist loadgroup" (pytest-xdist; a module's tests that share a fixture stay on one worker)
+test: setup-dev
+	HF_HUB_OFFLINE=1 $(BIN)/pytest $(PYTEST_ARGS)
 
 params: setup
 	nlistral params
 
-# Mutation testing (not in CI: slow, ~1 h on 2 cores): mutmut (pinned in requirements.txt) changes the modules whose
+# Mutation testing (not in CI: slow, ~1 h on 2 cores): mutmut (pinned in requirements-dev.in) changes the modules whose
 # bugs would silently change results, one small edit at a time, and runs the unit tests that cover each edit
 # (pyproject.toml [tool.mutmut]). One module at a time; then the survivors per module: `mutmut show NAME` shows one.
 MUTATED := stats scoring parsing data prompts stages.sft
-mutation: setup
+mutation: setup-dev
 	for m in $(MUTATED); do HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 mutmut run --max-children 2 "nlistral.$$m.*" || exit 1; done
 	@mutmut results --all true | awk -F ': ' '{ split($$1, n, "."); m = n[2] (n[2] == "stages" ? "." n[3] : ""); \
 		count[m "\t" $$2]++ } END { for (k in count) print k "\t" count[k] }' | sort
@@ -55,13 +68,16 @@ mutation: setup
 browser:
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 
-lint: setup
-	@# no merge-conflict marker left in a tracked file (a README once shipped with one)
-	! git grep -nE '^(<{7}|>{7})( |$$)'
-	ruff check .
+# .pre-commit-config.yaml: no conflict markers, YAML/TOML parse, whitespace, ruff check + format, the docs build
+lint: setup-dev
+	pre-commit run --all-files --show-diff-on-failure
 	mypy
 
-# The model server's own environment for eval.engine=server (README: Evaluation): vLLM pins its own torch and
+# The documentation site (docs/, mkdocs.yml) -> .site/; `$(BIN)/mkdocs serve` previews it at http://127.0.0.1:8000
+docs: setup-dev
+	mkdocs build --strict
+
+# The model server's own environment for eval.engine=server (docs/evaluation.md: Evaluation): vLLM pins its own torch and
 # transformers (requirements-vllm.txt), so it never shares .venv. A CUDA machine; run it as `.venv-vllm/bin/vllm`.
 .PHONY: vllm-env
 vllm-env: .venv-vllm/.installed

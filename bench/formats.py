@@ -47,8 +47,11 @@ def main():
             stage("reflections", "--split", split)
         stage("base-model")
         for name in FORMATS:
-            overrides = [f"sft.format={name}", f"train.num_epochs={args.epochs}",
-                         f"train.learning_rate={args.learning_rate}"]
+            overrides = [
+                f"sft.format={name}",
+                f"train.num_epochs={args.epochs}",
+                f"train.learning_rate={args.learning_rate}",
+            ]
             for split in ("train", "dev"):
                 stage("sft", "--split", split, *overrides)
             stage("train", *overrides)

@@ -14,7 +14,7 @@ model with random weights (speed and memory are real, the weights are not), with
 3. evaluate (hf engine): the adapter saved and loaded back as the stage loads it, greedy generation on `--rows` test
    rows at eval.batch_size; random weights never emit EOS, so every row runs to eval.max_new_tokens (the worst case).
 4. evaluate (server engine), when `.venv-vllm/bin/vllm` exists or `--server-command` is given: the same rows through
-   eval.engine=server, the stage starting and stopping the server (README: "The student behind vLLM").
+   eval.engine=server, the stage starting and stopping the server (docs/evaluation.md: the vLLM commands).
 Run it from the repo root; nothing in the repo is written (a temporary repo root holds models/ and data/).
 """
 
@@ -45,7 +45,7 @@ from nlistral.trainer import EvaluateAtEnd, build_trainer
 
 REPO = Path.cwd()
 VLLM = REPO / ".venv-vllm/bin/vllm"
-# The README's documented command (eval.server.command), with this environment's vllm.
+# The documented command (docs/evaluation.md: eval.server.command), with this environment's vllm.
 VLLM_COMMAND = (f"{VLLM} serve {{base}} --revision {{revision}} --quantization bitsandbytes --tokenizer {{tokenizer}} "
                 "--enable-lora --lora-modules {name}={adapter} --max-lora-rank {rank} --port {port} "
                 "--generation-config vllm")  # fmt: skip

@@ -92,8 +92,14 @@ def added_blobs(root: Path, new: str, old: str) -> list[tuple[str, str, int]]:
     """(type, path, bytes) of every object commit `new` adds to git over `old`."""
     listed = sh("git", "rev-list", "--objects", new, f"^{old}", cwd=root).splitlines()
     paths = {line.split(" ", 1)[0]: line.split(" ", 1)[1] if " " in line else "" for line in listed}
-    sizes = subprocess.run(["git", "cat-file", "--batch-check=%(objectname) %(objecttype) %(objectsize)"], cwd=root,
-                           input="\n".join(paths) + "\n", capture_output=True, text=True, check=True).stdout
+    sizes = subprocess.run(
+        ["git", "cat-file", "--batch-check=%(objectname) %(objecttype) %(objectsize)"],
+        cwd=root,
+        input="\n".join(paths) + "\n",
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     out = []
     for line in sizes.splitlines():
         sha, kind, size = line.split()
@@ -115,8 +121,13 @@ def measure(train_rows: int, pool: list[dict], args) -> dict:
     root = Path(tempfile.mkdtemp(prefix=f"nlistral-scale-{train_rows}-"))
     copy_repo(root)
     sizes = write_splits(root / "data" / "sample", pool, train_rows)
-    overrides = [f"train.max_steps={args.steps}", f"train.eval_steps={args.steps}", f"train.save_steps={args.steps}",
-                 f"eval.limit={args.eval_rows}", f"eval.test_sets.diagnostic.limit={args.eval_rows}"]
+    overrides = [
+        f"train.max_steps={args.steps}",
+        f"train.eval_steps={args.steps}",
+        f"train.save_steps={args.steps}",
+        f"eval.limit={args.eval_rows}",
+        f"eval.test_sets.diagnostic.limit={args.eval_rows}",
+    ]
     sh(sys.executable, "-m", "nlistral", "params", *overrides, cwd=root)
     bench = root / ".bench"
     (bench / "bin").mkdir(parents=True)
@@ -162,8 +173,16 @@ def measure(train_rows: int, pool: list[dict], args) -> dict:
         table.append({"stage": name, "wall_s": run.get("wall_s"), "peak_rss_mb": run.get("max_rss_kb", 0) / 1024,
                       "output_bytes": sum(stage["outs"].values()), "git_bytes_result": result_git.get(name, 0),
                       "git_bytes_experiment": exp_git.get(name, 0) if stage["cmd"] in exp_runs else None})  # fmt: skip
-    table.append({"stage": "other", "wall_s": None, "peak_rss_mb": None, "output_bytes": None,
-                  "git_bytes_result": result_git.get("other", 0), "git_bytes_experiment": exp_git.get("other", 0)})
+    table.append(
+        {
+            "stage": "other",
+            "wall_s": None,
+            "peak_rss_mb": None,
+            "output_bytes": None,
+            "git_bytes_result": result_git.get("other", 0),
+            "git_bytes_experiment": exp_git.get("other", 0),
+        }
+    )
     shutil.rmtree(root)
     return {"train_rows": train_rows, "sizes": sizes, "repro_wall_s": repro_wall, "experiment_wall_s": exp_wall,
             "git_bytes_result": sum(result_git.values()), "git_bytes_experiment": sum(exp_git.values()),
@@ -175,15 +194,20 @@ def show(result: dict) -> None:
         return "–" if value is None else format(value, fmt)
 
     sizes = result["sizes"]
-    print(f"\n## {sizes['train']} train / {sizes['dev']} dev / {sizes['test']} test rows: `dvc repro` "
-          f"{result['repro_wall_s']:.0f} s, experiment {result['experiment_wall_s']:.0f} s; git bytes added: result "
-          f"commit {result['git_bytes_result']:,}, experiment commit {result['git_bytes_experiment']:,}\n")
+    print(
+        f"\n## {sizes['train']} train / {sizes['dev']} dev / {sizes['test']} test rows: `dvc repro` "
+        f"{result['repro_wall_s']:.0f} s, experiment {result['experiment_wall_s']:.0f} s; git bytes added: result "
+        f"commit {result['git_bytes_result']:,}, experiment commit {result['git_bytes_experiment']:,}\n"
+    )
     print("| stage | wall s | peak RSS MB | output bytes | git bytes, result commit | git bytes, experiment commit |")
     print("|---|---:|---:|---:|---:|---:|")
     for row in result["stages"]:
-        print(f"| {row['stage']} | {cell(row['wall_s'], '.1f')} | {cell(row['peak_rss_mb'], '.0f')} | "
-              f"{cell(row['output_bytes'], ',')} | {row['git_bytes_result']:,} | "
-              f"{cell(row['git_bytes_experiment'], ',')} |", flush=True)
+        print(
+            f"| {row['stage']} | {cell(row['wall_s'], '.1f')} | {cell(row['peak_rss_mb'], '.0f')} | "
+            f"{cell(row['output_bytes'], ',')} | {row['git_bytes_result']:,} | "
+            f"{cell(row['git_bytes_experiment'], ',')} |",
+            flush=True,
+        )
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """Wall time of a two-point train sweep through `dvc queue`: one worker, two workers with torch's default threads
-(every core each), and two workers with OMP_NUM_THREADS = cores / 2 (README: "Configuration and experiments").
+(every core each), and two workers with OMP_NUM_THREADS = cores / 2 (docs/experiments.md).
 
 Run from the repo root with the venv active:
     python bench/sweep.py [--rows 32] [--epochs 4]

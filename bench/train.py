@@ -60,8 +60,10 @@ def main():
         out = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(args.steps)],
                              capture_output=True, text=True, check=True).stdout  # fmt: skip
         r = json.loads(out.strip().splitlines()[-1])
-        print(f"{name:38} {r['steps']:>5} {r['tokens_per_s']:>10} {r['steps_per_s']:>8} {r['peak_mem_gib']:>9}  "
-              f"{r['memory']}")
+        print(
+            f"{name:38} {r['steps']:>5} {r['tokens_per_s']:>10} {r['steps_per_s']:>8} {r['peak_mem_gib']:>9}  "
+            f"{r['memory']}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -20,6 +21,20 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def doc_pages() -> list[Path]:
+    """README.md (the entrance) and the docs/ pages its sections moved to."""
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def doc_section(heading: str) -> str:
+    """The text of the `## <heading>...` section (a heading starting so) in README.md or the docs/ page holding it."""
+    for page in doc_pages():
+        parts = re.split(rf"(?m)^## {re.escape(heading)}.*$", page.read_text(), maxsplit=1)
+        if len(parts) == 2:
+            return parts[1].split("\n## ", 1)[0]
+    raise AssertionError(f"no '## {heading}' section in README.md or docs/")
 
 
 @pytest.fixture

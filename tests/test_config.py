@@ -7,7 +7,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from nlistral.config import ConfigError, compose_params, load_config
+from nlistral.config import ConfigError, compose_params, load_config, validate
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -24,7 +24,10 @@ def test_params_yaml_is_the_composition_of_conf():
     "override", [f"{group}={path.stem}" for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
 )
 def test_every_config_composes(override):
-    params = yaml.safe_load(compose_params([override], conf_dir=CONF))
+    """... and passes the schema (nlistral.schema): no shipped option is refused."""
+    text = compose_params([override], conf_dir=CONF)
+    validate(OmegaConf.create(text))
+    params = yaml.safe_load(text)
     for key in ("data", "teacher", "reflector", "model", "train", "eval", "sft", "mlflow"):
         assert key in params
 

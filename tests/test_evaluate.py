@@ -28,6 +28,9 @@ from nlistral.model import load_adapter_model, load_tokenizer
 from nlistral.scoring import eval_rows, score
 from nlistral.stages import StageError, base_model, evaluate, evaluate_base, evaluate_teacher, train
 
+# `pytest -n 2 --dist loadgroup` (pytest-xdist) keeps this module on one worker: its module fixtures are built once
+pytestmark = pytest.mark.xdist_group("evaluate")
+
 METRIC_KEYS = {"model", "model_id", "n", "accuracy", "accuracy_ci95", "precision", "recall", "f1", "macro_precision",
                "macro_recall", "macro_f1", "parse_failures", "parse_failure_rate", "parse_failures_by_reason",
                "accuracy_parsed", "confusion", "samples_per_s", "output_tokens_per_s", "wall_time_s"}  # fmt: skip

@@ -14,8 +14,12 @@ from nlistral.stages import base_model, evaluate, train
 from nlistral.stages.sft import in_format
 
 FORMATS = ("cot", "label_first", "label_only", "multitask")
-TASKS = {"cot": ("cot",), "label_first": ("label_first",), "label_only": ("label",),
-         "multitask": ("label", "rationale")}
+TASKS = {
+    "cot": ("cot",),
+    "label_first": ("label_first",),
+    "label_only": ("label",),
+    "multitask": ("label", "rationale"),
+}
 LABEL_TOKENS = 12  # `{"predicted_label": 1,` and its stop: a handful of tokens in any tokenizer
 # Enough steps for the tiny model to learn each format's shape: every output parses.
 TRAINED = {**FAST, "train.max_steps": 80, "train.learning_rate": 5.0e-3, "model.load_in_4bit": False,
@@ -72,7 +76,8 @@ def test_generation_stops_at_the_label_when_it_comes_first(formats):
     assert min(tokens["cot"]) > 3 * LABEL_TOKENS  # cot writes its rationale before the label
     label_first = formats["label_first"][3]
     assert {p["parse_method"] for p in label_first} == {"label_prefix"} and '"thought_process"' not in str(
-        [p["output"] for p in label_first])
+        [p["output"] for p in label_first]
+    )
 
 
 def test_the_server_engine_asks_a_label_first_task_to_stop_at_the_label(workdir):

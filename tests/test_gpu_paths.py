@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, doc_pages
 from omegaconf import OmegaConf
 
 from nlistral.config import compose_params
@@ -69,6 +69,6 @@ def test_the_image_runs_as_the_users_uid_and_gpu_runs_share_memory():
     users = [line.split()[1] for line in lines if line.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
     assert any(line.startswith("ARG UID") for line in lines)
-    documented = (REPO / "README.md").read_text() + (REPO / "Dockerfile").read_text()
+    documented = "".join(page.read_text() for page in [*doc_pages(), REPO / "Dockerfile"])
     gpu_runs = [line for line in documented.splitlines() if "docker run" in line and "--gpus" in line]
     assert len(gpu_runs) >= 3 and all("--ipc=host" in line for line in gpu_runs)  # vLLM's image asks for it too

@@ -27,3 +27,10 @@ def test_outputs_get_the_usual_file_mode(tmp_path):
     finally:
         os.umask(mask)
     assert stat.S_IMODE((tmp_path / "rows.jsonl").stat().st_mode) == 0o644
+
+
+def test_no_records_is_one_empty_line_that_reads_as_no_records(tmp_path):
+    """DVC warns "is empty" about a 0-byte output (a run with no failed row); a blank line is no record."""
+    assert write_jsonl(tmp_path / "failed.jsonl", []) == 0
+    assert (tmp_path / "failed.jsonl").read_bytes() == b"\n"
+    assert read_jsonl(tmp_path / "failed.jsonl") == []

@@ -13,12 +13,13 @@ import boto3
 import botocore.exceptions
 import mlflow
 import pytest
-from conftest import REPO, free_port, serving
+from conftest import REPO, doc_section, free_port, serving
 from llm_server import KEY, LLMServer
 
 from nlistral.io import read_jsonl
 
-pytestmark = pytest.mark.slow
+# `pytest -n 2 --dist loadgroup` (pytest-xdist) keeps this module on one worker: its module fixtures are built once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipeline")]
 # `git commit` and `dvc exp run` need an identity; CI machines may have none configured.
 GIT_IDENTITY = {f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")
                 for what, value in (("NAME", "nlistral-tests"), ("EMAIL", "tests@nlistral.invalid"))}  # fmt: skip
@@ -28,11 +29,28 @@ ROWS = {"train": 32, "dev": 12, "test": 12}
 METRIC_KEYS = {
     "metrics/thoughts_train.json": {"rows", "ok", "failed", "correct", "accuracy", "requests", "cost_usd"},
     "metrics/reflections_train.json": {"rows", "ok", "failed", "verified", "unresolved", "success_rate"},
-    "metrics/sft_train.json": {"rows", "rows_by_source", "label_counts", "teacher_accuracy", "dropped",
-                               "reflection_success_rate", "prompt_tokens", "completion_tokens"},  # fmt: skip
+    "metrics/sft_train.json": {
+        "rows",
+        "rows_by_source",
+        "label_counts",
+        "teacher_accuracy",
+        "dropped",
+        "reflection_success_rate",
+        "prompt_tokens",
+        "completion_tokens",
+    },  # fmt: skip
     "metrics/train.json": {"train_loss"},
-    "metrics/eval.json": {"accuracy", "accuracy_ci95", "precision", "recall", "f1", "macro_f1", "parse_failures",
-                          "confusion", "comparisons"},
+    "metrics/eval.json": {
+        "accuracy",
+        "accuracy_ci95",
+        "precision",
+        "recall",
+        "f1",
+        "macro_f1",
+        "parse_failures",
+        "confusion",
+        "comparisons",
+    },
     "metrics/eval_base.json": {"accuracy", "accuracy_ci95", "parse_failures_by_reason"},
     "metrics/eval_teacher.json": {"accuracy", "accuracy_ci95", "cost_usd", "requests"},
 }
@@ -138,8 +156,33 @@ def pipeline(tmp_path_factory, llm):
     run("git", "init", "-q", cwd=root)
     run("git", "add", "-A", cwd=root)
     run("git", "commit", "-qm", "copy", cwd=root)
-    run("dvc", "repro", cwd=root)
+    REPRO_OUTPUT[root] = run("dvc", "repro", cwd=root)
     return root
+
+
+REPRO_OUTPUT: dict[Path, str] = {}  # the pipeline's `dvc repro` output, stages' included
+# What a warning looks like in it: Python's warnings, a library's WARNING log line, DVC's "is empty"
+WARNING = re.compile(r"Warning\b|\bWARNING\b|is empty\.|pip install ")
+
+
+def test_a_clean_run_prints_no_warning(pipeline):
+    warnings = [line for line in REPRO_OUTPUT[pipeline].splitlines() if WARNING.search(line)]
+    assert not warnings, "\n".join(warnings)
+
+
+def test_the_run_ends_on_the_tables_within_80_columns(pipeline):
+    """`make run`'s last command: the three models on the test split and on each extra set, and where things are."""
+    out = run(sys.executable, "-m", "nlistral", "summary", cwd=pipeline)
+    assert max(len(line) for line in out.splitlines()) <= 80, out
+    test_table = out.split("\n\n")[0].splitlines()
+    assert [line.split("  ")[0] for line in test_table[2:]] == ["fine-tuned", "base zero-shot", "teacher"], out
+    eval_json = json.loads((pipeline / "metrics/eval.json").read_text())
+    assert f"{eval_json['accuracy'] * 100:.1f}" in test_table[2]
+    assert f"{eval_json['comparisons']['base']['mcnemar_p']:.3g}" in test_table[3]
+    for name in ("diagnostic", "hanslike"):
+        assert f"Extra test set {name}, " in out
+    for where in ("reports/results.md", "reports/index.html", "dvc metrics show", "dvc plots show", "mlflow ui"):
+        assert where in out
 
 
 def test_counts_add_up(pipeline):
@@ -208,8 +251,8 @@ def s3_remote(tmp_path):
 
 
 def readme_blocks(heading: str) -> list[list[str]]:
-    """The ```bash blocks of a README section, one command per line, end-of-line comments removed."""
-    section = (REPO / "README.md").read_text().split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+    """The ```bash blocks of a README or docs/ section, one command per line, end-of-line comments removed."""
+    section = doc_section(heading)
     blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL)
     return [[re.sub(r"\s+#.*", "", line) for line in block.splitlines() if line.strip()] for block in blocks]
 
@@ -305,11 +348,15 @@ def test_a_sweep_on_two_queue_workers_reruns_only_training_and_logs_a_named_run_
         ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
         assert ran == {"train", "evaluate", "report"} | tuned, (name, out[-3000:])
 
-    mlflow_runs = sqlite3.connect(pipeline / "mlflow.db").execute(
-        "SELECT r.name, p.value, t.value, m.value FROM runs r JOIN params p ON p.run_uuid = r.run_uuid "
-        "AND p.key = 'train.learning_rate' JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'torch_threads' "
-        "JOIN latest_metrics m ON m.run_uuid = r.run_uuid AND m.key = 'test_accuracy'"
-    ).fetchall()
+    mlflow_runs = (
+        sqlite3.connect(pipeline / "mlflow.db")
+        .execute(
+            "SELECT r.name, p.value, t.value, m.value FROM runs r JOIN params p ON p.run_uuid = r.run_uuid "
+            "AND p.key = 'train.learning_rate' JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'torch_threads' "
+            "JOIN latest_metrics m ON m.run_uuid = r.run_uuid AND m.key = 'test_accuracy'"
+        )
+        .fetchall()
+    )
     swept = {name: (float(lr), threads) for name, lr, threads, _ in mlflow_runs}
     assert len(mlflow_runs) == len(SWEEP) and swept == {name: (lr, threads) for name, lr in SWEEP.items()}, mlflow_runs
 
@@ -390,8 +437,9 @@ def start(command, cwd) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
 
 
-def test_two_machines_run_experiments_at_once_share_them_and_ask_no_llm(pipeline, llm, s3_remote, tracking_server,
-                                                                          tmp_path):
+def test_two_machines_run_experiments_at_once_share_them_and_ask_no_llm(
+    pipeline, llm, s3_remote, tracking_server, tmp_path
+):
     """README "Run experiments on several machines", verbatim: A (the pipeline's repo) and B (a fresh clone) each
     run a train experiment at the same time, logging to one `mlflow server`; each pulls the other's and reports
     both. No stage of either asks the LLM server anything."""

@@ -214,7 +214,8 @@ def test_every_format_is_written_from_the_same_verified_rows(stage, name):
     rows, metrics = stage(thoughts, reflections, f"sft.format={name}")
     expected = FORMAT_ROWS[name]
     assert sorted((r["id"], r["source"], r["task"]) for r in rows) == sorted(
-        (i, source, task) for i, source in (("1", "original"), ("2", "reflected")) for task, _ in expected)
+        (i, source, task) for i, source in (("1", "original"), ("2", "reflected")) for task, _ in expected
+    )
     assert metrics["rows"] == 2 * len(expected) and metrics["examples"] == 2 and metrics["format"] == name
     assert metrics["rows_by_task"] == {task: 2 for task, _ in expected} and metrics["dropped"] == {"leak_dev": 1}
     instructions = set()
@@ -238,7 +239,10 @@ def test_label_only_can_train_on_every_gold_labelled_row(stage):
     thoughts = [thought("0", "A man cooks.", "A person cooks.", 1), thought("1", "A cat naps.", "A dog.", 0, False)]
     rows, metrics = stage(thoughts, [], "sft.format=label_only", "sft.label_rows=all")
     assert sorted((r["id"], r["source"], r["task"], r["label"]) for r in rows) == [
-        ("0", "original", "label", 1), ("1", "gold", "label", 0), ("2", "gold", "label", 0)]
+        ("0", "original", "label", 1),
+        ("1", "gold", "label", 0),
+        ("2", "gold", "label", 0),
+    ]
     assert metrics["rows_by_source"] == {"original": 1, "reflected": 0, "gold": 2}
     with pytest.raises(ConfigError, match="sft.label_rows"):
         stage(thoughts, [], "sft.label_rows=all")  # cot cannot train on a row without a rationale

@@ -22,7 +22,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, doc_section
 from dvc.cli import main as dvc_main
 
 from nlistral.config import compose_params
@@ -94,7 +94,7 @@ def run_block(block: str, caplog) -> None:
 
 def readme_imports() -> str:
     """The first shell block of the README's "Start from the study's data" section: the imports, as written."""
-    section = (REPO / "README.md").read_text().split("## Start from the study's data")[1].split("\n## ")[0]
+    section = doc_section("Start from the study's data")
     return re.search(r"```bash\n(.*?)```", section, re.DOTALL).group(1)
 
 

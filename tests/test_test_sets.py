@@ -14,6 +14,9 @@ from nlistral.config import compose_params, load_config
 from nlistral.io import read_jsonl
 from nlistral.stages import evaluate_set, summarise_set
 
+# `pytest -n 2 --dist loadgroup` (pytest-xdist) keeps this module on one worker: its module fixtures are built once
+pytestmark = pytest.mark.xdist_group("test_sets")
+
 CSV_ROWS = [  # id, premise, hypothesis, label, phenomenon
     ("n1", "The lamp is not on.", "The lamp is on.", 0, "negation"),
     ("n2", "Nobody is in the room.", "Someone is in the room.", 0, "negation"),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import REPO, free_port, serving
+from conftest import REPO, doc_pages, free_port, serving
 from omegaconf import OmegaConf
 
 from nlistral import cli, tracking
@@ -95,10 +95,11 @@ UI_URL = re.compile(r"http://127\.0\.0\.1:5000(/#/experiments/\d+/runs\?[\w=&]+)
 
 
 def runs_url_path() -> str:
-    """The path of the runs-table URL in README's MLflow section, the same one `make run` prints at its end."""
-    [path] = set(UI_URL.findall((REPO / "README.md").read_text()))
-    run_target = re.search(r"^run:.*?\n(?=\S)", (REPO / "Makefile").read_text(), re.M | re.S).group()
-    assert UI_URL.findall(run_target) == [path], "the Makefile's `run` target names another MLflow URL than README"
+    """The path of the runs-table URL in README's MLflow section, the same one `make run` prints at its end
+    (`nlistral summary`)."""
+    [path] = set(UI_URL.findall("".join(page.read_text() for page in doc_pages())))
+    printed = (REPO / "src" / "nlistral" / "summary.py").read_text()
+    assert UI_URL.findall(printed) == [path], "`nlistral summary` (make run) names another MLflow URL than README"
     return path
 
 

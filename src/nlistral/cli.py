@@ -7,7 +7,9 @@ import os
 import signal
 import sys
 
-from nlistral.config import PARAMS_FILE, ConfigError, compose_params, load_config
+from omegaconf import OmegaConf
+
+from nlistral.config import PARAMS_FILE, ConfigError, compose_params, load_config, validate
 from nlistral.paths import PREDICTIONS, SET_PREDICTIONS, MissingInput
 from nlistral.stages import StageError
 
@@ -63,8 +65,12 @@ def _parser() -> argparse.ArgumentParser:
         )
     report = sub.choices["report"]
     chosen = report.add_mutually_exclusive_group()
-    chosen.add_argument("--experiments", nargs="+", metavar="EXP",
-                        help="print the test table across these DVC experiments (names or git revisions) instead")
+    chosen.add_argument(
+        "--experiments",
+        nargs="+",
+        metavar="EXP",
+        help="print the test table across these DVC experiments (names or git revisions) instead",
+    )
     chosen.add_argument("--all", action="store_true", help="the same across every experiment of this commit")
     report.add_argument("--reference", metavar="EXP", help="compare each experiment against this one "
                         "(default: the first listed); with --group-by, a configuration (sft.format=cot) or an "
@@ -80,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     estimate.add_argument("--split", action="append", choices=("train", "dev"), help="default: both")
     estimate.add_argument("--json", action="store_true", help="one JSON object")
     estimate.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. teacher=mistral")
+    sub.add_parser("summary", help="the test tables and where the outputs are (what `make run` ends on)")
     params = sub.add_parser("params", help="compose conf/ into params.yaml (what `dvc exp run` does)")
     params.add_argument("overrides", nargs="*", metavar="OVERRIDE", help="Hydra overrides: experiment=no_reflections")
     compare = sub.add_parser(
@@ -132,8 +139,13 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.command == "params":
-            PARAMS_FILE.write_text(compose_params(args.overrides), encoding="utf-8")
+            params = compose_params(args.overrides)
+            validate(OmegaConf.create(params))  # what a stage would refuse never reaches params.yaml
+            PARAMS_FILE.write_text(params, encoding="utf-8")
             print(f"wrote {PARAMS_FILE}")
+            return 0
+        if args.command == "summary":
+            importlib.import_module("nlistral.summary").run(load_config())
             return 0
         if args.command == "compare":
             _compare(args)

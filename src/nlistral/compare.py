@@ -35,7 +35,7 @@ def _sample(ids) -> str:
 
 
 def compare_records(a_rows, b_rows, a_name: str, b_name: str, resamples: int, seed: int) -> dict:
-    """The comparison object (README: Comparing runs) of B against A, matched by id, in A's order."""
+    """The comparison object (docs/evaluation.md: Comparing runs) of B against A, matched by id, in A's order."""
     a, b = _by_id(a_rows, a_name), _by_id(b_rows, b_name)
     if a.keys() != b.keys():
         raise CompareError(

@@ -94,4 +94,17 @@ def load_config(overrides=(), params_file=PARAMS_FILE, conf_dir=CONF_DIR) -> Dic
         value = OmegaConf.select(cfg, key)
         if value is not None and not isinstance(value, str):
             OmegaConf.update(cfg, key, str(value))
+    validate(cfg)
     return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Types, ranges and choices (nlistral.schema): ConfigError naming the first wrong key and value."""
+    from nlistral.schema import check
+
+    params = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    for key in STRING_KEYS:  # as load_config reads them
+        value = OmegaConf.select(params, key)
+        if value is not None and not isinstance(value, str):
+            OmegaConf.update(params, key, str(value))
+    check(OmegaConf.to_container(params))

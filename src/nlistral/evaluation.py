@@ -99,7 +99,7 @@ def generate(model, tokenizer, prompts, batch_size: int, max_new_tokens: int, st
 def check_engine(cfg) -> None:
     """`eval.engine` is one of ENGINES; checked before any model is loaded."""
     if cfg.eval.engine not in ENGINES:
-        hint = "; vLLM runs as a server: eval.engine=server (README: Evaluation)" if cfg.eval.engine == "vllm" else ""
+        hint = "; vLLM runs as a server: eval.engine=server (docs/evaluation.md)" if cfg.eval.engine == "vllm" else ""
         raise ConfigError(f"eval.engine={cfg.eval.engine!r}: choose from {', '.join(ENGINES)}{hint}")
 
 

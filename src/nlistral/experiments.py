@@ -87,9 +87,16 @@ def table(runs: dict, reference: str, resamples: int, seed: int) -> str:
             ids = list(ref)
             c = paired_comparison([ref[i] for i in ids], [run["correct"][i] for i in ids], resamples, seed)
             versus = (f"{pct(c['difference'], True)} pp {interval(c['difference_ci95'], True)}", pvalue(c["mcnemar_p"]))
-        cells = [f"`{name}`", str(result["n"]), pct(result["accuracy"]), interval(result["accuracy_ci95"]),
-                 f"{result['macro_f1']:g}", pct(result["parse_failure_rate"]),
-                 *(pct(run[b]["accuracy"]) if run[b] else "not evaluated" for b in ("base", "teacher")), *versus]
+        cells = [
+            f"`{name}`",
+            str(result["n"]),
+            pct(result["accuracy"]),
+            interval(result["accuracy_ci95"]),
+            f"{result['macro_f1']:g}",
+            pct(result["parse_failure_rate"]),
+            *(pct(run[b]["accuracy"]) if run[b] else "not evaluated" for b in ("base", "teacher")),
+            *versus,
+        ]
         lines.append("| " + " | ".join(cells) + " |")  # fmt: skip
     return "\n".join(lines)
 

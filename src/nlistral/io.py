@@ -34,11 +34,15 @@ def atomic_open(path, mode="w"):
 
 
 def write_jsonl(path, records) -> int:
+    """One JSON object a line. A file of no records holds one empty line: DVC warns about every 0-byte output
+    (`failed` and `suspect` files are usually empty), and JSONL readers skip blank lines (`read_jsonl` does)."""
     count = 0
     with atomic_open(path) as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
             count += 1
+        if not count:
+            handle.write("\n")
     return count
 
 

@@ -39,8 +39,8 @@ STUDENT_INSTRUCTION = (
     "Give your reasoning and the final label (1 = entailment, 0 = no entailment) as JSON: "
     '{"thought_process": "...", "predicted_label": 0 or 1}'
 )
-# The student's tasks (sft.format picks which it trains on; README: Fine-tuning formats). Each instruction says which
-# answer is expected, and the completion holds exactly those keys in that order. `label` and `rationale` carry
+# The student's tasks (sft.format picks which it trains on; docs/experiments.md: Did the rationales help). Each
+# instruction says which answer is expected, and the completion holds exactly those keys in that order. `label` and `rationale` carry
 # Distilling step-by-step's task prefixes (Hsieh et al. 2023), so a multitask model tells its two tasks apart.
 STUDENT_INSTRUCTIONS = {
     "cot": STUDENT_INSTRUCTION,

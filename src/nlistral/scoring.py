@@ -23,7 +23,7 @@ def eval_rows(cfg):
 
 
 def prediction(row, text: str | None, finish_reason: str | None, output_tokens: int, answer=None) -> dict:
-    """One row of predictions*.jsonl (README: Evaluation). `answer` defaults to reading `text`."""
+    """One row of predictions*.jsonl (docs/evaluation.md: Evaluation). `answer` defaults to reading `text`."""
     answer = answer or read_answer(text, finish_reason)
     return {
         "id": str(row.id),
@@ -81,7 +81,7 @@ def score(true_labels, predicted_labels) -> dict:
 
 
 def eval_metrics(cfg, records, model: str, model_id: str, wall: float) -> dict:
-    """The metrics*.json object shared by the three evaluate stages (README: Evaluation)."""
+    """The metrics*.json object shared by the three evaluate stages (docs/evaluation.md: Evaluation)."""
     metrics = {"model": model, "model_id": model_id}
     metrics |= score([r["true_label"] for r in records], [r["predicted_label"] for r in records])
     metrics["accuracy_ci95"] = accuracy_ci([r["correct"] for r in records], cfg.eval.bootstrap, cfg.eval.seed)

@@ -31,7 +31,7 @@ from nlistral.revision import git
 log = logging.getLogger(__name__)
 
 SQLITE = "sqlite:///"
-# MLflow's UI reads this tag in older releases; MLflow 3.17 ignores it (see README "MLflow": open the runs URL).
+# MLflow's UI reads this tag in older releases; MLflow 3.17 ignores it (docs/experiments.md "MLflow": the runs URL).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # MLflow's HTTP client retries a dead server for minutes per call by default; these apply unless the user set them.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",

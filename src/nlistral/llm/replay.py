@@ -71,7 +71,7 @@ class ReplayClient:
         source = Path(str(cfg.replay_from))
         if not source.exists():
             raise MissingInput(f"{source} not found: replay_from names no recording (the study's: import them as in "
-                               "README, 'Start from the study's data')")  # fmt: skip
+                               "docs/data.md, 'Start from the study's data')")  # fmt: skip
         files = sorted(p for p in source.iterdir() if p.suffix in SUFFIXES) if source.is_dir() else [source]
         self.source = source
         self.tally = Tally()  # replayed answers are not requests: the engine reports `requests: 0`

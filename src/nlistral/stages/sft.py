@@ -75,8 +75,16 @@ def candidates(thought_rows, reflection_rows, include_reflections: bool) -> list
 def gold_rows(data_dir, split: str, explained: list[dict]) -> list[dict]:
     """sft.label_rows=all: label-task rows (source `gold`) for the split's rows no candidate explains."""
     have = {r["id"] for r in explained}
-    return [sft_row("gold", {"id": r.id, "premise": r.premise, "hypothesis": r.hypothesis, "true_label": int(r.label)},
-                    None, task="label") for r in load_split(data_dir, split).itertuples() if str(r.id) not in have]
+    return [
+        sft_row(
+            "gold",
+            {"id": r.id, "premise": r.premise, "hypothesis": r.hypothesis, "true_label": int(r.label)},
+            None,
+            task="label",
+        )
+        for r in load_split(data_dir, split).itertuples()
+        if str(r.id) not in have
+    ]
 
 
 def in_format(rows, tasks) -> list[dict]:
@@ -263,8 +271,11 @@ def run(cfg, split: str) -> dict:
         kept_lengths = [dict(zip(LENGTH_FIELDS, (r["id"], r["source"], r["task"], *token_lengths(tokenizer, r)),
                                  strict=True)) for r in kept]  # fmt: skip
     write_csv(paths.PLOT_LENGTHS.format(split=split), kept_lengths, LENGTH_FIELDS)
-    write_csv(paths.PLOT_TEACHER_ACCURACY.format(split=split), teacher_accuracy_by_length(thought_rows, tokenizer),
-              ACCURACY_FIELDS)
+    write_csv(
+        paths.PLOT_TEACHER_ACCURACY.format(split=split),
+        teacher_accuracy_by_length(thought_rows, tokenizer),
+        ACCURACY_FIELDS,
+    )
     metrics = sft_metrics(cfg, thought_rows, reflection_rows, suspects, candidates_n, kept, kept_lengths, dropped,
                           over_length_kept)  # fmt: skip
     write_json(paths.SFT_METRICS.format(split=split), metrics)

@@ -86,12 +86,15 @@ def fingerprint(cfg) -> str:
 
 def run_tags(cfg) -> dict:
     """Where the run came from, beyond the git commit and DVC experiment (tracking.start_run tags those): the base
-    model, the fine-tuning data's digests, and the CPU threads torch used (OMP_NUM_THREADS; README: sweeps)."""
+    model, the fine-tuning data's digests, and the CPU threads torch used (OMP_NUM_THREADS; docs/experiments.md)."""
     info = base_info()
     source = info.get("source")  # a GGUF file that base_model converted
     tags = {
-        "base_model": f"tiny ({cfg.model.name})" if info.get("built_tiny") else
-        f"{source['name_or_path']} ({source['gguf_file']})" if source else info["name_or_path"],
+        "base_model": f"tiny ({cfg.model.name})"
+        if info.get("built_tiny")
+        else f"{source['name_or_path']} ({source['gguf_file']})"
+        if source
+        else info["name_or_path"],
         "base_model_revision": info.get("revision"),
         "torch_threads": str(torch.get_num_threads()),
     }

@@ -1,0 +1,73 @@
+"""`nlistral summary`: what `make run` ends on. The test table (three models: accuracy with its 95% CI, parse
+failures, the fine-tuned model minus each baseline with its paired 95% CI and McNemar p), the same per extra test
+set, and where the report, metrics, plots and runs are; at most 80 columns. Every figure comes from the metrics
+files the report reads, rounded to 0.1 point here (reports/results.md shows them to 0.01).
+"""
+
+from nlistral import paths
+from nlistral.stages.report import MODEL_NAMES, is_embedded, test_results, test_set_results
+
+WIDTH = 80
+HEADER = ("model", "acc.", "95% CI", "unparsed", "fine-tuned - this", "McNemar p")
+
+
+def _pct(value, signed=False) -> str:
+    return "–" if value is None else f"{value * 100:{'+' if signed else ''}.1f}"
+
+
+def _interval(bounds, signed=False) -> str:
+    return f"[{_pct(bounds[0], signed)}, {_pct(bounds[1], signed)}]"
+
+
+def rows(results: dict, comparisons: dict) -> list[tuple[str, ...]]:
+    """One row per model: its accuracy and, for a baseline, the fine-tuned model's difference from it."""
+    lines = []
+    for name, r in results.items():
+        versus = ("", "")
+        if c := comparisons.get(name):
+            versus = (f"{_pct(c['difference'], True)} {_interval(c['difference_ci95'], True)}", f"{c['mcnemar_p']:.3g}")
+        lines.append((MODEL_NAMES[name], _pct(r["accuracy"]), _interval(r["accuracy_ci95"]),
+                      _pct(r["parse_failure_rate"]), *versus))  # fmt: skip
+    return lines
+
+
+def table(title: str, results: dict, comparisons: dict) -> str:
+    """`title`, its row count (the models were scored on the same rows) and the table."""
+    counts = {r["n"] for r in results.values()}
+    rows_ = (
+        f"{counts.pop()} rows"
+        if len(counts) == 1
+        else "rows: " + ", ".join(f"{n} {r['n']}" for n, r in results.items())
+    )
+    lines = rows(results, comparisons)
+    widths = [max(len(line[i]) for line in [HEADER, *lines]) for i in range(len(HEADER))]
+    text = [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in [HEADER, *lines]
+    ]
+    return "\n".join([f"{title}, {rows_} (percentages, 95% CIs):", *(line.rstrip() for line in text)])
+
+
+def render(cfg) -> str:
+    results = test_results()
+    out = [table("Test split", results, results["fine-tuned"].get("comparisons", {}))]
+    for name, s in test_set_results(cfg).items():
+        out += ["", table(f"Extra test set {name}", s["models"], s.get("comparisons", {}))]
+    if is_embedded(cfg):
+        out += ["", "Embedded profile (stand-in LLMs, tiny model): these numbers are not a result."]
+    out += [
+        "",
+        f"Report:  {paths.REPORT_RESULTS} (every table), {paths.REPORT_PAGE} (a browser),",
+        f"         {paths.REPORT_MODEL_CARD}, {paths.REPORT_DATASET_CARD}",
+        f"Metrics: metrics/, {paths.SET_METRICS.format(set='<set>')}: .venv/bin/dvc metrics show",
+        "Plots:   .venv/bin/dvc plots show",
+        "Runs:    .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db, then open",
+        "  http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning",
+    ]
+    return "\n".join(out)
+
+
+def run(cfg) -> None:
+    print(render(cfg))
