@@ -9,13 +9,14 @@ samples_per_s (generation only), accuracy and parse failures. A label-first form
 """
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from nlistral import cli
+from nlistral.io import read_metrics
+from nlistral.paths import EVAL_METRICS
 
 REPO = Path(__file__).resolve().parents[1]
 FORMATS = ("cot", "label_first", "label_only")
@@ -56,7 +57,7 @@ def main():
                 stage("sft", "--split", split, *overrides)
             stage("train", *overrides)
             stage("evaluate", *overrides)
-            results[name] = json.loads(Path("metrics/eval.json").read_text())
+            results[name] = read_metrics(EVAL_METRICS)  # with its timings (metrics/speed/eval.json)
     print(f"\n{'format':<12} {'task':<12} {'tokens/row':>10} {'samples/s':>10} {'accuracy':>9} {'unparsed':>9}")
     for name, m in results.items():
         print(f"{name:<12} {m['task']:<12} {m['output_tokens_per_row']:>10} {m['samples_per_s']:>10} "

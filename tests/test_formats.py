@@ -8,10 +8,13 @@ from pathlib import Path
 import pytest
 from test_model_stages import FAST, PAIRS, make_cfg, write_inputs
 
-from nlistral.io import read_jsonl, write_jsonl
+from nlistral.io import read_jsonl, read_metrics, write_jsonl
 from nlistral.prompts import student_prompt
 from nlistral.stages import base_model, evaluate, train
 from nlistral.stages.sft import in_format
+
+# `pytest -n 2 --dist loadgroup` (pytest-xdist) keeps this module on one worker: its module fixture is built once
+pytestmark = pytest.mark.xdist_group("formats")
 
 FORMATS = ("cot", "label_first", "label_only", "multitask")
 TASKS = {
@@ -59,7 +62,7 @@ def formats(tmp_path_factory):
 def test_each_format_trains_and_its_evaluation_reads_the_labels(formats, name):
     root, rows, metrics, predictions = formats[name]
     assert {r["task"] for r in rows} == set(TASKS[name]) and len(rows) == 30 * len(TASKS[name])
-    assert json.loads((root / "metrics/eval.json").read_text()) == metrics
+    assert read_metrics(root / "metrics/eval.json") == metrics
     assert metrics["task"] == {"cot": "cot", "label_first": "label_first"}.get(name, "label")
     assert metrics["n"] == 9 and metrics["parse_failures"] == 0, [p["output"] for p in predictions]
     assert all(p["predicted_label"] in (0, 1) and p["correct"] == (p["predicted_label"] == p["true_label"])

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from nlistral import prompts
 from nlistral.config import compose_params
-from nlistral.io import read_jsonl, write_json, write_jsonl
+from nlistral.io import content_digest, read_jsonl, read_metrics, write_json, write_jsonl
 from nlistral.model import load_base_model, load_tokenizer
 from nlistral.stages import base_model, evaluate, train
 from nlistral.trainer import build_trainer
@@ -31,6 +31,16 @@ PAIRS = [
 EVAL_KEYS = {"n", "accuracy", "precision", "recall", "f1", "parse_failures", "parse_failure_rate", "confusion"}
 TRAIN_KEYS = {"train_loss", "eval_loss", "steps", "epochs", "train_rows", "trainable_params", "wall_time_s",
               "rows_over_max_seq_length"}  # fmt: skip
+
+
+def adapter_run_id(tracking_uri, root) -> str:
+    """The one MLflow run tagged with the content digest of root's adapter: the run that trained it."""
+    client = mlflow.MlflowClient(tracking_uri)
+    digest = content_digest(root / "models/adapter")
+    [run] = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], f"tags.adapter_sha256 = '{digest}'"
+    )
+    return run.info.run_id
 
 
 def make_cfg(**overrides):
@@ -152,7 +162,8 @@ def test_training_example_has_one_bos_ends_with_eos_and_masks_the_prompt(pipelin
 def test_train_writes_adapter_metrics_and_one_mlflow_run(pipeline):
     root, cfg, results = pipeline
     metrics = results["train"]
-    assert json.loads((root / "metrics/train.json").read_text()) == metrics
+    assert read_metrics(root / "metrics/train.json") == metrics
+    assert "wall_time_s" not in json.loads((root / "metrics/train.json").read_text())  # in metrics/speed/train.json
     assert TRAIN_KEYS <= set(metrics)
     assert metrics["steps"] == 6 and metrics["train_rows"] == 30 and metrics["trainable_params"] > 0
     tokenizer = load_tokenizer(root / "models/base")
@@ -163,9 +174,9 @@ def test_train_writes_adapter_metrics_and_one_mlflow_run(pipeline):
     assert metrics["rows_over_max_seq_length"] == over and metrics["max_row_tokens"] == max(lengths)
 
     adapter = root / "models/adapter"
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "mlflow_run.json"):
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json"):
         assert (adapter / name).is_file(), name
-    run_id = json.loads((adapter / "mlflow_run.json").read_text())["run_id"]
+    run_id = adapter_run_id(f"sqlite:///{root / 'mlflow.db'}", root)
 
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     run = client.get_run(run_id)
@@ -187,7 +198,7 @@ def test_train_writes_adapter_metrics_and_one_mlflow_run(pipeline):
 def test_evaluate_counts_add_up(pipeline):
     root, _, results = pipeline
     metrics = results["eval"]
-    assert json.loads((root / "metrics/eval.json").read_text()) == metrics
+    assert read_metrics(root / "metrics/eval.json") == metrics
     assert EVAL_KEYS <= set(metrics)
     n = 9
     confusion = metrics["confusion"]
@@ -222,10 +233,9 @@ def test_evaluate_logs_to_a_new_linked_run_when_the_training_run_is_unknown(pipe
         (tmp_path / name).symlink_to(root / name)
     monkeypatch.chdir(tmp_path)
     evaluate.run(make_cfg(**FAST, **{"eval.limit": 2, "mlflow.tracking_uri": "sqlite:///other.db"}))
-    train_run = json.loads((root / "models/adapter/mlflow_run.json").read_text())["run_id"]
     client = mlflow.MlflowClient("sqlite:///other.db")
     [run] = client.search_runs([client.get_experiment_by_name("unit").experiment_id])
-    assert run.data.tags["adapter_run_id"] == train_run
+    assert run.data.tags["adapter_sha256"] == content_digest(root / "models/adapter")
     assert run.data.metrics["test_n"] == 2
 
 

@@ -44,7 +44,8 @@ def dvc_stages() -> dict[str, dict]:
 
 def declared_paths() -> set[str]:
     """Every path constant in nlistral.paths, per split and test set; files inside an output folder are not outs."""
-    command_outputs = {"SEEDS"}  # written by `nlistral report --group-by`, a command, not a stage
+    # SEEDS: written by `nlistral report --group-by`, a command; SPEED_DIR: timings, kept out of the outs on purpose
+    command_outputs = {"SEEDS", "SPEED_DIR"}
     values = {str(v) for k, v in vars(paths).items()
               if k.isupper() and isinstance(v, str | Path) and k not in command_outputs}  # fmt: skip
     expanded = {v.format(split=split, set=name) for v in values for split in SPLITS for name in TEST_SETS}
@@ -61,6 +62,7 @@ def sample_workdir(workdir):
 def test_dvc_yaml_outs_are_the_paths_module():
     outs = set().union(*(stage["outs"] for stage in dvc_stages().values()))
     assert {o for o in outs if not o.startswith("${data.dir}/")} == declared_paths()  # data.dir: from the config
+    assert str(paths.SPEED_DIR) in yaml.safe_load((REPO / "dvc.yaml").read_text())["metrics"]  # `dvc metrics show`
 
 
 def test_dvc_yaml_deps_on_stage_outputs_are_in_the_paths_module():

@@ -2,12 +2,13 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import REPO
 
 from nlistral.config import load_config
-from nlistral.io import read_jsonl
+from nlistral.io import read_jsonl, read_metrics
 from nlistral.stages import base_model, reflections, sft, thoughts
 
 THOUGHT_KEYS = {"id", "premise", "hypothesis", "thought_process", "predicted_label", "true_label", "correct"}
@@ -39,8 +40,8 @@ def test_thoughts_cover_every_row(sample):
     assert all(r["correct"] == (r["predicted_label"] == r["true_label"]) for r in rows)
     assert all(r["thought_process"].startswith("Step 1:") and "Step 3:" in r["thought_process"] for r in rows)
     assert metrics["correct"] + metrics["incorrect"] == 44
-    with open("metrics/thoughts_dev.json") as handle:
-        assert json.load(handle) == metrics
+    assert read_metrics("metrics/thoughts_dev.json") == metrics
+    assert "wall_s" not in json.loads(Path("metrics/thoughts_dev.json").read_text())  # metrics/speed/thoughts_dev.json
 
 
 def test_reflections_cover_every_wrong_thought_and_keep_the_teacher_label(sample):

@@ -12,7 +12,6 @@ The fine-tuned model is asked its format's evaluation task (sft.format, prompts.
 at the first STOP_AT_LABEL string (transformers' stop strings; the server's `stop`), within eval.label_max_new_tokens.
 """
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from nlistral.config import ConfigError
+from nlistral.io import content_digest
 from nlistral.model import base_info
 from nlistral.parsing import LABEL_FIRST_TASKS, Answer, read_answer
 from nlistral.paths import BASE_DIR
@@ -101,15 +101,6 @@ def check_engine(cfg) -> None:
     if cfg.eval.engine not in ENGINES:
         hint = "; vLLM runs as a server: eval.engine=server (docs/evaluation.md)" if cfg.eval.engine == "vllm" else ""
         raise ConfigError(f"eval.engine={cfg.eval.engine!r}: choose from {', '.join(ENGINES)}{hint}")
-
-
-def content_digest(*dirs) -> str:
-    """sha256 over every file (relative path and bytes) in `dirs`: a retrained adapter or rebuilt base differs."""
-    digest = hashlib.sha256()
-    for folder in map(Path, dirs):
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            digest.update(f"{path.relative_to(folder)}\0".encode() + path.read_bytes())
-    return digest.hexdigest()
 
 
 def server_backend(cfg, model: str, namespace: str, task: str = "cot"):

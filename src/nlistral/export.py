@@ -1,7 +1,8 @@
 """`nlistral export DIR`: the adapter, its tokenizer and the model card as DIR/README.md, ready for the HF Hub.
 
 Everything comes from stage outputs (models/adapter, reports/model_card.md); the folder appears complete or not at
-all. `huggingface-cli upload <repo> DIR` (or `HfApi().upload_folder`) publishes it.
+all. The card gets a last line naming the git revision it was exported from (the report itself names none, so that
+the same inputs give the same report). `huggingface-cli upload <repo> DIR` (or `HfApi().upload_folder`) publishes it.
 """
 
 import shutil
@@ -9,9 +10,8 @@ from pathlib import Path
 
 from nlistral import paths
 from nlistral.data import DataError
-from nlistral.paths import ADAPTER_DIR, ADAPTER_MLFLOW_RUN, REPORT_MODEL_CARD
-
-LOCAL_ONLY = {ADAPTER_MLFLOW_RUN.name}  # this machine's MLflow run id means nothing on the Hub
+from nlistral.paths import ADAPTER_DIR, REPORT_MODEL_CARD
+from nlistral.revision import git
 
 
 def export(dest) -> Path:
@@ -22,8 +22,11 @@ def export(dest) -> Path:
     staging = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        shutil.copytree(adapter, staging, ignore=lambda _, names: [n for n in names if n in LOCAL_ONLY])
-        shutil.copyfile(card, staging / "README.md")
+        shutil.copytree(adapter, staging)
+        revision = git("describe", "--always", "--dirty") or "no git revision"
+        text = card.read_text(encoding="utf-8").rstrip("\n")
+        stamp = f"Exported by `nlistral export` from git revision `{revision}`."
+        (staging / "README.md").write_text(f"{text}\n\n{stamp}\n", encoding="utf-8")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

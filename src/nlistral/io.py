@@ -1,12 +1,16 @@
-"""Atomic file writes: a stage's output either appears complete or not at all."""
+"""Atomic file writes (a stage's output either appears complete or not at all), metrics files with their timings
+kept apart (`write_metrics`), and content digests of folders."""
 
 import csv
+import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from nlistral.paths import SPEED_DIR, SPEED_KEYS
 
 
 def _umask() -> int:
@@ -62,6 +66,36 @@ def write_json(path, data) -> None:
     with atomic_open(path) as handle:
         json.dump(data, handle, indent=2, ensure_ascii=False)
         handle.write("\n")
+
+
+def content_digest(*dirs) -> str:
+    """sha256 over every file (relative path and bytes) in `dirs`: a retrained adapter or rebuilt base differs."""
+    digest = hashlib.sha256()
+    for folder in map(Path, dirs):
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            digest.update(f"{path.relative_to(folder)}\0".encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def speed_path(metrics_path) -> Path:
+    """Where a metrics file's timings go: metrics/X.json -> metrics/speed/X.json (paths.SPEED_DIR)."""
+    path = Path(metrics_path)
+    top = next(folder for folder in path.parents if folder.name == SPEED_DIR.parent.name)
+    return top / SPEED_DIR.name / path.relative_to(top)
+
+
+def write_metrics(path, metrics: dict) -> None:
+    """A stage's metrics file, less its timings (paths.SPEED_KEYS), which go to `speed_path`."""
+    write_json(path, {k: v for k, v in metrics.items() if k not in SPEED_KEYS})
+    if speed := {k: v for k, v in metrics.items() if k in SPEED_KEYS}:
+        write_json(speed_path(path), speed)
+
+
+def read_metrics(path) -> dict:
+    """A metrics file with its timings (if any): what the stage that wrote it returned."""
+    speed = speed_path(path)
+    timings = json.loads(speed.read_text(encoding="utf-8")) if speed.is_file() else {}
+    return json.loads(Path(path).read_text(encoding="utf-8")) | timings
 
 
 def write_csv(path, rows: list[dict], fieldnames) -> None:

@@ -30,9 +30,8 @@ PLOT_TEACHER_ACCURACY = "metrics/plots/teacher_accuracy_by_length_{split}.csv"
 PLOT_LENGTHS = "metrics/plots/lengths_{split}.csv"
 # train
 ADAPTER_DIR = Path("models/adapter")
-ADAPTER_MLFLOW_RUN = ADAPTER_DIR / "mlflow_run.json"  # the training run, which `evaluate` logs into too
 TRAIN_METRICS = "metrics/train.json"
-TRAIN_HISTORY = "metrics/train_history.csv"  # loss, dev loss, learning rate, grad norm, tokens/s by step
+TRAIN_HISTORY = "metrics/train_history.csv"  # loss, dev loss, learning rate, grad norm by step
 # evaluate
 EVAL_METRICS = "metrics/eval.json"
 PREDICTIONS = "metrics/predictions.jsonl"
@@ -57,6 +56,11 @@ SET_FILES = {  # model -> (predictions, metrics)
     "base": (SET_PREDICTIONS_BASE, SET_EVAL_BASE),
     "teacher": (SET_PREDICTIONS_TEACHER, SET_EVAL_TEACHER),
 }
+# How long each stage took (io.write_metrics moves the SPEED_KEYS of a metrics file metrics/X.json here, to
+# metrics/speed/X.json): timings differ on every run, so they stay out of the stage outputs that git and dvc.lock
+# hold, which a run of the same inputs then reproduces byte for byte. Git-ignored; `dvc metrics show` lists them.
+SPEED_DIR = Path("metrics/speed")
+SPEED_KEYS = frozenset({"wall_s", "wall_time_s", "samples_per_s", "output_tokens_per_s", "steps_per_second"})
 # `nlistral report --experiments ... --group-by KEY`: configurations across seeds (the report shows it when present)
 SEEDS = "metrics/seeds.json"
 # report: read only the files above; the cards are its own outs (a stage cannot write into another's out folder)

@@ -1,4 +1,4 @@
-"""The one way the code asks git about the checkout it runs in (MLflow tags, the report's provenance)."""
+"""The one way the code asks git about the checkout it runs in (MLflow tags, the exported card's provenance)."""
 
 import subprocess
 

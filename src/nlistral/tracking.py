@@ -6,7 +6,9 @@
   cross-process file lock beside the SQLite file. An HTTP server that does not answer stops the stage (ConfigError,
   exit 2) before any model is loaded.
 - The run: named after its DVC experiment (`DVC_EXP_NAME`), else `train <short commit>`; tagged with the git commit,
-  dirty state and experiment name.
+  dirty state and experiment name. The training run is also tagged with its adapter's content digest
+  (`ADAPTER_TAG`): `evaluate` finds it by that tag, on any machine that shares the store and has the adapter (from
+  the DVC remote), so nothing run-specific has to live in the adapter folder, which stays the same on every run.
 - Writes: SQLite waits for a busy store (MLflow sets busy_timeout 20 s); a write that still fails is retried a few
   times, then the run stops logging for the rest of the stage and the stage ends with a warning saying what MLflow
   missed. Hours of training are never lost to a tracking server that went away: the metrics files have everything.
@@ -39,6 +41,7 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BA
 WRITE_ERRORS = (MlflowException, requests.RequestException, sqlalchemy.exc.OperationalError, OSError)
 WRITE_ATTEMPTS = 3
 LOCK_TIMEOUT_S = 600
+ADAPTER_TAG = "adapter_sha256"  # io.content_digest of models/adapter, on the run that trained it
 
 
 def resolve_uri(uri: str) -> str:
@@ -103,6 +106,13 @@ def provenance_tags() -> dict:
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME"),
     }
     return {k: v for k, v in tags.items() if v is not None}
+
+
+def run_of_adapter(digest: str) -> str | None:
+    """The newest run tagged with this adapter digest, in any experiment of the store (None if there is none)."""
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.{ADAPTER_TAG} = '{digest}'",
+                              order_by=["attributes.start_time DESC"], max_results=1, output_format="list")  # fmt: skip
+    return runs[0].info.run_id if runs else None
 
 
 def run_exists(run_id: str) -> bool:

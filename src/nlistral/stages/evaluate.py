@@ -9,18 +9,15 @@ are there: dvc.yaml makes this stage depend on both, so `dvc repro` always has t
 one for other rows) prints why and skips that comparison rather than make the adapter wait for the teacher's bill.
 """
 
-import json
-
 import mlflow
 
 from nlistral import tracking
 from nlistral.compare import CompareError, compare_records
 from nlistral.evaluation import check_engine, check_failures, eval_task, run_generation
-from nlistral.io import read_jsonl, write_csv, write_json, write_jsonl
+from nlistral.io import content_digest, read_jsonl, write_csv, write_jsonl, write_metrics
 from nlistral.model import base_info, load_adapter_model, load_tokenizer
 from nlistral.paths import (
     ADAPTER_DIR,
-    ADAPTER_MLFLOW_RUN,
     CONFUSION,
     EVAL_METRICS,
     PLOT_ACCURACY_BY_LENGTH,
@@ -58,13 +55,13 @@ def rationale_tokens(tokenizer, records, answers) -> list[int]:
 
 
 def _log_to_training_run(cfg, metrics: dict) -> None:
-    """Log into the MLflow run that trained the adapter, or a new linked run if this store does not have it."""
-    train_run = json.loads(ADAPTER_MLFLOW_RUN.read_text(encoding="utf-8"))["run_id"]
+    """Log into the MLflow run that trained the adapter (found by its digest), else a new run tagged with it."""
+    digest = content_digest(ADAPTER_DIR)
     tracking.connect(cfg)
-    run_id = train_run if tracking.run_exists(train_run) else None
+    run_id = tracking.run_of_adapter(digest)
     if run_id is None:  # e.g. the adapter came from the DVC cache, trained against another tracking store
-        print(f"evaluate: MLflow run {train_run} not found in {cfg.mlflow.tracking_uri}; logging to a new run")
-    with tracking.start_run("evaluate", run_id, tags=None if run_id else {"adapter_run_id": train_run}) as run:
+        print(f"evaluate: no run in {cfg.mlflow.tracking_uri} trained this adapter; logging to a new run")
+    with tracking.start_run("evaluate", run_id, tags=None if run_id else {tracking.ADAPTER_TAG: digest}) as run:
         flat = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         flat.update({f"confusion_{k}": v for k, v in metrics["confusion"].items()})
         flat["accuracy_ci95_low"], flat["accuracy_ci95_high"] = metrics["accuracy_ci95"]
@@ -94,7 +91,7 @@ def run(cfg) -> dict:
     write_csv(CONFUSION, confusion, ("actual", "predicted"))  # for `dvc plots` (template: confusion)
     by_length = accuracy_by_length(rationale_tokens(tokenizer, records, answers), [r["correct"] for r in records])
     write_csv(PLOT_ACCURACY_BY_LENGTH, by_length, ("rationale_tokens", "rows", "accuracy"))
-    write_json(EVAL_METRICS, metrics)
+    write_metrics(EVAL_METRICS, metrics)
     check_failures(cfg, outputs)
     _log_to_training_run(cfg, metrics)
     print(f"evaluate: accuracy {metrics['accuracy']} (95% CI {metrics['accuracy_ci95']}), f1 {metrics['f1']}, "

@@ -5,7 +5,7 @@ The embedded profile's base model is untrained, so expect (nearly) every output 
 """
 
 from nlistral.evaluation import check_engine, check_failures, run_generation
-from nlistral.io import write_json, write_jsonl
+from nlistral.io import write_jsonl, write_metrics
 from nlistral.model import base_info, load_base_model, load_tokenizer
 from nlistral.paths import BASE_DIR, EVAL_BASE_METRICS, PREDICTIONS_BASE
 from nlistral.scoring import eval_metrics, eval_rows, prediction
@@ -20,7 +20,7 @@ def run(cfg) -> dict:
                for row, g in zip(rows.itertuples(), outputs, strict=True)]  # fmt: skip
     metrics = eval_metrics(cfg, records, "base", base_info()["name_or_path"], wall)
     write_jsonl(PREDICTIONS_BASE, records)
-    write_json(EVAL_BASE_METRICS, metrics)
+    write_metrics(EVAL_BASE_METRICS, metrics)
     check_failures(cfg, outputs)
     print(f"evaluate-base: accuracy {metrics['accuracy']} (95% CI {metrics['accuracy_ci95']}), "
           f"{metrics['parse_failures']}/{metrics['n']} unparsed -> {EVAL_BASE_METRICS}")  # fmt: skip

@@ -10,7 +10,7 @@ import pandas as pd
 
 from nlistral.config import ConfigError
 from nlistral.data import DataError, read_csv
-from nlistral.io import write_json, write_jsonl
+from nlistral.io import write_jsonl, write_metrics
 from nlistral.paths import ADAPTER_DIR, BASE_DIR, SET_FILES, require
 from nlistral.scoring import eval_metrics, prediction
 
@@ -80,7 +80,7 @@ def run(cfg, name: str, model: str) -> dict:
     predictions_path, metrics_path = (template.format(set=name) for template in SET_FILES[model])
     metrics = source | metrics
     write_jsonl(predictions_path, records)
-    write_json(metrics_path, metrics)
+    write_metrics(metrics_path, metrics)
     print(f"evaluate-set {name} {model}: accuracy {metrics['accuracy']} (95% CI {metrics['accuracy_ci95']}), "
           f"{metrics['parse_failures']}/{metrics['n']} unparsed -> {metrics_path}")  # fmt: skip
     if outputs is not None:

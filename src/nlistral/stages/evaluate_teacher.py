@@ -7,7 +7,7 @@ A row whose request failed (server error after retries) is no label and counts a
 than `teacher.max_failure_rate` of the rows fail that way the stage stops before writing anything.
 """
 
-from nlistral.io import write_json, write_jsonl
+from nlistral.io import write_jsonl, write_metrics
 from nlistral.llm.engine import Accept, Reprompt, Task, generate
 from nlistral.parsing import Answer, read_answer
 from nlistral.paths import EVAL_TEACHER_METRICS, PREDICTIONS_TEACHER
@@ -54,7 +54,7 @@ def predict(cfg, rows, desc: str = "evaluate-teacher") -> tuple[list[dict], dict
 def run(cfg) -> dict:
     records, metrics = predict(cfg, eval_rows(cfg))
     write_jsonl(PREDICTIONS_TEACHER, records)
-    write_json(EVAL_TEACHER_METRICS, metrics)
+    write_metrics(EVAL_TEACHER_METRICS, metrics)
     print(
         f"evaluate-teacher: {cfg.teacher.model} accuracy {metrics['accuracy']} (95% CI {metrics['accuracy_ci95']}), "
         f"{metrics['parse_failures']}/{metrics['n']} unparsed, ${metrics['cost_usd']} -> {EVAL_TEACHER_METRICS}"

@@ -4,7 +4,7 @@ import hashlib
 import json
 from collections import Counter
 
-from nlistral.io import write_json, write_jsonl
+from nlistral.io import write_jsonl, write_metrics
 from nlistral.llm.engine import BATCH_PRICE_FACTOR
 from nlistral.stages import StageError
 
@@ -54,7 +54,7 @@ def write_outcomes(
         "model": backend_cfg.model,
         **stats,
     }
-    write_json(metrics_path, metrics)
+    write_metrics(metrics_path, metrics)
     if unsent := metrics["failures_by_reason"].get("budget"):
         raise StageError(
             f"{role}.budget_usd={backend_cfg.budget_usd:g} reached: this run spent ${stats['cost_usd']:.4f} and left "

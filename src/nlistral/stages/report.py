@@ -13,7 +13,6 @@ import io
 import json
 import os
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
@@ -25,7 +24,6 @@ from omegaconf import OmegaConf
 from nlistral import paths
 from nlistral.formatting import interval, num, pct, pvalue
 from nlistral.io import atomic_open, iter_jsonl
-from nlistral.revision import git
 
 SPLITS = ("train", "dev")
 BASELINES = ("base", "teacher")
@@ -51,13 +49,9 @@ def is_embedded(cfg) -> bool:
 
 
 def provenance() -> dict:
-    """Experiment name (DVC_EXP_NAME, else the git branch), git revision and date."""
-
-    return {
-        "experiment": os.environ.get("DVC_EXP_NAME") or git("rev-parse", "--abbrev-ref", "HEAD") or "workspace",
-        "revision": git("rev-parse", "--short", "HEAD") or "no git revision",
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-    }
+    """The DVC experiment's name (DVC_EXP_NAME), else "workspace". No date, branch or commit: the same inputs give the
+    same report, byte for byte (the commit that holds it names its code; `nlistral export` stamps the revision)."""
+    return {"experiment": os.environ.get("DVC_EXP_NAME") or "workspace"}
 
 
 def test_results() -> dict:

@@ -30,14 +30,14 @@ from transformers import TrainerCallback, set_seed
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from nlistral import paths, tracking
-from nlistral.io import write_csv, write_json
+from nlistral.io import content_digest, write_csv, write_json, write_metrics
 from nlistral.model import base_info, staged_dir
-from nlistral.paths import ADAPTER_DIR, ADAPTER_MLFLOW_RUN, FINETUNE, SFT_METRICS, TRAIN_HISTORY, TRAIN_METRICS
+from nlistral.paths import ADAPTER_DIR, FINETUNE, SFT_METRICS, TRAIN_HISTORY, TRAIN_METRICS
 from nlistral.trainer import build_trainer
 
 CHECKPOINTS = Path("checkpoints")  # resume state, not a stage output: git- and dvc-ignored, see the module doc
 CHECKPOINT_RUN = "mlflow_run.json"  # beside the checkpoints: the MLflow run a resumed training continues
-HISTORY_FIELDS = ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s")
+HISTORY_FIELDS = ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm")  # tokens/s: in MLflow
 
 
 def flatten(node, prefix: str) -> dict:
@@ -129,6 +129,16 @@ class MlflowCurves(TrainerCallback):
             self.run.log(mlflow.log_metrics, values, step=state.global_step)
 
 
+def sort_target_modules(adapter_dir: Path) -> None:
+    """peft writes `target_modules` from a set, in an order that changes with Python's hash seed: sorted, the same
+    adapter is the same file (and DVC hash) on every run."""
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        write_json(config_path, config)
+
+
 def checkpoint_step(path) -> int:
     return int(re.fullmatch(r"checkpoint-(\d+)", Path(path).name).group(1))
 
@@ -158,8 +168,6 @@ def history(log_history) -> list[dict]:
             continue
         row = rows.setdefault(entry["step"], {"step": entry["step"]})
         row["epoch"] = round(entry["epoch"], 4)
-        if "train_tokens_per_second" in entry:
-            row["tokens_per_s"] = round(entry["train_tokens_per_second"], 1)
         row |= {k: entry[k] for k in ("loss", "eval_loss", "learning_rate", "grad_norm") if k in entry}
     return [rows[step] for step in sorted(rows)]
 
@@ -228,14 +236,14 @@ def run(cfg) -> dict:
         with staged_dir(ADAPTER_DIR) as out:  # the best checkpoint's weights (load_best_model_at_end)
             trainer.save_model(str(out))  # the adapter and the tokenizer
             (out / TRAINING_ARGS_NAME).unlink()  # the Trainer's pickled arguments: params.yaml in MLflow says it
-            write_json(out / ADAPTER_MLFLOW_RUN.name, {"run_id": run.info.run_id,
-                                                       "experiment_id": run.info.experiment_id})  # fmt: skip
+            sort_target_modules(out)
+            run.log(mlflow.set_tag, tracking.ADAPTER_TAG, content_digest(out))  # how `evaluate` finds this run
         write_csv(TRAIN_HISTORY, history(trainer.state.log_history), HISTORY_FIELDS)
         run.log(mlflow.log_artifacts, str(ADAPTER_DIR), artifact_path="adapter")
         run.log(mlflow.log_text, redacted_params(cfg), "params.yaml")
         for split in ("train", "dev"):
             run.log(mlflow.log_artifact, str(paths.require(SFT_METRICS, split)), artifact_path="sft")
-    write_json(TRAIN_METRICS, metrics)
+    write_metrics(TRAIN_METRICS, metrics)
     shutil.rmtree(run_dir, ignore_errors=True)  # finished: the adapter is out, nothing left to resume
     print(
         f"train: loss {metrics['train_loss_first']} -> {metrics['train_loss_last']}, best dev loss "
