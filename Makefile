@@ -8,7 +8,7 @@ export PATH := $(BIN):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup setup-dev lock run test params lint docs browser mutation
+.PHONY: setup setup-dev lock run test params lint docs browser mutation screenshot
 
 # The environment is locked: requirements.txt pins every package `make run` needs (the runtime), requirements-dev.txt
 # adds the tests' and tools' on top; both are generated from requirements*.in by `make lock` (pip-tools) for
@@ -67,6 +67,13 @@ mutation: setup-dev
 # The report page's test runs in a real headless Chromium: Debian's package (root; CI runs this from .ci/run).
 browser:
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
+# docs/img/report.png, the README's picture of the report page: the page of the committed embedded run (`make run`
+# first), in Debian's headless chromium (`make browser`).
+screenshot: reports/index.html
+	chromium --headless --no-sandbox --disable-gpu --disable-background-networking --disable-component-update \
+		--no-first-run --hide-scrollbars --window-size=1200,900 --screenshot=docs/img/report.png \
+		file://$(CURDIR)/reports/index.html
 
 # .pre-commit-config.yaml: no conflict markers, YAML/TOML parse, whitespace, ruff check + format, the docs build
 lint: setup-dev
