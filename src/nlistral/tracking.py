@@ -78,15 +78,19 @@ def connect(cfg):
     if uri.startswith(("http://", "https://")):
         _check_server(uri)
     mlflow.set_tracking_uri(uri)
-    try:
-        with store_lock(uri):  # schema creation/migration and experiment creation happen once
-            experiment = mlflow.set_experiment(cfg.mlflow.experiment)
-            for key, value in EXPERIMENT_KIND.items():
-                if key not in experiment.tags:
-                    mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
-    except WRITE_ERRORS as err:
-        raise ConfigError(f"MLflow tracking store {uri}: {str(err).splitlines()[0]}") from None
-    return experiment
+    for attempt in range(WRITE_ATTEMPTS):
+        try:
+            with store_lock(uri):  # schema creation/migration and experiment creation happen once
+                experiment = mlflow.set_experiment(cfg.mlflow.experiment)
+                for key, value in EXPERIMENT_KIND.items():
+                    if key not in experiment.tags:
+                        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+            return experiment
+        except WRITE_ERRORS as err:
+            # A server takes no lock of ours: two machines creating the experiment or its tag at once make one of
+            # them fail (UNIQUE constraint); the next attempt finds what the other wrote.
+            if attempt + 1 == WRITE_ATTEMPTS:
+                raise ConfigError(f"MLflow tracking store {uri}: {str(err).splitlines()[0]}") from None
 
 
 def run_name() -> str:
