@@ -65,6 +65,7 @@ def render(cfg) -> str:
         "Plots:   .venv/bin/dvc plots show",
         "Runs:    .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db, then open",
         "  http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning",
+        "Git:     dvc.lock, metrics/, reports/ are committed; git diff shows what moved",
     ]
     return "\n".join(out)
 
