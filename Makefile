@@ -48,7 +48,9 @@ run: setup
 	@echo
 	@nlistral summary
 
-# PYTEST_ARGS: e.g. "-n 2 --dist loadgroup" (pytest-xdist; a module's tests that share a fixture stay on one worker)
+# Two pytest-xdist workers, each test file on one of them, so a module fixture (the pipeline run, a trained adapter) is
+# built once; `make test PYTEST_ARGS=` runs the suite in one process.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 test: setup-dev
 	HF_HUB_OFFLINE=1 $(BIN)/pytest $(PYTEST_ARGS)
 

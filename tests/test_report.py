@@ -27,9 +27,6 @@ from nlistral.io import read_jsonl, write_csv, write_json, write_jsonl
 from nlistral.stages import base_model, reflections, report, sft, thoughts
 from nlistral.stats import paired_comparison
 
-# `pytest -n 2 --dist loadgroup` (pytest-xdist) keeps this module on one worker: its module fixtures are built once
-pytestmark = pytest.mark.xdist_group("report")
-
 INJECTED = '<script>document.title = "pwned"; window.pwned = true;</script><img src=x onerror="window.pwned = true">'
 GIT_IDENTITY = {f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")
                 for what, value in (("NAME", "nlistral-tests"), ("EMAIL", "tests@nlistral.invalid"))}  # fmt: skip

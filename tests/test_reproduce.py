@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO
 from test_pipeline import GIT_IDENTITY, WARNING
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("reproduce")]
+pytestmark = pytest.mark.slow
 
 
 def fresh_copy(dest: Path) -> Path:

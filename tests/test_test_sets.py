@@ -11,11 +11,8 @@ from conftest import REPO, paired_by_hand
 
 from nlistral import cli
 from nlistral.config import compose_params, load_config
-from nlistral.io import read_jsonl
+from nlistral.io import read_jsonl, read_metrics
 from nlistral.stages import evaluate_set, summarise_set
-
-# `pytest -n 2 --dist loadgroup` (pytest-xdist) keeps this module on one worker: its module fixtures are built once
-pytestmark = pytest.mark.xdist_group("test_sets")
 
 CSV_ROWS = [  # id, premise, hypothesis, label, phenomenon
     ("n1", "The lamp is not on.", "The lamp is on.", 0, "negation"),
@@ -106,7 +103,7 @@ def test_every_model_is_scored_on_every_set_with_the_rows_tags(evaluated):
             records = read_jsonl(root / f"metrics/test_sets/{name}/{predictions}.jsonl")
             assert len(records) == n and metrics[name, model]["n"] == n and metrics[name, model]["set"] == name
             assert metrics[name, model]["accuracy"] == round(sum(r["correct"] for r in records) / n, 4)
-            written = json.loads((root / f"metrics/test_sets/{name}/eval{predictions[11:]}.json").read_text())
+            written = read_metrics(root / f"metrics/test_sets/{name}/eval{predictions[11:]}.json")  # with timings
             assert written == metrics[name, model]
         summary = json.loads((root / f"metrics/test_sets/{name}.json").read_text())
         assert summary == summaries[name] and set(summary["models"]) == {"fine-tuned", "base", "teacher"}

@@ -32,9 +32,6 @@ from nlistral.io import read_jsonl, read_metrics, write_jsonl
 from nlistral.stages import base_model, evaluate, train
 from nlistral.trainer import EvaluateAtEnd, build_trainer, training_args
 
-# `pytest -n 2 --dist loadgroup` (pytest-xdist) keeps this module on one worker: its module fixtures are built once
-pytestmark = pytest.mark.xdist_group("train")
-
 FP32 = {**FAST, "model.load_in_4bit": False, "train.eval_steps": 2, "train.save_steps": 2}
 HISTORY_HEADER = "step,epoch,loss,eval_loss,learning_rate,grad_norm"
 
