@@ -23,6 +23,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def pytest_collection_modifyitems(items):
+    """Files with end-to-end (`slow`) tests run first: on `make test`'s two pytest-xdist workers (--dist loadfile,
+    which hands out files in this order) the longest files start at once rather than last, beside the short ones."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # a stable sort: each file's order is kept
+
+
 def doc_pages() -> list[Path]:
     """README.md (the entrance) and the docs/ pages its sections moved to."""
     return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
