@@ -30,6 +30,18 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.path not in slow_files)  # a stable sort: each file's order is kept
 
 
+def copy_checkout(dest: Path, skip: tuple[str, ...] = ()) -> Path:
+    """The repository's files as a clone would have them (tracked, or untracked and not ignored), copied to `dest`,
+    less the paths starting with one of `skip`."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.splitlines()  # fmt: skip
+    for name in files:
+        if (REPO / name).is_file() and not name.startswith(skip):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            (dest / name).write_bytes((REPO / name).read_bytes())
+    return dest
+
+
 def doc_pages() -> list[Path]:
     """README.md (the entrance) and the docs/ pages its sections moved to."""
     return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

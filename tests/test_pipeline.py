@@ -12,7 +12,7 @@ import boto3
 import botocore.exceptions
 import mlflow
 import pytest
-from conftest import REPO, doc_section, free_port, serving
+from conftest import copy_checkout, doc_section, free_port, serving
 from llm_server import KEY, LLMServer
 
 from nlistral.io import read_jsonl
@@ -133,13 +133,7 @@ def use_loopback_llm(root, url):
 def pipeline(tmp_path_factory, llm):
     """A git copy of the repo with a small sample, short training and LLM stages served by `llm`, after one
     `dvc repro`."""
-    root = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()  # fmt: skip
-    for name in files:
-        if (REPO / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            (root / name).write_bytes((REPO / name).read_bytes())
+    root = copy_checkout(tmp_path_factory.mktemp("repo"))
     for split, n in ROWS.items():
         path = root / "data" / "sample" / f"{split}.csv"
         path.write_text("".join(path.read_text().splitlines(keepends=True)[: n + 1]))

@@ -8,20 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import copy_checkout
 from test_pipeline import GIT_IDENTITY, WARNING
 
 pytestmark = pytest.mark.slow
 
 
 def fresh_copy(dest: Path) -> Path:
-    """The repository's files as a clone would have them (tracked and not ignored), committed in a new git repo."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.splitlines()  # fmt: skip
-    for name in files:
-        if (REPO / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            (dest / name).write_bytes((REPO / name).read_bytes())
+    """The repository's files as a clone would have them, committed in a new git repo."""
+    copy_checkout(dest)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "fresh clone"]):
         subprocess.run(cmd, cwd=dest, env={**os.environ, **GIT_IDENTITY}, check=True)
     return dest

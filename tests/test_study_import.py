@@ -22,7 +22,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import REPO, doc_section
+from conftest import copy_checkout, doc_section
 from dvc.cli import main as dvc_main
 
 from nlistral.config import compose_params
@@ -108,12 +108,7 @@ def test_import_replay_and_update(hub, tmp_path, monkeypatch, caplog):
     for name, value in GIT_IDENTITY.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # `nlistral`
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()  # fmt: skip
-    for name in files:
-        if (REPO / name).is_file() and not name.startswith(("data/", "tests/", "bench/")):
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(REPO / name, repo / name)
+    copy_checkout(repo, skip=("data/", "tests/", "bench/"))
     params = compose_params(["data=study", "teacher=replay", "reflector=replay"], conf_dir=repo / "conf")
     (repo / "params.yaml").write_text(params)
     monkeypatch.chdir(repo)
