@@ -16,7 +16,7 @@ llm, pipeline = test_pipeline.llm, test_pipeline.pipeline
 
 
 def test_the_readme_format_and_seed_sweep_groups_seeds_into_configurations(pipeline):
-    """README's recipe on 2 formats x 2 seeds: each experiment trains its format, and the grouped report's means,
+    """The docs' recipe on 2 formats x 2 seeds: each experiment trains its format, and the grouped report's means,
     sds and interval equal an independent computation from the experiments' predictions; results.md shows them."""
     import dvc.api
 

@@ -57,7 +57,7 @@ def queue_report(root, states) -> str:
 
 
 def run_queue(root, names, start: str, timeout=3600) -> dict[str, str]:
-    """Runs the queued experiments `names` with the README's `dvc queue start` command, as a user pastes it into a
+    """Runs the queued experiments `names` with the docs' `dvc queue start` command, as a user pastes it into a
     shell without OMP_NUM_THREADS (conftest sets it; nproc reads it), and waits until none is Queued or Running: their
     states. The workers exit by themselves once the queue is empty; `dvc queue stop` only for a queue given up on.
     Fails at once, with the workers' logs, when entries wait and no worker is alive (one died, or was told to stop)."""
@@ -89,16 +89,16 @@ def run_queue(root, names, start: str, timeout=3600) -> dict[str, str]:
 
 
 def test_a_sweep_on_two_queue_workers_reruns_only_training_and_logs_a_named_run_per_experiment(pipeline):
-    """Three train experiments through `dvc queue start -j 2`, as the README runs a sweep: each succeeds, re-runs
+    """Three train experiments through `dvc queue start -j 2`, as the docs run a sweep: each succeeds, re-runs
     only what training feeds, and is one MLflow run in the repo's own store, named after it, with its own learning
-    rate, its eval metrics, and the README's share of the cores per worker."""
+    rate, its eval metrics, and the docs' share of the cores per worker."""
     run("git", "add", "-A", cwd=pipeline)
     run("git", "commit", "-qm", "before the sweep", "--allow-empty", cwd=pipeline)
     (pipeline / "mlflow.db").unlink()  # the two workers' first trainings meet a fresh store, as on a new clone
     for name, lr in SWEEP.items():
         run("dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.learning_rate={lr}", cwd=pipeline)
     start = next(c for block in readme_blocks("Configuration and experiments") for c in block if "queue start" in c)
-    threads = str((int(run("env", "-u", "OMP_NUM_THREADS", "nproc", cwd=pipeline)) + 1) // 2)  # the README's share
+    threads = str((int(run("env", "-u", "OMP_NUM_THREADS", "nproc", cwd=pipeline)) + 1) // 2)  # the docs' share
     states = run_queue(pipeline, SWEEP, start)
     logs = {name: run("dvc", "queue", "logs", name, cwd=pipeline) for name in SWEEP}
     assert set(states.values()) == {"Success"}, {name: logs[name][-2000:] for name, state in states.items()}
