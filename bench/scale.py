@@ -164,7 +164,8 @@ def measure(train_rows: int, pool: list[dict], args) -> dict:
     sh("dvc", "exp", "run", "-n", "bench-exp", *sets, cwd=root, env=env)
     exp_wall = time.perf_counter() - start
     exp_runs = [json.loads(line)["cmd"] for line in log.read_text().splitlines()]
-    exp_ref = sh("git", "for-each-ref", "--format=%(objectname)", "refs/exps", cwd=root).split()[0]
+    # refs/exps also holds DVC's own refs (exec/EXEC_BASELINE, ...): the experiment's ref ends with its name
+    exp_ref = sh("git", "for-each-ref", "--format=%(objectname)", "refs/exps/*/*/bench-exp", cwd=root).strip()
     exp_git = by_stage(added_blobs(root, exp_ref, "HEAD"), outs)
 
     table = []
