@@ -1,6 +1,6 @@
 """The docs' format-and-seed sweep (Did the rationales help, beyond seed noise?) through `dvc queue start -j 2`, on the
-pipeline's repo: what each experiment re-runs, its MLflow run, the grouped report, and DVC's queue as it behaves
-(treeverse/dvc#10427)."""
+pipeline's repo: what each experiment re-runs, its MLflow run, its diff and commit, the grouped report, and DVC's
+queue as it behaves (treeverse/dvc#10427)."""
 
 import json
 import re
