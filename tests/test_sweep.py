@@ -93,16 +93,19 @@ def run_queue(root, names, start: str, timeout=3600) -> dict[str, str]:
     return now
 
 
+def docs_sweep() -> list[str]:
+    """The docs' format-and-seed sweep: queue, start the workers, group the experiments, render the report."""
+    return next(b for b in readme_blocks("Configuration and experiments") if any("sft.format=" in c for c in b))
+
+
 @pytest.fixture(scope="module")
 def sweep(pipeline) -> dict[str, dict]:
     """The docs' recipe on 2 formats x 2 seeds, queued and run with the docs' `dvc queue start`: {experiment name:
     its params}, every experiment a success."""
     import dvc.api
 
-    block = next(b for b in readme_blocks("Configuration and experiments") if any("sft.format=" in c for c in b))
-    block = [c.replace("cot,label_only,multitask", "cot,label_only").replace("train.seed=1,2,3", "train.seed=1,2")
-             for c in block]  # fmt: skip
-    queue, start = block[:2]
+    queue, start, _, _ = docs_sweep()
+    queue = queue.replace("cot,label_only,multitask", "cot,label_only").replace("train.seed=1,2,3", "train.seed=1,2")
     # 2 epochs of 32 rows teach the tiny model no answer (every accuracy 0): enough steps that seeds differ
     queue += " -S 'train.num_epochs=20' -S 'train.learning_rate=5.0e-3'"
     run("git", "add", "-A", cwd=pipeline)
@@ -166,8 +169,7 @@ def test_the_grouped_report_equals_an_independent_computation(pipeline, sweep):
     results.md shows them."""
     import dvc.api
 
-    block = next(b for b in readme_blocks("Configuration and experiments") if any("sft.format=" in c for c in b))
-    grouped, render = block[2:]
+    _, _, grouped, render = docs_sweep()
     names = sorted(sweep)
 
     def read(name, path):
