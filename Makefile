@@ -18,7 +18,8 @@ setup: $(VENV)/.installed
 setup-dev: $(VENV)/.installed-dev
 
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
-	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "NLIstral needs Python >= 3.10"'
+	@# the lock's packages (numpy, pandas, scipy, transformers...) need 3.11: say so before pip fails on them
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "NLIstral needs Python >= 3.11; $(PYTHON) is " + sys.version.split()[0] + ": make run PYTHON=python3.11")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --no-compile -r requirements.txt -c constraints.txt
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .

@@ -21,8 +21,9 @@ Run it from the repo root; nothing in the repo is written (a temporary repo root
 import argparse
 import json
 import os
-import platform
 import resource
+import shlex
+import sys
 import tempfile
 import time
 from importlib.metadata import version
@@ -219,8 +220,10 @@ def main() -> None:
     test_rows = rows_of(cfg, "test", args.rows) if args.rows else None
     result = {
         "card": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
-        "versions": {name: version(name) for name in ("torch", "transformers", "bitsandbytes", "peft", "trl",
-                                                      "accelerate")} | {"python": platform.python_version()},
+        "command": shlex.join(["python", *sys.argv]),  # exactly what ran: the figures depend on --steps, --rows...
+        # torch.__version__ keeps the local build tag (2.11.0+cu130) that the package metadata drops
+        "versions": {name: version(name) for name in ("transformers", "bitsandbytes", "peft", "trl", "accelerate")}
+        | {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0]},
         "shape": args.shape, "settings": settings(args), "dtype": cfg.model.dtype,
         "lora_r": cfg.train.lora_r, "optim": cfg.train.optim,
         "gradient_checkpointing": cfg.train.gradient_checkpointing, "max_seq_length": cfg.model.max_seq_length,

@@ -56,6 +56,18 @@ def doc_section(heading: str) -> str:
     raise AssertionError(f"no '## {heading}' section in README.md or docs/")
 
 
+REQUIRE_BROWSER = "NLISTRAL_REQUIRE_BROWSER"  # .ci/run sets it: in CI a missing chromium fails, never skips
+
+
+def chromium() -> str:
+    """Debian's chromium for the browser tests; without it a skip saying how to get it (a failure in CI)."""
+    path = shutil.which("chromium")
+    if not path:
+        reason = "needs Debian's chromium package: `make browser` (as root: apt-get install -y chromium)"
+        (pytest.fail if os.environ.get(REQUIRE_BROWSER) else pytest.skip)(reason)
+    return path
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """../shared/data beside the repo (real data for tests); skip when absent."""

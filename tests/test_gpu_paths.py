@@ -54,6 +54,11 @@ def test_bench_gpu_runs_on_the_cpu_with_the_tiny_shape(tmp_path):
                     "--server-command", server, "--out", str(out)], cwd=REPO, check=True)  # fmt: skip
     result = json.loads(out.read_text())
     assert result["shape"] == "tiny" and result["card"].startswith("CPU")
+    # what ran, exactly (docs cite these JSONs): the command line and torch's own build tag (2.11.0+cu130, not 2.11.0)
+    assert result["command"].startswith("python bench/gpu.py --shape tiny --warmup 1 --steps 1 --rows 3")
+    import torch
+
+    assert result["versions"]["torch"] == torch.__version__
     assert (result["lora_r"], result["optim"], result["gradient_checkpointing"], result["max_seq_length"]) == (
         16, "paged_adamw_8bit", True, 512)  # fmt: skip
     assert result["train"]["train_batch_size"] == 16 and result["train"]["rows_per_step"] == 32

@@ -104,3 +104,22 @@ def test_esnli_three_way_labels_map_to_its_binary_labels(shared_data, workdir, m
         assert len(prepared) == rows and metrics[split]["dropped"] == {}
         assert prepared.equals(original)  # same ids, text and binary labels
     assert set(metrics["dev"]["source_labels"]) == {"entailment", "neutral", "contradiction"}
+
+
+def test_rounds_joined_with_plus_are_concatenated_from_a_save_to_disk_folder(workdir, monkeypatch):
+    """docs/data.md: `train_r1+train_r2+train_r3` concatenates ANLI's rounds. `datasets.load_dataset` reads that split
+    expression itself (hub ids, data-file folders); a `save_to_disk` folder is a dict of splits, which rejected it
+    ("no split 'train_r1+train_r2'") until prepare concatenated the named splits."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(workdir / ".cache" / "datasets"))
+    rounds = {f"train_r{r}": {**snli_like(10, 100 * r), "uid": [f"r{r}-{i}" for i in range(10)]} for r in (1, 2, 3)}
+    features = datasets.Features({**FEATURES, "uid": datasets.Value("string")})
+    datasets.DatasetDict(
+        {name: datasets.Dataset.from_dict(rows, features=features) for name, rows in rounds.items()}
+    ).save_to_disk(workdir / "anli_like")
+    overrides = ["data=anli", f"data.dataset.path={workdir / 'anli_like'}", "data.dir=data/prepared/test"]
+    metrics = prepare.run(load_config([*overrides, "data.dataset.splits.train=train_r1+train_r2+train_r3"]), "train")
+    ids = list(load_split("data/prepared/test", "train").id)
+    assert metrics["rows_read"] == 30 and metrics["source_split"] == "train_r1+train_r2+train_r3"
+    assert ids[:2] == ["r1-0", "r1-1"] and ids[-1] == "r3-8" and len(ids) == 24  # in round order, 2 unlabelled each
+    with pytest.raises(ConfigError, match=r"no split 'train_r4' \(has: train_r1, train_r2, train_r3\)"):
+        prepare.run(load_config([*overrides, "data.dataset.splits.train=train_r1+train_r4"]), "train")

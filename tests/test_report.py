@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, chromium
 from test_imports import DEEP_LEARNING, loaded_by
 
 from nlistral import paths
@@ -449,9 +449,7 @@ def test_page_in_headless_chromium(reported, tmp_path):
     tuned = read_jsonl(reported / paths.PREDICTIONS)
     train_rows = read_jsonl(reported / paths.THOUGHTS.format(split="train"))
     with sync_playwright() as pw:
-        chromium = shutil.which("chromium")
-        assert chromium, "this test needs Debian's chromium package: `make browser` (apt-get install -y chromium)"
-        browser = pw.chromium.launch(executable_path=chromium, args=[
+        browser = pw.chromium.launch(executable_path=chromium(), args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--no-first-run"])  # fmt: skip
         page = browser.new_page(viewport={"width": 1280, "height": 1400})

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import REPO, doc_pages, free_port, serving
+from conftest import REPO, chromium, doc_pages, free_port, serving
 from omegaconf import OmegaConf
 
 from nlistral import cli, tracking
@@ -131,9 +131,7 @@ def test_the_readme_url_opens_mlflow_ui_on_the_runs_table(tmp_path, monkeypatch)
     """MLflow 3.17 opens an experiment on its GenAI "Overview" (traces, "No data") unless the URL asks for the
     machine-learning view, and nothing server-side changes that (README "MLflow"). The URL README and `make run`
     give shows a fresh browser the run in the runs table."""
-    chromium = shutil.which("chromium")
-    if not chromium:
-        pytest.skip("needs Debian's chromium package: `make browser` (apt-get install -y chromium)")
+    browser = chromium()
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("DVC_EXP_NAME", "tidy-lark")
     experiment = tracking.connect(OmegaConf.create({"mlflow": {"tracking_uri": store, "experiment": "nlistral"}}))
@@ -142,7 +140,7 @@ def test_the_readme_url_opens_mlflow_ui_on_the_runs_table(tmp_path, monkeypatch)
         run.log(mlflow.log_metric, "eval_loss", 0.43, step=2)
     assert run.lost is None and experiment.experiment_id == "1"  # the first experiment of a fresh store
     with mlflow_ui(store) as url:
-        dom = chromium_dom(chromium, url + runs_url_path(), ">tidy-lark<", tmp_path)
+        dom = chromium_dom(browser, url + runs_url_path(), ">tidy-lark<", tmp_path)
     assert f'href="#/experiments/1/runs/{run.info.run_id}">' in dom and ">tidy-lark<" in dom, dom[-3000:]
     assert "No data" not in dom and "Overview" not in dom  # not the GenAI landing page
     assert (tmp_path / "mlflow.png").read_bytes().startswith(b"\x89PNG")

@@ -2,7 +2,8 @@
 
 Everything comes from stage outputs (models/adapter, reports/model_card.md); the folder appears complete or not at
 all. The card gets a last line naming the git revision it was exported from (the report itself names none, so that
-the same inputs give the same report). `huggingface-cli upload <repo> DIR` (or `HfApi().upload_folder`) publishes it.
+the same inputs give the same report). `hf upload REPO_ID DIR` (huggingface-hub's CLI; the pinned release has no
+`huggingface-cli`) or `HfApi().upload_folder` publishes it.
 """
 
 import shutil

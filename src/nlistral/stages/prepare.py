@@ -34,9 +34,11 @@ def load_source(ds_cfg, source_split: str, key="data.dataset"):
     try:
         if (Path(path) / "dataset_dict.json").is_file():  # written by DatasetDict.save_to_disk
             saved = datasets.load_from_disk(path)
-            if source_split not in saved:
-                raise ValueError(f"no split {source_split!r} (has: {', '.join(saved)})")
-            return saved[source_split]
+            # `a+b` joins splits, in order, as load_dataset's split expressions do (ANLI: train_r1+train_r2+train_r3)
+            parts = source_split.split("+")
+            if missing := [part for part in parts if part not in saved]:
+                raise ValueError(f"no split {missing[0]!r} (has: {', '.join(saved)})")
+            return datasets.concatenate_datasets([saved[part] for part in parts])
         return datasets.load_dataset(path, ds_cfg.config, split=source_split, revision=ds_cfg.revision)
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(f"{key}: cannot read split {source_split!r} of {path!r}: {err}") from None
