@@ -56,8 +56,10 @@ def settings(args) -> list[str]:
     """The experiment's (ablation1: batch 16 x 2, r=16, paged 8-bit AdamW, gradient checkpointing, max length 512),
     timed steps only."""
     steps = args.warmup + args.steps
+    cpu = ["model.allow_cpu=true"] if args.shape == "tiny" else []  # the 7B profile requires CUDA otherwise
     return [f"experiment={args.experiment}", f"train.max_steps={steps}", f"train.eval_steps={steps + 1}",
-            f"train.save_steps={steps + 1}", "train.early_stopping_patience=0", "train.logging_steps=1"]  # fmt: skip
+            f"train.save_steps={steps + 1}", "train.early_stopping_patience=0", "train.logging_steps=1",
+            *cpu]  # fmt: skip
 
 
 def build_base(cfg, shape: str, dest: Path) -> dict:

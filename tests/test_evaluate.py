@@ -339,6 +339,7 @@ def test_a_hand_run_evaluate_without_a_baseline_prints_why_and_leaves_that_compa
     monkeypatch.chdir(tmp_path / "repo")
     Path(FILES["teacher"][1]).unlink()
     overrides = ["data.dir=data/unit", "model.load_in_4bit=false", f"eval.max_new_tokens={cfg.eval.max_new_tokens}",
+                 "eval.allow_short_max_new_tokens=true",
                  f"model.max_seq_length={cfg.model.max_seq_length}"]  # fmt: skip
     assert cli.main(["evaluate", *overrides]) == 0
     out = capsys.readouterr().out
