@@ -10,6 +10,7 @@ files are written. Scoring (prediction records, metrics) is nlistral.scoring.
 The fine-tuned model is asked its format's evaluation task (sft.format, prompts.FORMATS); the base model the study's
 `cot` prompt. When the label comes first (parsing.LABEL_FIRST_TASKS) generation stops as soon as it is readable:
 at the first STOP_AT_LABEL string (transformers' stop strings; the server's `stop`), within eval.label_max_new_tokens.
+Before the fine-tuned model generates, its budget is checked against what it was trained to write (check_token_budget).
 """
 
 import json
