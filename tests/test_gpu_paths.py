@@ -10,6 +10,7 @@ by accelerate itself from our accelerate/*.yaml, or the device count TrainingArg
 
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -50,8 +51,6 @@ def under_fsdp(monkeypatch):
 @pytest.fixture
 def tiny_repo(built_base, tmp_path, monkeypatch):
     """A repo root with the embedded profile's base model and a small fine-tuning set; cwd is set to it."""
-    import shutil
-
     write_inputs(tmp_path)
     shutil.copytree(built_base, tmp_path / "models" / "base")
     monkeypatch.chdir(tmp_path)
