@@ -47,9 +47,9 @@ from nlistral.trainer import EvaluateAtEnd, build_trainer
 REPO = Path.cwd()
 VLLM = REPO / ".venv-vllm/bin/vllm"
 # The documented command (docs/evaluation.md: eval.server.command), with this environment's vllm.
-VLLM_COMMAND = (f"{VLLM} serve {{base}} --revision {{revision}} --quantization bitsandbytes --tokenizer {{tokenizer}} "
-                "--enable-lora --lora-modules {name}={adapter} --max-lora-rank {rank} --port {port} "
-                "--generation-config vllm")  # fmt: skip
+VLLM_COMMAND = (f"{VLLM} serve {{base}} --revision {{revision}} --config-format hf --quantization bitsandbytes "
+                "--tokenizer {tokenizer} --enable-lora --lora-modules {name}={adapter} --max-lora-rank {rank} "
+                "--host 127.0.0.1 --port {port} --generation-config vllm")  # fmt: skip
 TOKENIZER_VOCAB = 32000  # MistralConfig()'s vocabulary: the tokenizer's ids must fit its embedding
 
 
@@ -57,8 +57,11 @@ def settings(args) -> list[str]:
     """The experiment's (ablation1: batch 16 x 2, r=16, paged 8-bit AdamW, gradient checkpointing, max length 512),
     timed steps only."""
     steps = args.warmup + args.steps
+    cpu = ["model.allow_cpu=true"] if args.shape == "tiny" else []  # the 7B profile requires CUDA otherwise
+    # random weights, no fine-tuning set: generation runs to max_new_tokens, whatever the trained answers' length
     return [f"experiment={args.experiment}", f"train.max_steps={steps}", f"train.eval_steps={steps + 1}",
-            f"train.save_steps={steps + 1}", "train.early_stopping_patience=0", "train.logging_steps=1"]  # fmt: skip
+            f"train.save_steps={steps + 1}", "train.early_stopping_patience=0", "train.logging_steps=1",
+            "eval.allow_short_max_new_tokens=true", *cpu]  # fmt: skip
 
 
 def build_base(cfg, shape: str, dest: Path) -> dict:

@@ -1,7 +1,12 @@
 """A real OpenAI-compatible model server on 127.0.0.1 for the tests and bench: the stand-in for `vllm serve`.
 
     python tests/model_server.py BASE [--revision REV] [--quantization bitsandbytes] [--tokenizer DIR]
-        [--enable-lora] [--lora-modules NAME=DIR ...] [--max-lora-rank R] [--port P]
+        [--enable-lora] [--lora-modules NAME=DIR ...] [--max-lora-rank R] [--host 127.0.0.1] [--port P]
+        [--config-format auto|hf|mistral] [--generation-config G]
+
+It takes the flags the documented `vllm serve` commands carry: `--max-lora-rank` only from vLLM's MaxLoRARanks (as
+vLLM refuses any other), `--host` only 127.0.0.1 (where it always listens); `--config-format` and
+`--generation-config` are accepted and change nothing here.
 
 Like vLLM it loads the base weights (transformers: float32, or 4-bit NF4 with `--quantization bitsandbytes`, as the
 hf engine loads a QLoRA base; `--revision` counts for a hub id, a folder has none) and each LoRA adapter (peft)
@@ -29,6 +34,8 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from nlistral.evaluation import VLLM_LORA_RANKS
 
 
 class Model:
@@ -130,7 +137,7 @@ def serve(model: Model, port: int, die_after: int | None, requests_log: str | No
     httpd.serve_forever(0.1)
 
 
-def main() -> None:
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("base")
     parser.add_argument("--revision", default="main")
@@ -138,8 +145,16 @@ def main() -> None:
     parser.add_argument("--tokenizer")
     parser.add_argument("--enable-lora", action="store_true")
     parser.add_argument("--lora-modules", nargs="*", default=[], metavar="NAME=DIR")
-    parser.add_argument("--max-lora-rank", type=int, default=16)
+    parser.add_argument("--max-lora-rank", type=int, default=16, choices=VLLM_LORA_RANKS)  # vLLM's MaxLoRARanks
+    parser.add_argument("--host", choices=["127.0.0.1"], default="127.0.0.1")  # the stand-in listens on loopback only
+    parser.add_argument("--config-format", choices=["auto", "hf", "mistral"], default="auto")  # accepted, unused
+    parser.add_argument("--generation-config", default="auto")  # accepted, unused: greedy decoding either way
     parser.add_argument("--port", type=int, default=8000)
+    return parser
+
+
+def main() -> None:
+    parser = argument_parser()
     args = parser.parse_args()
     adapters = dict(module.split("=", 1) for module in args.lora_modules)
     if adapters and not args.enable_lora:

@@ -21,9 +21,9 @@ from omegaconf import OmegaConf
 from test_model_stages import FAST, make_cfg, write_inputs
 
 from nlistral import cli
-from nlistral.config import compose_params, load_config
-from nlistral.evaluation import generate, student_prompts
-from nlistral.io import read_jsonl, read_metrics
+from nlistral.config import ConfigError, compose_params, load_config
+from nlistral.evaluation import VLLM_LORA_RANKS, generate, run_generation, student_prompts, vllm_lora_rank
+from nlistral.io import read_jsonl, read_metrics, write_json
 from nlistral.model import load_adapter_model, load_tokenizer
 from nlistral.paths import SPEED_KEYS
 from nlistral.scoring import eval_rows, score
@@ -339,6 +339,7 @@ def test_a_hand_run_evaluate_without_a_baseline_prints_why_and_leaves_that_compa
     monkeypatch.chdir(tmp_path / "repo")
     Path(FILES["teacher"][1]).unlink()
     overrides = ["data.dir=data/unit", "model.load_in_4bit=false", f"eval.max_new_tokens={cfg.eval.max_new_tokens}",
+                 "eval.allow_short_max_new_tokens=true",
                  f"model.max_seq_length={cfg.model.max_seq_length}"]  # fmt: skip
     assert cli.main(["evaluate", *overrides]) == 0
     out = capsys.readouterr().out
@@ -349,3 +350,133 @@ def test_a_hand_run_evaluate_without_a_baseline_prints_why_and_leaves_that_compa
     fine_tuned = read_jsonl(PREDICTIONS_FILE)
     assert comparisons["base"] == paired_by_hand(read_jsonl(FILES["base"][1]), fine_tuned, "base", "fine-tuned",
                                                  cfg.eval.bootstrap, cfg.eval.seed)  # fmt: skip
+
+
+# --- what the GPU run's generation needs: a long enough budget, a LoRA rank vLLM takes, its flags -----------------
+def test_evaluate_stops_before_generating_when_max_new_tokens_cannot_hold_the_longest_trained_answer(
+    built_base, tmp_path, monkeypatch
+):
+    """eval.max_new_tokens=256 while the study configs train completions of up to ~400 tokens: the longer answers
+    came back cut off, recorded as `truncated` parse failures, in both engines. Seen failing: generation ran.
+    Checked before any model loads (load_model is never called), exit 2 naming both numbers; label-first formats
+    check eval.label_max_new_tokens against their label prefix; the base model (not trained on these answers) and
+    eval.allow_short_max_new_tokens (smoke runs) are not held."""
+    write_inputs(tmp_path)
+    shutil.copytree(built_base, tmp_path / "models" / "base")
+    monkeypatch.chdir(tmp_path)
+    write_json("metrics/sft_train.json", {"completion_tokens": {"min": 90, "median": 150, "p95": 290, "max": 300}})
+    cfg = make_cfg(**{"eval.max_new_tokens": 256})
+    rows, tokenizer = eval_rows(cfg), load_tokenizer()
+
+    def loading():
+        raise LookupError("the model loads")
+
+    def generation(task="cot", adapter="models/adapter"):
+        return run_generation(cfg, rows, loading, tokenizer, adapter, task)
+
+    with pytest.raises(
+        ConfigError,
+        match=r"^eval.max_new_tokens=256 is shorter than the longest trained completion "
+        r"\(metrics/sft_train.json\): 300 tokens; set eval.max_new_tokens=300",
+    ):
+        generation()
+    cfg.eval.label_max_new_tokens = 2
+    with pytest.raises(
+        ConfigError,
+        match=r"^eval.label_max_new_tokens=2 is shorter than the label prefix "
+        r"'\{\"predicted_label\": 1,': \d+ tokens",
+    ):
+        generation("label_first")
+    cfg.eval.max_new_tokens, cfg.eval.label_max_new_tokens = 300, 16
+    for task in ("cot", "label_first", "label"):
+        with pytest.raises(LookupError):  # past the check
+            generation(task)
+    cfg.eval.max_new_tokens = 8
+    with pytest.raises(LookupError):
+        generation(adapter=None)  # the base model
+    cfg.eval.allow_short_max_new_tokens = True
+    with pytest.raises(LookupError):
+        generation()
+
+
+@pytest.mark.parametrize(("r", "served"), [(1, 1), (2, 8), (4, 8), (8, 8), (12, 16), (24, 32), (32, 32), (100, 128),
+                                           (300, 320), (512, 512)])  # fmt: skip
+def test_the_adapters_rank_is_served_as_a_rank_vllm_accepts(r, served):
+    """vLLM's `--max-lora-rank` takes only MaxLoRARanks (vllm/config/lora.py: 1, 8, 16, 32, 64, 128, 256, 320, 512):
+    `{rank}` filled with adapter_config.json's r as is made r = 4, 12 or 24 fail at server start."""
+    assert vllm_lora_rank(r) == served
+
+
+def test_a_rank_above_vllms_largest_is_a_config_error():
+    with pytest.raises(ConfigError, match="^train.lora_r=600: vLLM serves LoRA ranks up to 512"):
+        vllm_lora_rank(600)
+
+
+def test_the_rank_set_is_the_pinned_vllms():
+    """Where .venv-vllm exists (a CUDA machine: `make vllm-env`), the list is vLLM's own."""
+    python = REPO / ".venv-vllm/bin/python"
+    if not python.exists():
+        pytest.skip("no .venv-vllm (make vllm-env, on a CUDA machine)")
+    code = "from typing import get_args; from vllm.config.lora import MaxLoRARanks; print(list(get_args(MaxLoRARanks)))"
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == list(VLLM_LORA_RANKS)
+
+
+def test_an_adapter_of_rank_4_is_served(served, capsys):
+    """The stand-in refuses a --max-lora-rank vLLM refuses: an r=4 adapter made the stage's server exit at start
+    (exit 2). Seen failing before {rank} was rounded up. Its weights are random (peft's B matrices are zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    from nlistral.model import load_base_model
+
+    _, _, configure = served
+    configure()
+    cfg = load_config()
+    model = get_peft_model(load_base_model(cfg), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    shutil.rmtree("models/adapter/")
+    model.save_pretrained("models/adapter")
+    load_tokenizer().save_pretrained("models/adapter")
+    assert json.loads(Path("models/adapter/adapter_config.json").read_text())["r"] == 4
+    assert cli.main(["evaluate"]) == 0, capsys.readouterr().err
+
+
+def vllm_commands() -> list[tuple[str, str]]:
+    """(file, command) for every vLLM command in conf/ and the docs: `vllm serve MODEL ...` and the vllm-openai
+    image's arguments, a shell line continued with a backslash read whole, a quoted template up to its quote."""
+    found = []
+    for path in [*sorted((REPO / "conf").rglob("*.yaml")), REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]:
+        text = re.sub(r"\\\n\s*", " ", path.read_text(encoding="utf-8"))
+        for line in text.splitlines():
+            for match in re.finditer(r"(vllm serve|vllm/vllm-openai:\S+) ([^\s<`]\S*)[^'#]*", line):
+                docker = "docker run" in line
+                found.append((path.relative_to(REPO).as_posix(), match.group(0).strip(), docker and line))
+    return found
+
+
+def test_every_vllm_command_serves_the_pinned_4bit_base_on_loopback_only():
+    """conf/eval/default.yaml's template (the one users copy) lacked --revision and --quantization bitsandbytes, and
+    vLLM listens on every interface, unauthenticated, unless told `--host`. Every student and base command: the
+    pinned revision, config.json (not Mistral's native params.json), 4-bit weights as trained; the student's LoRA
+    flags; loopback only: `--host 127.0.0.1`, or in a container `-p 127.0.0.1:...` (there `--host 127.0.0.1`
+    would break `-p`). A teacher served with `vllm serve` listens on loopback too. And the stand-in the tests start,
+    tests/model_server.py, takes every template's flags."""
+    from model_server import argument_parser
+
+    commands = vllm_commands()
+    assert {path for path, _, _ in commands} >= {"conf/eval/default.yaml", "docs/evaluation.md", "docs/real-setup.md"}
+    for path, command, docker_line in commands:
+        where = f"{path}: {command}"
+        student = "{base}" in command or docker_line
+        if student:
+            assert "--revision " in command and "--quantization bitsandbytes" in command, where
+            assert "--config-format hf" in command, where
+        if "--lora-modules" in command:
+            assert "--enable-lora" in command and "--max-lora-rank" in command, where
+        if docker_line:
+            assert "-p 127.0.0.1:" in docker_line and "--host" not in command, where
+        else:
+            assert "--host 127.0.0.1" in command, where
+        if "{base}" in command:
+            fields = {"base": "B", "revision": "R", "tokenizer": "T", "name": "adapter", "adapter": "A", "rank": 8,
+                      "port": 1}  # fmt: skip
+            argument_parser().parse_args(shlex.split(command.format(**fields))[2:])

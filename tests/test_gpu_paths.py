@@ -1,19 +1,60 @@
 """What decides how the real setup uses its GPUs, held where a CPU can hold it: the device each process loads the model
-onto, the batch one process trains with on a host of several GPUs, the 7B profile's cadence, and bench/gpu.py (the
-first GPU's measurements) on the tiny shape, so that it cannot rot."""
+onto, the trainer one process builds on a host of several GPUs, what `accelerate launch` under FSDP changes (the k-bit
+preparation, the optimizer, activation checkpointing), the precision a card without bf16 gets, a GPU profile on a
+machine without CUDA, the 7B profile's cadence, and bench/gpu.py (the first GPU's measurements) on the tiny shape, so
+that it cannot rot.
+
+Each test builds the library object the GPU run builds (TrainingArguments, SFTTrainer, accelerate's state and FSDP
+plugin, the 4-bit model) under the topology a GPU host gives it: the environment `accelerate launch` sets, computed
+by accelerate itself from our accelerate/*.yaml, or the device count TrainingArguments reads."""
 
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO, doc_pages
 from omegaconf import OmegaConf
+from test_model_stages import FAST, make_cfg, write_inputs
 
-from nlistral.config import compose_params
-from nlistral.model import device_map
-from nlistral.trainer import one_gpu_per_process, training_args
+from nlistral import cli
+from nlistral import trainer as trainer_module
+from nlistral.config import ConfigError, compose_params
+from nlistral.evaluation import check_engine
+from nlistral.model import device_map, load_base_model
+from nlistral.trainer import build_trainer, one_gpu_per_process, training_args
+
+
+def launch_env(config_file: str) -> dict[str, str]:
+    """The environment `accelerate launch --config_file FILE` gives each process it starts (accelerate's own code),
+    less the per-process ranks: one process here."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(REPO / config_file), "-m", "nlistral", "train"])
+    env = prepare_multi_gpu_env(_validate_launch_command(args)[0])
+    return {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}
+
+
+@pytest.fixture
+def under_fsdp(monkeypatch):
+    """This process as `accelerate launch --config_file accelerate/fsdp_qlora.yaml` starts it."""
+    env = launch_env("accelerate/fsdp_qlora.yaml")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+@pytest.fixture
+def tiny_repo(built_base, tmp_path, monkeypatch):
+    """A repo root with the embedded profile's base model and a small fine-tuning set; cwd is set to it."""
+    write_inputs(tmp_path)
+    shutil.copytree(built_base, tmp_path / "models" / "base")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
 
 
 @pytest.mark.parametrize("rank", [0, 1, 2, 3])
@@ -24,16 +65,111 @@ def test_each_process_loads_the_model_onto_its_own_gpu(rank):
     assert device_map(rank, cuda=False) == {"": "cpu"}
 
 
-def test_one_process_on_a_host_of_four_gpus_keeps_the_configured_batch():
-    """TrainingArguments counts every visible GPU into the batch (per_device x n_gpu) yet the Trainer never wraps a
-    4-bit model in DataParallel: ablation1's 16 rows became 64 on GPU 0. The CPU has no GPUs, so the arguments are
-    given the count a four-GPU host gives them."""
+def test_one_process_on_a_host_of_four_gpus_builds_the_trainer_with_the_configured_batch(tiny_repo, monkeypatch):
+    """transformers/training_args.py (`_setup_devices`: `self._n_gpu = torch.cuda.device_count()`) counts every
+    visible GPU in one process, and trl/trainer/sft_trainer.py (`SFTTrainer.__init__`: `if args.n_gpu > 1: raise
+    ValueError(... does not support nn.DataParallel ...)`) then refuses to build: `dvc exp run` on a 2-GPU workstation
+    failed unless CUDA_VISIBLE_DEVICES hid all but one. Seen failing while one_gpu_per_process ran after SFTTrainer().
+    The CPU has no GPUs, so the arguments get, once their devices are set up, the count a four-GPU host gives them."""
+    real_args = trainer_module.training_args
+
+    def on_four_gpus(cfg, output_dir):
+        args = real_args(cfg, output_dir)
+        assert args.device.type == "cpu"  # devices set up (cached) as on this machine ...
+        args._n_gpu = 4  # ... then what torch.cuda.device_count() sets on a four-GPU host
+        return args
+
+    monkeypatch.setattr(trainer_module, "training_args", on_four_gpus)
+    cfg = make_cfg(**FAST)
+    trainer = build_trainer(cfg, tiny_repo / "scratch")
+    assert trainer.args.n_gpu == 1 and trainer.args.train_batch_size == cfg.train.per_device_batch_size == 4
+
+
+def test_one_gpu_per_process_keeps_the_batch_a_four_gpu_host_would_multiply():
+    """TrainingArguments.train_batch_size = per_device x n_gpu: ablation1's 16 rows would be 64 on GPU 0."""
     cfg = OmegaConf.create(compose_params(["experiment=ablation1"], conf_dir=REPO / "conf"))
     args = training_args(cfg, "unused")
     args._n_gpu = 4  # what `torch.cuda.device_count()` sets on a four-GPU host
     assert args.train_batch_size == 64
     one_gpu_per_process(args)
     assert args.train_batch_size == cfg.train.per_device_batch_size == 16
+
+
+def test_under_fsdp_the_4bit_model_keeps_one_dtype_for_fsdp_to_flatten(tiny_repo, under_fsdp):
+    """accelerate/state.py: PartialState only ever reports MULTI_GPU / MULTI_CPU / NO, never FSDP (AcceleratorState
+    knows FSDP, and the Trainer creates it after the model loaded), so load_base_model, which asked PartialState, ran
+    peft's prepare_model_for_kbit_training under FSDP: norms, embeddings and lm_head in float32 next to the bfloat16
+    4-bit storage, and FSDP1 stops at "Must flatten tensors with uniform dtype". Seen failing before load_base_model
+    read ACCELERATE_USE_FSDP, as accelerate (state.py) and transformers (distributed/fsdp.py) do."""
+    from accelerate.utils import DistributedType
+
+    from accelerate import PartialState
+
+    assert under_fsdp["ACCELERATE_USE_FSDP"] == "true"
+    assert PartialState().distributed_type != DistributedType.FSDP  # the library fact the old check relied on
+    cfg = make_cfg(**{"model.dtype": "bfloat16", "model.bnb_4bit_quant_storage": "bfloat16"})  # as documented
+    model = load_base_model(cfg, for_training=True)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_under_fsdp_an_8bit_optimizer_is_refused_before_any_work(tiny_repo, under_fsdp, capsys):
+    """FSDP1 keeps optimizer state shaped like its flat parameters; bitsandbytes' 8-bit state is not (bitsandbytes #89,
+    accelerate #1362): the study configs' paged_adamw_8bit under accelerate/fsdp_qlora.yaml. Refused with the key and a
+    choice that works, exit 2, before a model loads or a checkpoint folder is made."""
+    cfg = make_cfg(**{**FAST, "train.optim": "paged_adamw_8bit"})
+    with pytest.raises(ConfigError, match=r"^train.optim=paged_adamw_8bit: .*FSDP; use train.optim=adamw_torch"):
+        build_trainer(cfg, tiny_repo / "scratch")
+    assert not (tiny_repo / "scratch").exists()
+    cfg.train.optim = "adamw_torch"
+    assert training_args(cfg, tiny_repo / "scratch").optim == "adamw_torch"
+
+
+def test_under_fsdp_its_own_wrapper_checkpoints_activations_not_the_trainer(under_fsdp):
+    """accelerate/fsdp_qlora.yaml turns on fsdp_activation_checkpointing (accelerate's FullyShardedDataParallelPlugin
+    reads FSDP_ACTIVATION_CHECKPOINTING and wraps each decoder layer; it refuses to be built without an accelerator),
+    so the Trainer's gradient checkpointing must be off: both would all-gather every layer again in the backward pass
+    (transformers #30404). Seen failing with the Trainer's on under FSDP. Without FSDP the Trainer's stays on."""
+    assert under_fsdp["FSDP_ACTIVATION_CHECKPOINTING"] == "true"
+    cfg = OmegaConf.create(compose_params(["experiment=ablation1", "train.optim=adamw_torch"], conf_dir=REPO / "conf"))
+    assert cfg.train.gradient_checkpointing is True
+    assert training_args(cfg, "unused").activation_checkpointing is False
+
+
+def test_without_fsdp_the_trainer_checkpoints_activations():
+    cfg = OmegaConf.create(compose_params(["experiment=ablation1"], conf_dir=REPO / "conf"))
+    assert training_args(cfg, "unused").activation_checkpointing is True
+
+
+def test_float16_qlora_is_refused_since_trl_trains_the_adapter_in_bfloat16(tiny_repo):
+    """trl/trainer/sft_trainer.py ("When using QLoRA, the PEFT adapter weights are converted to bf16"): a quantized
+    model's trainable parameters become bfloat16 whatever the arguments say, and `model.dtype=float16` gave bf16=False
+    and never fp16=True (no autocast, no grad scaler): on a card without bf16 (T4, V100) it trains bfloat16 weights it
+    cannot compute. The safer of the two fixes: refuse it, exit 2, naming model.dtype and what to use instead. The real
+    SFTTrainer shows the cast this guards against."""
+    trainer = build_trainer(make_cfg(**FAST), tiny_repo / "scratch")  # 4-bit, model.dtype=float32
+    assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.bfloat16}
+    with pytest.raises(ConfigError, match=r"^model.dtype=float16: .*model.dtype=float32"):
+        training_args(make_cfg(**{**FAST, "model.dtype": "float16"}), tiny_repo / "scratch")
+
+
+def test_a_gpu_profile_on_a_machine_without_cuda_stops_before_loading_anything(workdir, capsys):
+    """model.py fell back to `{"": "cpu"}`: a container started without --gpus, or a torch build newer than the
+    driver, silently loaded Mistral-7B on the CPU. `model.requires_cuda` (conf/model/mistral7b.yaml) stops
+    base-model, train (load_base_model) and the hf engine's evaluate stages first, exit 2 and one line naming the
+    override; `model.allow_cpu=true` lets it through, and the server engine (the GPU is the server's) is not held."""
+    assert not torch.cuda.is_available()
+    assert cli.main(["base-model", "model=mistral7b"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "no CUDA device is visible" in error and "model.allow_cpu=true" in error and "\n" not in error
+    assert not (workdir / "models").exists()
+    cfg = OmegaConf.create(compose_params(["experiment=ablation1"], conf_dir=REPO / "conf"))
+    for refused in (lambda: load_base_model(cfg, for_training=True), lambda: check_engine(cfg)):
+        with pytest.raises(ConfigError, match="^model.requires_cuda: "):
+            refused()
+    cfg.eval.engine = "server"
+    check_engine(cfg)
+    cfg.eval.engine, cfg.model.allow_cpu = "hf", True
+    check_engine(cfg)
 
 
 @pytest.mark.parametrize("experiment", ["mistral7b_qlora", "ablation0", "ablation1", "ablation2"])

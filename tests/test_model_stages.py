@@ -86,7 +86,7 @@ def write_inputs(root):
 
 # max_seq_length 140 sits inside the rows' range (138-152 tokens), so some rows are over it: kept whole, counted.
 FAST = {"train.max_steps": 6, "train.per_device_batch_size": 4, "train.logging_steps": 2, "model.max_seq_length": 140,
-        "eval.max_new_tokens": 48, "eval.batch_size": 4}  # fmt: skip
+        "eval.max_new_tokens": 48, "eval.allow_short_max_new_tokens": True, "eval.batch_size": 4}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +241,7 @@ def test_hub_profile_saves_only_the_tokenizer_and_loads_weights_by_name(pipeline
     cfg = make_cfg()
     cfg.model = OmegaConf.create(compose_params(["model=mistral7b"], conf_dir=REPO / "conf")).model
     cfg.model.name_or_path, cfg.model.revision = str(root / "models/base"), None  # a local stand-in for the hub id
+    cfg.model.allow_cpu = True  # the 7B profile requires CUDA
     monkeypatch.chdir(tmp_path)
     info = base_model.run(cfg)
 
@@ -251,3 +252,66 @@ def test_hub_profile_saves_only_the_tokenizer_and_loads_weights_by_name(pipeline
     model = load_base_model(cfg)  # nf4 + double quant + bfloat16 compute, as configured for Mistral-7B
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     assert model.config.vocab_size == len(load_tokenizer())
+
+
+def write_gguf(path, tokenizer_dir, hidden=64, heads=4, kv_heads=2, ff=128):
+    """A one-layer llama GGUF with random float32 weights and the byte-level BPE of tokenizer_dir, written by the
+    `gguf` package as llama.cpp's converters write one, with BOS, EOS and <unk> ids and no `padding_token_id`."""
+    import gguf
+    import numpy as np
+
+    spec = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    tokens = [token for token, _ in sorted(spec["model"]["vocab"].items(), key=lambda item: item[1])]
+    specials = {added["content"]: added["id"] for added in spec["added_tokens"]}
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(256)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(ff)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in spec["model"]["merges"]])
+    writer.add_token_types([3 if token in specials else 1 for token in tokens])
+    writer.add_bos_token_id(specials["<s>"])
+    writer.add_eos_token_id(specials["</s>"])
+    writer.add_unk_token_id(specials["<unk>"])
+    writer.add_chat_template(base_model.MISTRAL_TEMPLATE)
+    rng = np.random.default_rng(0)
+    kv = kv_heads * hidden // heads
+    shapes = {"token_embd": (len(tokens), hidden), "output": (len(tokens), hidden), "blk.0.attn_q": (hidden, hidden),
+              "blk.0.attn_k": (kv, hidden), "blk.0.attn_v": (kv, hidden), "blk.0.attn_output": (hidden, hidden),
+              "blk.0.ffn_gate": (ff, hidden), "blk.0.ffn_up": (ff, hidden), "blk.0.ffn_down": (hidden, ff)}  # fmt: skip
+    for name, shape in shapes.items():
+        writer.add_tensor(f"{name}.weight", (rng.standard_normal(shape) * 0.02).astype(np.float32))
+    for name in ("output_norm", "blk.0.attn_norm", "blk.0.ffn_norm"):
+        writer.add_tensor(f"{name}.weight", np.ones(hidden, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_gguf_base_without_a_pad_token_gets_one_and_generates_in_batches(built_base, tmp_path, monkeypatch):
+    """transformers leaves the tokenizer's pad token None when the GGUF has no `padding_token_id`
+    (transformers/integrations/gguf/gguf_tokenizer_mapping.py reads the special ids the file states), and base_model's
+    GGUF branch never set one (the hub branch did): batched generation then failed at the first padded batch.
+    SmolLM2's GGUF has a pad id, which hid it. Seen failing: models/base's tokenizer had no pad token (and
+    `tokenizer(..., padding=True)` raises without one)."""
+    from nlistral.evaluation import generate
+
+    source = tmp_path / "gguf"
+    source.mkdir()
+    write_gguf(source / "tiny.gguf", built_base)
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg(**{"model.build_tiny": False, "model.name_or_path": str(source), "model.gguf_file": "tiny.gguf",
+                      "model.load_in_4bit": False})  # fmt: skip
+    base_model.run(cfg)
+    tokenizer = load_tokenizer()
+    assert tokenizer.pad_token == "<unk>" != tokenizer.eos_token  # as the hub branch picks it
+    outputs = generate(load_base_model(cfg), tokenizer, ["A dog.", "A man walks his dog on a long beach."], 2, 3)
+    assert [g.output_tokens for g in outputs] == [3, 3]

@@ -56,7 +56,8 @@ def repo(smollm2, tmp_path_factory):
     write_jsonl(root / "data/finetune/dev_ft.jsonl", rows[:2])
     cfg = make_cfg(**{"model.build_tiny": False, "model.name_or_path": str(smollm2), "model.gguf_file": GGUF,
                       "train.max_steps": 2, "train.per_device_batch_size": 2, "train.logging_steps": 1,
-                      "eval.limit": 4, "eval.batch_size": 4, "eval.max_new_tokens": 24})  # fmt: skip
+                      "eval.limit": 4, "eval.batch_size": 4, "eval.max_new_tokens": 24,
+                      "eval.allow_short_max_new_tokens": True})  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         info = base_model.run(cfg)

@@ -246,3 +246,23 @@ def test_label_only_can_train_on_every_gold_labelled_row(stage):
     assert metrics["rows_by_source"] == {"original": 1, "reflected": 0, "gold": 2}
     with pytest.raises(ConfigError, match="sft.label_rows"):
         stage(thoughts, [], "sft.label_rows=all")  # cot cannot train on a row without a rationale
+
+
+def test_a_tokenizer_without_a_chat_template_is_a_config_error_naming_the_model(stage, workdir):
+    """Every row is rendered through the tokenizer's chat template; a base (non-instruct) model's tokenizer has none,
+    and transformers' apply_chat_template raised a bare ValueError from inside the stage. Seen failing: that
+    ValueError. Now exit 2 naming model.name_or_path and how to supply a template, before anything is written."""
+    base = workdir / "models" / "base"
+    tokenizer = load_tokenizer(base)
+    tokenizer.chat_template = None
+    for name in ("tokenizer_config.json", "chat_template.jinja", "tokenizer.json"):
+        (base / name).unlink(missing_ok=True)
+    tokenizer.save_pretrained(base)
+    assert not load_tokenizer(base).chat_template
+    with pytest.raises(
+        ConfigError,
+        match=r"^model.name_or_path=None: its tokenizer \(models/base\) has no chat "
+        r"template; use a chat \(instruct\) model, or add a `chat_template`",
+    ):
+        stage([thought("1", "A man cooks.", "A person cooks.", 1)], [])
+    assert not Path("data/audit").exists() and not Path("data/finetune").exists()

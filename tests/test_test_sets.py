@@ -61,7 +61,8 @@ def hydra_value(value) -> str:
 def set_overrides(**sets) -> list[str]:
     """`nlistral` overrides adding `sets` to eval.test_sets (Hydra's grammar: {key: value, ...}), small and fast."""
     added = [f"+eval.test_sets.{name}={hydra_value(spec)}" for name, spec in sets.items()]
-    return added + ["eval.max_new_tokens=24", "eval.batch_size=8", "eval.bootstrap=200", "model.load_in_4bit=false"]
+    return added + ["eval.max_new_tokens=24", "eval.allow_short_max_new_tokens=true", "eval.batch_size=8",
+                    "eval.bootstrap=200", "model.load_in_4bit=false"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

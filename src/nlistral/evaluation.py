@@ -10,6 +10,7 @@ files are written. Scoring (prediction records, metrics) is nlistral.scoring.
 The fine-tuned model is asked its format's evaluation task (sft.format, prompts.FORMATS); the base model the study's
 `cot` prompt. When the label comes first (parsing.LABEL_FIRST_TASKS) generation stops as soon as it is readable:
 at the first STOP_AT_LABEL string (transformers' stop strings; the server's `stop`), within eval.label_max_new_tokens.
+Before the fine-tuned model generates, its budget is checked against what it was trained to write (check_token_budget).
 """
 
 import json
@@ -21,16 +22,19 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from nlistral import paths
 from nlistral.config import ConfigError
 from nlistral.io import content_digest
-from nlistral.model import base_info
+from nlistral.model import base_info, require_cuda
 from nlistral.parsing import LABEL_FIRST_TASKS, Answer, read_answer
 from nlistral.paths import BASE_DIR
-from nlistral.prompts import check_format, student_chat_prompt, student_prompt
+from nlistral.prompts import check_format, completion_json, student_chat_prompt, student_prompt
 from nlistral.stages import StageError
 
 ENGINES = ("hf", "server")
 STOP_AT_LABEL = (",", "}")  # what follows the label in {"predicted_label": 1, ...} or {"predicted_label": 1}
+# The LoRA ranks `vllm serve --max-lora-rank` accepts (vllm/config/lora.py: MaxLoRARanks)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 @dataclass(frozen=True)
@@ -97,10 +101,41 @@ def generate(model, tokenizer, prompts, batch_size: int, max_new_tokens: int, st
 
 
 def check_engine(cfg) -> None:
-    """`eval.engine` is one of ENGINES; checked before any model is loaded."""
+    """`eval.engine` is one of ENGINES, and the hf engine has the GPU a `model.requires_cuda` model needs; checked
+    before any model is loaded."""
     if cfg.eval.engine not in ENGINES:
         hint = "; vLLM runs as a server: eval.engine=server (docs/evaluation.md)" if cfg.eval.engine == "vllm" else ""
         raise ConfigError(f"eval.engine={cfg.eval.engine!r}: choose from {', '.join(ENGINES)}{hint}")
+    if cfg.eval.engine == "hf":
+        require_cuda(cfg)
+
+
+def check_token_budget(cfg, tokenizer, task: str) -> None:
+    """The fine-tuned model gets the tokens its answers need: eval.max_new_tokens at least the longest completion it
+    was trained on (metrics/sft_train.json, EOS included), or for a label-first task eval.label_max_new_tokens at
+    least its label prefix (`{"predicted_label": 1,`). A shorter budget cuts answers into `truncated` parse
+    failures, in both engines. ConfigError (exit 2) before anything is generated, unless
+    eval.allow_short_max_new_tokens (smoke runs that cut answers short on purpose)."""
+    if cfg.eval.get("allow_short_max_new_tokens"):
+        return
+    if task in LABEL_FIRST_TASKS:
+        prefix = completion_json("x", 1, task)
+        prefix = prefix[: min(prefix.index(s) for s in STOP_AT_LABEL if s in prefix) + 1]
+        needed = len(tokenizer(" " + prefix, add_special_tokens=False).input_ids)
+        key, budget, what = "eval.label_max_new_tokens", cfg.eval.label_max_new_tokens, f"the label prefix {prefix!r}"
+    else:
+        stats = paths.require(paths.SFT_METRICS, "train")
+        needed = json.loads(stats.read_text(encoding="utf-8"))["completion_tokens"]["max"]
+        key, budget, what = "eval.max_new_tokens", cfg.eval.max_new_tokens, f"the longest trained completion ({stats})"
+    if budget < needed:
+        raise ConfigError(f"{key}={budget} is shorter than {what}: {needed} tokens; set {key}={needed} or more")
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The adapter's LoRA r rounded up to a rank `vllm serve --max-lora-rank` accepts: 4 -> 8, 24 -> 32."""
+    if rank > VLLM_LORA_RANKS[-1]:
+        raise ConfigError(f"train.lora_r={rank}: vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}")
+    return next(allowed for allowed in VLLM_LORA_RANKS if allowed >= rank)
 
 
 def server_backend(cfg, model: str, namespace: str, task: str = "cot"):
@@ -130,7 +165,7 @@ def server_generation(cfg, rows, adapter_dir=None, task: str = "cot") -> tuple[l
     if adapter_dir is not None:
         model, template = server.model, server.command
         rank = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))["r"]
-        fields |= {"name": model, "adapter": str(adapter_dir), "rank": rank}
+        fields |= {"name": model, "adapter": str(adapter_dir), "rank": vllm_lora_rank(rank)}
         served = content_digest(adapter_dir, BASE_DIR)
     else:
         model, template = server.base_model_name or info["name_or_path"], server.base_command or server.command
@@ -179,6 +214,8 @@ def run_generation(cfg, rows, load_model, tokenizer, adapter_dir=None, task: str
     """Generations for `rows` with the configured engine, and the seconds they took (model loading or server start
     excluded). `load_model` is called only by the hf engine; the server serves `adapter_dir` (None: the base).
     `task`: what the model is asked (eval_task for the fine-tuned model)."""
+    if adapter_dir is not None:
+        check_token_budget(cfg, tokenizer, task)
     if cfg.eval.engine == "server":
         return server_generation(cfg, rows, adapter_dir, task)
     prompts = student_prompts(rows, tokenizer, task)

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from nlistral import paths
+from nlistral.config import ConfigError
 from nlistral.paths import ADAPTER_DIR, BASE_DIR
 
 
@@ -43,6 +44,25 @@ def quantization_config(cfg) -> BitsAndBytesConfig | None:
     )
 
 
+def fsdp_launch() -> bool:
+    """Whether `accelerate launch` started this process for FSDP. Only its environment says so before the Trainer
+    exists: PartialState never reports FSDP (accelerate/state.py), AcceleratorState does once the Trainer made it;
+    accelerate and transformers read the same variable (accelerate/state.py, transformers/distributed/fsdp.py)."""
+    from accelerate.utils import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_FSDP")
+
+
+def require_cuda(cfg) -> None:
+    """`model.requires_cuda` (Mistral-7B): no CUDA device visible (a container started without `--gpus`, a torch
+    build newer than the driver) is an error before anything loads, not a 7B model on the CPU. `model.allow_cpu`
+    overrides it (bench/gpu.py's tiny shape)."""
+    if cfg.model.get("requires_cuda") and not cfg.model.get("allow_cpu") and not torch.cuda.is_available():
+        raise ConfigError(f"model.requires_cuda: {cfg.model.name} needs a GPU and no CUDA device is visible "
+                          "(torch.cuda.is_available() is False); model.allow_cpu=true runs it on the CPU "
+                          "anyway")  # fmt: skip
+
+
 def device_map(local_process_index: int, cuda: bool) -> dict:
     """The whole model on this process's own GPU (its local index on the machine), or on the CPU without CUDA.
 
@@ -58,7 +78,7 @@ def load_base_model(cfg, for_training=False, base_dir=BASE_DIR):
     Under FSDP the k-bit preparation is skipped: it casts every non-4-bit tensor to float32, and FSDP flattens the
     bfloat16-stored 4-bit weights with them into parameters that must share one dtype.
     """
-    from accelerate.utils import DistributedType
+    require_cuda(cfg)
     from peft import prepare_model_for_kbit_training  # here, not on top: importing peft (+ bitsandbytes) takes ~10 s
 
     from accelerate import PartialState
@@ -72,7 +92,7 @@ def load_base_model(cfg, for_training=False, base_dir=BASE_DIR):
         quantization_config=quantization_config(cfg),
         device_map=device_map(state.local_process_index, torch.cuda.is_available()),
     )
-    if for_training and cfg.model.load_in_4bit and state.distributed_type != DistributedType.FSDP:
+    if for_training and cfg.model.load_in_4bit and not fsdp_launch():
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     return model
 

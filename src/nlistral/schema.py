@@ -92,6 +92,8 @@ class Model(Section):
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True
     bnb_4bit_quant_storage: Literal["uint8", "float16", "bfloat16", "float32"] = "uint8"
+    requires_cuda: bool = False  # no CUDA device visible: the stages that load it stop (exit 2)
+    allow_cpu: bool = False  # ... unless this is set
     tiny: Tiny | None = None
 
 
@@ -122,6 +124,7 @@ class Eval(Section):
     batch_size: Positive = 1
     max_new_tokens: Positive = 1
     label_max_new_tokens: Positive = 1
+    allow_short_max_new_tokens: bool = False
     limit: Positive | None = None
     engine: str = "hf"
     bootstrap: Positive = 1

@@ -17,7 +17,7 @@ from trl import SFTConfig, SFTTrainer
 from nlistral import paths
 from nlistral.config import ConfigError
 from nlistral.io import read_jsonl
-from nlistral.model import load_base_model, load_tokenizer
+from nlistral.model import fsdp_launch, load_base_model, load_tokenizer
 from nlistral.paths import FINETUNE
 from nlistral.stages import StageError
 
@@ -47,10 +47,25 @@ def warmup(train) -> float | int:
     return ratio  # transformers 5: a float in [0, 1) is a ratio of the steps
 
 
+def check_precision(cfg, fsdp: bool) -> None:
+    """What the GPU run would only find out after the model loaded, refused before any work (exit 2)."""
+    if cfg.model.dtype == "float16" and cfg.model.load_in_4bit:
+        # TRL casts a quantized model's LoRA weights to bfloat16 whatever the arguments say
+        # (trl/trainer/sft_trainer.py, "When using QLoRA, the PEFT adapter weights are converted to bf16")
+        raise ConfigError("model.dtype=float16: QLoRA trains in bfloat16 (a card with bf16, Ampere or newer) or "
+                          "float32 (T4, V100, RTX 20xx: model.dtype=float32)")  # fmt: skip
+    if fsdp and "8bit" in cfg.train.optim:
+        # FSDP's flat parameters do not fit bitsandbytes' 8-bit optimizer state (bitsandbytes #89, accelerate #1362)
+        raise ConfigError(f"train.optim={cfg.train.optim}: an 8-bit optimizer does not work with FSDP; "
+                          "use train.optim=adamw_torch (docs/training.md)")  # fmt: skip
+
+
 def training_args(cfg, output_dir) -> SFTConfig:
     train = cfg.train
     if train.resume not in ("auto", "never"):
         raise ConfigError(f"train.resume must be 'auto' or 'never', got {train.resume!r}")
+    fsdp = fsdp_launch()
+    check_precision(cfg, fsdp)
     try:
         return SFTConfig(
             output_dir=str(output_dir),
@@ -67,7 +82,9 @@ def training_args(cfg, output_dir) -> SFTConfig:
             max_grad_norm=train.max_grad_norm,
             lr_scheduler_type=train.lr_scheduler_type,
             optim=train.optim,
-            activation_checkpointing=train.gradient_checkpointing,
+            # under FSDP its own wrapper checkpoints (fsdp_activation_checkpointing): the Trainer's would all-gather
+            # every layer a second time in the backward pass (transformers #30404)
+            activation_checkpointing=train.gradient_checkpointing and not fsdp,
             bf16=cfg.model.dtype == "bfloat16",
             logging_steps=train.logging_steps,
             include_num_input_tokens_seen="non_padding",  # -> train_tokens_per_second in every log
@@ -103,6 +120,7 @@ def build_trainer(cfg, output_dir) -> SFTTrainer:
     """The trainer with its tokenized datasets (`trainer.train_dataset`: input_ids, labels with -100 on the prompt)."""
     train = cfg.train
     args = training_args(cfg, output_dir)
+    one_gpu_per_process(args)  # before SFTTrainer(), which refuses n_gpu > 1
     lora = LoraConfig(
         r=train.lora_r,
         lora_alpha=train.lora_alpha,
@@ -115,7 +133,7 @@ def build_trainer(cfg, output_dir) -> SFTTrainer:
     callbacks = [EvaluateAtEnd()]
     if train.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
-    trainer = SFTTrainer(
+    return SFTTrainer(
         model=load_base_model(cfg, for_training=True),
         args=args,
         train_dataset=train_rows,
@@ -124,14 +142,13 @@ def build_trainer(cfg, output_dir) -> SFTTrainer:
         peft_config=lora,
         callbacks=callbacks,
     )
-    one_gpu_per_process(trainer.args)
-    return trainer
 
 
 def one_gpu_per_process(args) -> None:
-    """A process trains on its own GPU only. In one process on a host with N GPUs the Trainer counts all of them into
-    the batch (per_device x N) yet never wraps a 4-bit model in DataParallel: N times the configured batch on one GPU.
-    Several GPUs are used through `accelerate launch` (a process each). transformers does the same (`_n_gpu = 1`)
-    for a model it places across GPUs itself."""
+    """A process trains on its own GPU only. In one process on a host with N GPUs TrainingArguments counts all of them
+    (`_n_gpu = torch.cuda.device_count()`), and TRL's SFTTrainer.__init__ then raises "does not support
+    nn.DataParallel"; the Trainer would also count them into the batch (per_device x N). Several GPUs are used through
+    `accelerate launch` (a process each). transformers does the same (`_n_gpu = 1`) for a model it places across
+    GPUs itself. Must run before SFTTrainer() is built."""
     if args.n_gpu > 1:
         args._n_gpu = 1

@@ -27,7 +27,7 @@ from nlistral import prompts
 from nlistral.config import ConfigError
 from nlistral.data import load_split
 from nlistral.io import write_json
-from nlistral.model import compute_dtype, staged_dir
+from nlistral.model import compute_dtype, require_cuda, staged_dir
 from nlistral.paths import BASE_DIR, BASE_INFO
 
 # Mistral's [INST] format (matches prompts.sft_text): BOS once, then `[INST] user [/INST] assistant</s>` turns.
@@ -111,7 +111,18 @@ def build_tiny_model(tiny, tokenizer, max_positions: int) -> MistralForCausalLM:
     return MistralForCausalLM(config)
 
 
+def with_pad_token(tokenizer):
+    """A pad token from the vocabulary (batched generation and training pad), never a new one: the embedding matrix
+    keeps its size. Mistral ships no pad and a GGUF may have no `padding_token_id` (transformers then leaves it
+    None); <unk> never occurs in text. Without <unk>, EOS: padding is masked out of the loss by position (TRL's
+    collator), so the EOS the model must learn still counts."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
 def run(cfg) -> dict:
+    require_cuda(cfg)  # a hub or GGUF 7B base needs a GPU later: say so before anything is fetched or converted
     with staged_dir(BASE_DIR) as out:
         if cfg.model.build_tiny:
             tiny = cfg.model.tiny
@@ -126,7 +137,7 @@ def run(cfg) -> dict:
                 raise ConfigError(f"model.gguf_file={cfg.model.gguf_file!r}: no such file in "
                                   f"model.name_or_path={str(folder)!r}")  # fmt: skip
             source = {"revision": cfg.model.revision, "gguf_file": cfg.model.gguf_file}
-            tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path, **source)
+            tokenizer = with_pad_token(AutoTokenizer.from_pretrained(cfg.model.name_or_path, **source))
             model = AutoModelForCausalLM.from_pretrained(  # dequantized whole: a plain, savable checkpoint
                 cfg.model.name_or_path, dtype=compute_dtype(cfg), **source,
                 quantization_config=GgufConfig(gguf_file=cfg.model.gguf_file, dequantize=True),
@@ -136,11 +147,8 @@ def run(cfg) -> dict:
                     "source": {"name_or_path": cfg.model.name_or_path, **source},
                     "parameters": model.num_parameters()}  # fmt: skip
         else:
-            tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision)
-            if tokenizer.pad_token is None:  # never a new token: the embedding matrix keeps its size
-                # Mistral ships no pad; <unk> never occurs in text. Without <unk>, EOS: padding is masked out of the
-                # loss by position (TRL's collator), so the EOS the model must learn still counts.
-                tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+            hub = AutoTokenizer.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision)
+            tokenizer = with_pad_token(hub)
             info = {"name_or_path": cfg.model.name_or_path, "revision": cfg.model.revision, "built_tiny": False}
         info["vocab_size"] = len(tokenizer)
         tokenizer.save_pretrained(out)

@@ -229,6 +229,16 @@ def sft_metrics(cfg, thought_rows, reflection_rows, suspects, candidates_n: int,
     }
 
 
+def chat_tokenizer(cfg):
+    """models/base's tokenizer, which must have a chat template: every row is rendered as a chat (prompts.py)."""
+    tokenizer = load_tokenizer()
+    if not tokenizer.chat_template:  # transformers would raise a bare ValueError at the first row
+        raise ConfigError(f"model.name_or_path={cfg.model.name_or_path!r}: its tokenizer ({paths.BASE_DIR}) has no "
+                          "chat template; use a chat (instruct) model, or add a `chat_template` to the "
+                          "tokenizer_config.json of a local copy and point model.name_or_path at it")  # fmt: skip
+    return tokenizer
+
+
 def run(cfg, split: str) -> dict:
     try:
         tasks, _ = check_format(cfg.sft.format)
@@ -239,7 +249,7 @@ def run(cfg, split: str) -> dict:
                           "(only the label task can train on a row without a rationale)")  # fmt: skip
     thought_rows = read_jsonl(paths.require(paths.THOUGHTS, split))
     reflection_rows = read_jsonl(paths.require(paths.REFLECTIONS, split))
-    paths.require(paths.BASE_DIR)
+    tokenizer = chat_tokenizer(cfg)
     rows = candidates(thought_rows, reflection_rows, cfg.sft.include_reflections)
     if cfg.sft.label_rows == "all":
         rows += gold_rows(cfg.data.dir, split, rows)
@@ -251,7 +261,6 @@ def run(cfg, split: str) -> dict:
         suspect_ids = {s["id"] for s in suspects}
         rows = [r for r in rows if r["id"] not in suspect_ids]
         dropped["suspect"] = candidates_n - len(rows)
-    tokenizer = load_tokenizer()
     kept, lengths, filtered, over_length_kept = filter_rows(rows, held_out_pairs(cfg.data.dir, split), tokenizer, cfg)
     dropped.update(filtered)
 
