@@ -22,12 +22,13 @@ from test_model_stages import FAST, make_cfg, write_inputs
 
 from nlistral import cli
 from nlistral.config import compose_params, load_config
+from nlistral.errors import StageError
 from nlistral.evaluation import generate, student_prompts
 from nlistral.io import read_jsonl, read_metrics
 from nlistral.model import load_adapter_model, load_tokenizer
 from nlistral.paths import SPEED_KEYS
 from nlistral.scoring import eval_rows, score
-from nlistral.stages import StageError, base_model, evaluate, evaluate_base, evaluate_teacher, train
+from nlistral.stages import base_model, evaluate, evaluate_base, evaluate_teacher, train
 
 METRIC_KEYS = {"model", "model_id", "n", "accuracy", "accuracy_ci95", "precision", "recall", "f1", "macro_precision",
                "macro_recall", "macro_f1", "parse_failures", "parse_failure_rate", "parse_failures_by_reason",

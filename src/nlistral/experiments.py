@@ -17,7 +17,8 @@ import json
 import yaml
 
 from nlistral import paths
-from nlistral.config import PARAMS_FILE, ConfigError
+from nlistral.config import PARAMS_FILE
+from nlistral.errors import ConfigError
 from nlistral.formatting import interval, pct, pvalue
 from nlistral.io import write_json
 from nlistral.stats import paired_comparison, seed_difference_ci, seed_summary

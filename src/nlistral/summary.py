@@ -5,7 +5,7 @@ files the report reads, rounded to 0.1 point here (reports/results.md shows them
 """
 
 from nlistral import paths
-from nlistral.stages.report import MODEL_NAMES, is_embedded, test_results, test_set_results
+from nlistral.results import MODEL_NAMES, is_embedded, test_results, test_set_results
 
 WIDTH = 80
 HEADER = ("model", "acc.", "95% CI", "unparsed", "fine-tuned - this", "McNemar p")

@@ -10,7 +10,6 @@ across seeds, `nlistral report --experiments ... --group-by`) is shown when pres
 import base64
 import csv
 import io
-import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,14 +23,10 @@ from omegaconf import OmegaConf
 from nlistral import paths
 from nlistral.formatting import interval, num, pct, pvalue
 from nlistral.io import atomic_open, iter_jsonl
+from nlistral.results import MODEL_NAMES, is_embedded, optional_json, read_json, test_results, test_set_results
 
 SPLITS = ("train", "dev")
 BASELINES = ("base", "teacher")
-MODEL_NAMES = {"fine-tuned": "fine-tuned", "base": "base zero-shot", "teacher": "teacher"}
-
-
-def read_json(template, split=None) -> dict:
-    return json.loads(paths.require(template, split).read_text(encoding="utf-8"))
 
 
 def read_csv(template, split=None) -> list[dict]:
@@ -39,33 +34,10 @@ def read_csv(template, split=None) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def optional_json(path) -> dict | None:
-    return json.loads(Path(path).read_text(encoding="utf-8")) if Path(path).is_file() else None
-
-
-def is_embedded(cfg) -> bool:
-    """The embedded profile: stand-in LLMs or the tiny model, whose numbers only show that the code runs."""
-    return cfg.model.name == "tiny" or "offline" in (cfg.teacher.backend, cfg.reflector.backend)
-
-
 def provenance() -> dict:
     """The DVC experiment's name (DVC_EXP_NAME), else "workspace". No date, branch or commit: the same inputs give the
     same report, byte for byte (the commit that holds it names its code; `nlistral export` stamps the revision)."""
     return {"experiment": os.environ.get("DVC_EXP_NAME") or "workspace"}
-
-
-def test_results() -> dict:
-    """Model -> its eval metrics, fine-tuned first; a missing baseline is left out."""
-    results = {"fine-tuned": read_json(paths.EVAL_METRICS)}
-    for name, path in (("base", paths.EVAL_BASE_METRICS), ("teacher", paths.EVAL_TEACHER_METRICS)):
-        if (metrics := optional_json(path)) is not None:
-            results[name] = metrics
-    return results
-
-
-def test_set_results(cfg) -> dict:
-    """Set name -> its summary (metrics/test_sets/<set>.json), for every set in eval.test_sets."""
-    return {name: read_json(paths.SET_METRICS.format(set=name)) for name in cfg.eval.get("test_sets") or {}}
 
 
 def collect(cfg) -> dict:

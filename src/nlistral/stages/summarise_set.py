@@ -3,14 +3,14 @@
 `nlistral summarise-set --set NAME` reads what `evaluate-set` wrote for the fine-tuned model, the base model and the
 teacher, and writes for each its headline metrics (n, accuracy with its 95% CI, macro F1, parse failures) and its
 accuracy per tag value (`by_tag`: tag column -> value -> n, accuracy, CI), and the paired comparison of each
-baseline (a) with the fine-tuned model (b), as eval.json's `comparisons` (nlistral.compare, same rows by id).
+baseline (a) with the fine-tuned model (b), as eval.json's `comparisons` (nlistral.results, same rows by id).
 """
 
 import json
 
-from nlistral.compare import compare_records
 from nlistral.io import read_jsonl, write_csv, write_json
 from nlistral.paths import PLOT_SET_ACCURACY, SET_FILES, SET_METRICS, require
+from nlistral.results import compare_records
 from nlistral.stats import accuracy_ci
 
 SHOWN = ("model_id", "n", "accuracy", "accuracy_ci95", "macro_f1", "f1", "parse_failures", "parse_failure_rate",
