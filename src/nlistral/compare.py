@@ -8,6 +8,7 @@ Rows are matched by id; two files that do not hold the same test rows are an err
 import json
 from pathlib import Path
 
+from nlistral.formatting import pvalue
 from nlistral.io import atomic_open, read_jsonl
 from nlistral.paths import PREDICTIONS
 from nlistral.results import CompareError, compare_records
@@ -38,9 +39,13 @@ def describe(result: dict) -> str:
         f"A = {a}: accuracy {result['accuracy_a']:.4f}",
         f"B = {b}: accuracy {result['accuracy_b']:.4f}   ({result['n']} paired rows)",
         f"B - A = {result['difference']:+.4f}, 95% CI [{low:+.4f}, {high:+.4f}] (paired bootstrap)",
-        f"McNemar exact p = {result['mcnemar_p']:.4g}",
+        f"McNemar exact p = {pvalue(result['mcnemar_p'])}, mid-p = {pvalue(result['mcnemar_midp'])}",
         f"A right, B wrong: {result['a_right_b_wrong']}   A wrong, B right: {result['a_wrong_b_right']}",
     ]
+    if result.get("macro_f1_difference") is not None:  # when both files hold predicted labels
+        f1_low, f1_high = result["macro_f1_difference_ci95"]
+        lines.insert(3, f"macro F1: B - A = {result['macro_f1_difference']:+.4f}, 95% CI [{f1_low:+.4f}, "
+                        f"{f1_high:+.4f}] (paired bootstrap)")  # fmt: skip
     flipped = result["flipped"]
     if flipped:
         shown = ", ".join(f"{f['id']} ({'right->wrong' if f['a_correct'] else 'wrong->right'})"

@@ -1,14 +1,15 @@
 """What the evaluate stages wrote, paired or read back: below the stages that write it and the commands that show it.
 
 `compare_records` pairs two runs' prediction records by id (evaluate, summarise-set, `nlistral compare`); the
-readers return the metrics files the report and `nlistral summary` show.
+readers return the metrics files the report and `nlistral summary` show, and `headline_family` the Holm adjustment
+of the one family of comparisons their headline tables make (docs/evaluation.md: Which figure decides).
 """
 
 import json
 from pathlib import Path
 
 from nlistral import paths
-from nlistral.stats import paired_comparison
+from nlistral.stats import holm, macro_f1_difference, paired_comparison
 
 MODEL_NAMES = {"fine-tuned": "fine-tuned", "base": "base zero-shot", "teacher": "teacher"}
 
@@ -50,6 +51,9 @@ def compare_records(a_rows, b_rows, a_name: str, b_name: str, resamples: int, se
     a_correct = [bool(a[i]["correct"]) for i in ids]
     b_correct = [bool(b[i]["correct"]) for i in ids]
     result = {"a": a_name, "b": b_name, **paired_comparison(a_correct, b_correct, resamples, seed)}
+    if all("predicted_label" in a[i] and "predicted_label" in b[i] and "true_label" in a[i] for i in ids):
+        result |= macro_f1_difference([a[i]["true_label"] for i in ids], [a[i]["predicted_label"] for i in ids],
+                                      [b[i]["predicted_label"] for i in ids], resamples, seed)  # fmt: skip
     result["flipped"] = [{"id": i, "a_correct": x, "b_correct": y}
                          for i, x, y in zip(ids, a_correct, b_correct, strict=True) if x != y]  # fmt: skip
     return result
@@ -80,3 +84,14 @@ def test_results() -> dict:
 def test_set_results(cfg) -> dict:
     """Set name -> its summary (metrics/test_sets/<set>.json), for every set in eval.test_sets."""
     return {name: read_json(paths.SET_METRICS.format(set=name)) for name in cfg.eval.get("test_sets") or {}}
+
+
+def headline_family(comparisons: dict, test_sets: dict) -> dict:
+    """The fine-tuned model against each baseline on the test split and on every extra set: one family, 2 x (1 +
+    sets) McNemar mid-p values when every baseline was evaluated. {"size": m, "holm": {"test" or set: {baseline:
+    Holm-adjusted p}}}. The one figure of the report computed here rather than read: it needs every file at once."""
+    tables = {"test": comparisons} | {name: s.get("comparisons", {}) for name, s in test_sets.items()}
+    family = {(table, baseline): c["mcnemar_midp"] for table, found in tables.items() for baseline, c in found.items()}
+    adjusted = holm(family)
+    return {"size": len(family),
+            "holm": {table: {b: adjusted[(table, b)] for b in found} for table, found in tables.items()}}  # fmt: skip

@@ -21,9 +21,17 @@ from markupsafe import Markup
 from omegaconf import OmegaConf
 
 from nlistral import paths
-from nlistral.formatting import interval, num, pct, pvalue
+from nlistral.formatting import bounds, interval, num, pct, pvalue, signed
 from nlistral.io import atomic_open, iter_jsonl
-from nlistral.results import MODEL_NAMES, is_embedded, optional_json, read_json, test_results, test_set_results
+from nlistral.results import (
+    MODEL_NAMES,
+    headline_family,
+    is_embedded,
+    optional_json,
+    read_json,
+    test_results,
+    test_set_results,
+)
 
 SPLITS = ("train", "dev")
 BASELINES = ("base", "teacher")
@@ -52,7 +60,7 @@ def collect(cfg) -> dict:
         for split in SPLITS
     }
     removal_reasons = sorted({reason for s in splits.values() for reason in s["sft"]["dropped"]})
-    results = test_results()
+    results, test_sets = test_results(), test_set_results(cfg)
     return {
         "run": provenance(),
         "embedded": is_embedded(cfg),
@@ -62,7 +70,8 @@ def collect(cfg) -> dict:
         "train": read_json(paths.TRAIN_METRICS),
         "results": results,
         "comparisons": results["fine-tuned"].get("comparisons", {}),
-        "test_sets": test_set_results(cfg),
+        "test_sets": test_sets,
+        "family": headline_family(results["fine-tuned"].get("comparisons", {}), test_sets),
         "seeds": optional_json(paths.SEEDS),  # `nlistral report --experiments ... --group-by`, when it ran here
         "accuracy_by_length": read_csv(paths.PLOT_ACCURACY_BY_LENGTH),
         "model_names": MODEL_NAMES,
@@ -78,7 +87,7 @@ def env() -> Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-    environment.filters.update(pct=pct, interval=interval, pvalue=pvalue, num=num)
+    environment.filters.update(pct=pct, interval=interval, pvalue=pvalue, num=num, bounds=bounds, signed=signed)
     return environment
 
 
@@ -156,7 +165,7 @@ def accuracy_chart(ctx):
               [results[n]["accuracy_ci95"][1] * 100 - a for n, a in zip(names, acc, strict=True)]]  # fmt: skip
     ax.barh([MODEL_NAMES[n] for n in names], acc, xerr=errors, color="#4c78a8", capsize=4)
     ax.set_xlim(0, 100)
-    ax.set_xlabel("test accuracy, % (bars: 95% bootstrap CI)")
+    ax.set_xlabel("test accuracy, % (bars: 95% Wilson CI)")
     return fig
 
 
@@ -239,7 +248,7 @@ def test_sets_chart(ctx):
                 label=MODEL_NAMES[model])  # fmt: skip
     ax.set_yticks([i + height for i in range(len(sets))], sets)
     ax.set_xlim(0, 100)
-    ax.set_xlabel("accuracy, % (bars: 95% bootstrap CI)")
+    ax.set_xlabel("accuracy, % (bars: 95% Wilson CI)")
     ax.legend(fontsize=7)
     return fig
 
