@@ -66,7 +66,7 @@ def _log_to_training_run(cfg, metrics: dict) -> None:
         flat.update({f"confusion_{k}": v for k, v in metrics["confusion"].items()})
         flat["accuracy_ci95_low"], flat["accuracy_ci95_high"] = metrics["accuracy_ci95"]
         for name, comparison in metrics["comparisons"].items():
-            flat.update({f"vs_{name}_{k}": comparison[k] for k in ("difference", "mcnemar_p")})
+            flat.update({f"vs_{name}_{k}": comparison[k] for k in ("difference", "mcnemar_p", "mcnemar_midp")})
         run.log(mlflow.log_metrics, {f"test_{k}": v for k, v in flat.items()})
         run.log(mlflow.log_artifact, PREDICTIONS)
         run.log(mlflow.log_artifact, CONFUSION)
