@@ -131,7 +131,7 @@ def test_real_tokenizer_rows_train_on_the_completion_and_its_end_of_turn_and_the
 
 def test_a_gguf_file_missing_from_its_folder_is_a_config_error_naming_the_key(tmp_path, monkeypatch):
     """Before: a transformers traceback after the tokenizer lookup. No download needed, no models/base left."""
-    from nlistral.config import ConfigError
+    from nlistral.errors import ConfigError
 
     write_inputs(tmp_path)
     monkeypatch.chdir(tmp_path)

@@ -36,6 +36,7 @@ BAD = [
     (["sft", "--split", "train"], "sft.format=rationale", "sft.format='rationale': should be 'cot', 'label_first', "),
     (["sft", "--split", "train"], "sft.label_rows=some", "sft.label_rows='some': should be 'verified' or 'all'"),
     (["evaluate"], "eval.label_max_new_tokens=0", "eval.label_max_new_tokens=0: should be greater than 0"),
+    (["evaluate"], "eval.bootstrap=1", "eval.bootstrap=1: should be greater than or equal to 1000"),  # issue 32
     (["prepare", "--split", "train"], "data.prepare=[train,val]", "data.prepare.1='val': should be 'train', 'dev'"),
     (["estimate"], "teacher.tokenizer=gpt2", "teacher.tokenizer='gpt2': should be 'approx' or 'tekken'"),
     (["params"], "train.warmup_ratio=1", "train.warmup_ratio=1: should be less than 1"),

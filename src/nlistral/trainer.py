@@ -15,11 +15,10 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from nlistral import paths
-from nlistral.config import ConfigError
+from nlistral.errors import ConfigError, StageError
 from nlistral.io import read_jsonl
 from nlistral.model import fsdp_launch, load_base_model, load_tokenizer
 from nlistral.paths import FINETUNE
-from nlistral.stages import StageError
 
 
 def sft_dataset(path) -> Dataset:

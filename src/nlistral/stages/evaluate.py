@@ -12,7 +12,6 @@ one for other rows) prints why and skips that comparison rather than make the ad
 import mlflow
 
 from nlistral import tracking
-from nlistral.compare import CompareError, compare_records
 from nlistral.evaluation import check_engine, check_failures, eval_task, run_generation
 from nlistral.io import content_digest, read_jsonl, write_csv, write_jsonl, write_metrics
 from nlistral.model import base_info, load_adapter_model, load_tokenizer
@@ -25,6 +24,7 @@ from nlistral.paths import (
     PREDICTIONS_BASE,
     PREDICTIONS_TEACHER,
 )
+from nlistral.results import CompareError, compare_records
 from nlistral.scoring import eval_metrics, eval_rows, prediction
 from nlistral.stats import accuracy_by_length
 
@@ -66,7 +66,7 @@ def _log_to_training_run(cfg, metrics: dict) -> None:
         flat.update({f"confusion_{k}": v for k, v in metrics["confusion"].items()})
         flat["accuracy_ci95_low"], flat["accuracy_ci95_high"] = metrics["accuracy_ci95"]
         for name, comparison in metrics["comparisons"].items():
-            flat.update({f"vs_{name}_{k}": comparison[k] for k in ("difference", "mcnemar_p")})
+            flat.update({f"vs_{name}_{k}": comparison[k] for k in ("difference", "mcnemar_p", "mcnemar_midp")})
         run.log(mlflow.log_metrics, {f"test_{k}": v for k, v in flat.items()})
         run.log(mlflow.log_artifact, PREDICTIONS)
         run.log(mlflow.log_artifact, CONFUSION)
