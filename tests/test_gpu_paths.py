@@ -22,7 +22,8 @@ from test_model_stages import FAST, make_cfg, write_inputs
 
 from nlistral import cli
 from nlistral import trainer as trainer_module
-from nlistral.config import ConfigError, compose_params
+from nlistral.config import compose_params
+from nlistral.errors import ConfigError
 from nlistral.evaluation import check_engine
 from nlistral.model import device_map, load_base_model
 from nlistral.trainer import build_trainer, one_gpu_per_process, training_args

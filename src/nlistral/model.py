@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from nlistral import paths
-from nlistral.config import ConfigError
+from nlistral.errors import ConfigError
 from nlistral.paths import ADAPTER_DIR, BASE_DIR
 
 
