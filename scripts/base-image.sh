@@ -4,9 +4,9 @@
 # What a base must provide (python:3.11-slim does too): Python 3.11 with the venv module and its bundled pip
 # (ensurepip), `python` on PATH, and apt-get with a working package source (the Dockerfile installs git, make, gcc).
 # Run as root (debootstrap needs it); about 3 minutes and 250 MB.
-#   scripts/base-image.sh [TAG] [MIRROR]
+#   scripts/base-image.sh [TAG (default $BASE, else localhost/nlistral-base)] [MIRROR]
 set -eu
-tag=${1:-localhost/nlistral-base}
+tag=${1:-${BASE:-localhost/nlistral-base}}
 # The mirror this machine's apt uses, else Debian's CDN.
 mirror=${2:-$(sed -n 's/^URIs: *\([^ ]*\/debian\)$/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n 1)}
 mirror=${mirror:-http://deb.debian.org/debian}
