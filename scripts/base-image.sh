@@ -3,12 +3,13 @@
 # image registry is reachable: debootstrap builds it from Debian's own packages, `podman import` (or docker) loads it.
 # What a base must provide (python:3.11-slim does too): Python 3.11 with the venv module and its bundled pip
 # (ensurepip), `python` on PATH, and apt-get with a working package source (the Dockerfile installs git, make, gcc).
-# Run as root (debootstrap needs it); about 3 minutes and 250 MB.
+# Run as root (debootstrap needs it); about 2 minutes, a 176 MB image.
 #   scripts/base-image.sh [TAG (default $BASE, else localhost/nlistral-base)] [MIRROR]
 set -eu
 tag=${1:-${BASE:-localhost/nlistral-base}}
 # The mirror this machine's apt uses, else Debian's CDN.
-mirror=${2:-$(sed -n 's/^URIs: *\([^ ]*\/debian\)$/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n 1)}
+mirror=${2:-$( (sed -n 's/^URIs: *\([^ ]*\/debian\)$/\1/p' /etc/apt/sources.list.d/*.sources
+    awk '$1 == "deb" && $2 ~ /\/debian$/ {print $2}' /etc/apt/sources.list) 2>/dev/null | head -n 1)}
 mirror=${mirror:-http://deb.debian.org/debian}
 # ENGINE: the container command, with its global flags (on these machines: podman --runtime runc --cgroup-manager=cgroupfs).
 engine=${ENGINE:-$(command -v podman || command -v docker)} || { echo "base-image.sh: neither podman nor docker is installed" >&2; exit 2; }
