@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # NLIstral's pinned environment. The code, data and outputs come from the checkout you mount at /work, so DVC
 # hashes exactly the code that runs. No secrets and no host configuration are baked in: pass MISTRAL_API_KEY at
 # `docker run` time; the build's own pip settings come in as build secrets (below), which never reach a layer.
