@@ -42,7 +42,8 @@ RUN --mount=type=secret,id=ca --mount=type=secret,id=pip.conf --mount=type=cache
 ARG UID=1000
 ARG GID=1000
 RUN if [ "$UID" != 0 ]; then \
-        { getent group "$GID" >/dev/null || groupadd --gid "$GID" nlistral; } && useradd --uid "$UID" --gid "$GID" --create-home nlistral; fi \
+        { getent group "$GID" >/dev/null || groupadd --gid "$GID" nlistral; } \
+        && useradd --uid "$UID" --gid "$GID" --create-home nlistral; fi \
  && mkdir -p /cache /work && chown "$UID:$GID" /cache /work
 USER ${UID}:${GID}
 

@@ -111,8 +111,9 @@ image:
 		$(if $(PIP_CERT),--secret id=ca$(comma)src=$(PIP_CERT)) $(IMAGE_ARGS) -t $(IMAGE) .
 
 # requirements-image.txt: requirements.txt's pins resolved against PyPI alone (its CUDA torch and nvidia-* wheels, for
-# Linux x86_64 and CPython 3.11), each with its file's sha256, for the image's --require-hashes install; no local wheel
-# folder or pip configuration of this machine takes part (scripts/image-lock.py says why not pip-compile). After `make lock`.
+# Linux x86_64 and CPython 3.11), each with its file's sha256, for the image's --require-hashes install; no local
+# wheel folder or pip configuration of this machine takes part (scripts/image-lock.py says why not pip-compile).
+# Run it after `make lock`.
 image-lock: setup
 	$(BIN)/python scripts/image-lock.py
 

@@ -11,9 +11,11 @@ tag=${1:-${BASE:-localhost/nlistral-base}}
 mirror=${2:-$( (sed -n 's/^URIs: *\([^ ]*\/debian\)$/\1/p' /etc/apt/sources.list.d/*.sources
     awk '$1 == "deb" && $2 ~ /\/debian$/ {print $2}' /etc/apt/sources.list) 2>/dev/null | head -n 1)}
 mirror=${mirror:-http://deb.debian.org/debian}
-# ENGINE: the container command, with its global flags (on these machines: podman --runtime runc --cgroup-manager=cgroupfs).
-engine=${ENGINE:-$(command -v podman || command -v docker)} || { echo "base-image.sh: neither podman nor docker is installed" >&2; exit 2; }
-command -v debootstrap >/dev/null || { echo "base-image.sh: debootstrap is not installed (apt-get install debootstrap)" >&2; exit 2; }
+# ENGINE: the container command with its global flags (here: podman --runtime runc --cgroup-manager=cgroupfs).
+engine=${ENGINE:-$(command -v podman || command -v docker)} \
+    || { echo "base-image.sh: neither podman nor docker is installed" >&2; exit 2; }
+command -v debootstrap >/dev/null \
+    || { echo "base-image.sh: debootstrap is not installed (apt-get install debootstrap)" >&2; exit 2; }
 
 rootfs=$(mktemp -d)
 trap 'rm -rf "$rootfs"' EXIT
