@@ -3,9 +3,10 @@ them (Linux x86_64, CPython 3.11: PyPI's CUDA torch, its nvidia-* and triton whe
 file pip picks there, for the Dockerfile's `pip install --require-hashes`. Run on Linux x86_64 with Python 3.11
 (`make image-lock`). pip resolves with `--dry-run --report`, reading only the index and the wheels' metadata.
 
-pip-compile --generate-hashes is not used: it hashes every file of each pinned release (torch 2.13.0: 24 wheels for
-all platforms) and downloads each one whose digest it cannot match from PyPI's JSON API, which on a mirror that
-rewrites file URLs (this project's machines) is every file: 17 GB in its first four minutes, still going."""
+pip-compile --generate-hashes is not used: it hashes every file of each pinned release, for every platform, and
+downloads each one whose digest it cannot match by URL in PyPI's JSON API. This project's machines reach PyPI through
+a mirror whose JSON API gives some projects' files relative URLs (torch's 24 wheels of 2.13.0 among them): 17 GB
+downloaded in its first four minutes, not finished."""
 
 import json
 import os
