@@ -6,7 +6,9 @@ client for its Retry-After), 401 stops the stage, other 4xx fail the row at once
 thread waiting for the limiter or a retry, and none of them sends anything more. `chat` answers from the reply
 cache when it can and stores every paid reply as soon as it arrives.
 
-The API key lives only in the Authorization header: it is never logged, put in an error message, or cached.
+The API key lives only in the Authorization header: it is never logged, put in an error message, or cached; it is
+sent only where llm/urls.py's `key_refusal` allows (a ConfigError before any request otherwise), and requests to
+loopback never go through a proxy.
 """
 
 import hashlib
@@ -31,6 +33,7 @@ from nlistral.llm.base import Reply, RequestFailed, Tally
 from nlistral.llm.budget import Budget
 from nlistral.llm.cache import ReplyCache
 from nlistral.llm.limiter import Limiter
+from nlistral.llm.urls import key_refusal, session_for
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +215,8 @@ class HttpClient:
                     f"(export it, or put {self.api_key_env}=... in .env)"
                 )
             return {}
+        if refusal := key_refusal(self.api_key_env, self.base_url):
+            raise ConfigError(f"{self.backend} backend: not sending the API key: {refusal}")
         self._secret = key
         return {"Authorization": f"Bearer {key}"}
 
@@ -349,7 +354,7 @@ class HttpClient:
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
         if session is None:
-            session = self._local.session = requests.Session()
+            session = self._local.session = session_for(self.base_url)
             self._sessions.append(session)
         return session
 
