@@ -51,9 +51,9 @@ def test_a_busy_port_is_refused_before_starting_and_the_other_server_is_never_as
     monkeypatch.chdir(tmp_path)
     with LLMServer(models=["m"]) as other:
         port = int(other.url.split(":")[-1].split("/")[0])
-        with pytest.raises(ConfigError, match=rf"eval\.server\.port={port} is already in use"):
-            with running_server(server_cfg(port=port), COMMAND, {}, "m"):
-                pass
+        refused = pytest.raises(ConfigError, match=rf"eval\.server\.port={port} is already in use")
+        with refused, running_server(server_cfg(port=port), COMMAND, {}, "m"):
+            pass
         assert sum(other.counts.values()) == 0
     assert not Path("pids").exists()  # our command never started
 
