@@ -21,7 +21,6 @@ import shutil
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 import torch
@@ -102,15 +101,30 @@ def run_tags(cfg) -> dict:
     return {k: v for k, v in tags.items() if v is not None}
 
 
+# What may hold a credential anywhere in a config string: a URL's user:pass@, a secret query parameter, a command's
+# secret flag (`vllm serve ... --api-key KEY`).
+URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
+SECRET_QUERY = re.compile(r"([?&](?:api[-_]?key|access[-_]?token|token|key|password|secret|sig)=)[^&#\s]+", re.I)
+SECRET_FLAG = re.compile(r"(--(?:api[-_]key|hf[-_]token|token|password|secret)(?:=|\s+))\S+", re.I)
+
+
+def redacted(text: str) -> str:
+    text = URL_USERINFO.sub(r"\1", text)  # the host and port stay: they say where the run talked to
+    return SECRET_FLAG.sub(r"\1***", SECRET_QUERY.sub(r"\1***", text))
+
+
 def redacted_params(cfg) -> str:
-    """The composed config as YAML, for the run's artifacts; credentials in a URL (user:pass@host) removed."""
-    data = OmegaConf.to_container(cfg, resolve=True)
-    for role in ("teacher", "reflector"):
-        url = data.get(role, {}).get("base_url")
-        if url:
-            parts = urlsplit(url)
-            data[role]["base_url"] = urlunsplit(parts._replace(netloc=parts.hostname or ""))
-    return OmegaConf.to_yaml(OmegaConf.create(data))
+    """The composed config as YAML, for the run's artifacts, with every string `redacted`: no credential in a URL,
+    query or command anywhere in it."""
+
+    def walk(node):
+        if isinstance(node, dict):
+            return {key: walk(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [walk(value) for value in node]
+        return redacted(node) if isinstance(node, str) else node
+
+    return OmegaConf.to_yaml(OmegaConf.create(walk(OmegaConf.to_container(cfg, resolve=True))))
 
 
 class MlflowCurves(TrainerCallback):
