@@ -3,8 +3,9 @@
 `dvc exp run` composes conf/ into params.yaml itself (hydra.enabled in .dvc/config); `compose_params` does the
 same with the same calls (OmegaConf.to_yaml of hydra's compose), so the two never differ. A stage run by hand
 (`nlistral <stage> KEY=VALUE ...`) starts from the committed params.yaml and applies its overrides with Hydra's
-own grammar and semantics, group swaps first, so an override means the same in both paths. An error about an
-override names its key, never its value (it may be a key pasted in the wrong place).
+own grammar and semantics, group swaps first, so an override means the same in both paths. An override that cannot
+be applied (unknown key, bad grammar, unknown group option) is named by its key, never its value: that may be a key
+pasted in the wrong place. (The schema's messages quote a known key's wrong value, to show the typo.)
 """
 
 from pathlib import Path
@@ -67,10 +68,6 @@ def compose_params(overrides=(), conf_dir=CONF_DIR) -> str:
     except HydraException as err:
         raise _override_error(err, overrides) from None
     OmegaConf.resolve(cfg)
-    try:
-        validate(cfg)  # here too: its message may quote a value typed in `overrides`
-    except ConfigError as err:
-        raise ConfigError(hide_values(str(err), overrides)) from None
     return OmegaConf.to_yaml(cfg)
 
 
@@ -131,10 +128,7 @@ def load_config(overrides=(), params_file=PARAMS_FILE, conf_dir=CONF_DIR) -> Dic
         value = OmegaConf.select(cfg, key)
         if value is not None and not isinstance(value, str):
             OmegaConf.update(cfg, key, str(value))
-    try:
-        validate(cfg)
-    except ConfigError as err:  # the schema names the wrong value: not one the user typed here
-        raise ConfigError(hide_values(str(err), overrides)) from None
+    validate(cfg)
     return cfg
 
 
