@@ -19,10 +19,13 @@ import json
 import re
 import shutil
 import time
+import zipfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import mlflow
+import safetensors
+import safetensors.torch
 import torch
 from omegaconf import OmegaConf
 from transformers import TrainerCallback, set_seed
@@ -157,10 +160,33 @@ def checkpoint_step(path) -> int:
     return int(re.fullmatch(r"checkpoint-(\d+)", Path(path).name).group(1))
 
 
+def damage(checkpoint: Path) -> str | None:
+    """What in `checkpoint` cannot be read back (a file cut short by a kill during a copy, a full disk), or None:
+    torch's files are zip archives (every member's CRC checked), safetensors and JSON files are read whole."""
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        try:
+            if path.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(path) as archive:
+                    if (bad := archive.testzip()) is not None:
+                        return f"{path.name}: {bad} fails its checksum"
+            elif path.suffix == ".safetensors":
+                safetensors.torch.load_file(path)
+            elif path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+        except (zipfile.BadZipFile, safetensors.SafetensorError, OSError, ValueError) as err:
+            return f"{path.name}: {err}"
+    return None
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint (trainer_state.json is written last; a kill mid-save leaves none)."""
+    """The newest complete checkpoint that reads back (trainer_state.json is written last, so a kill mid-save
+    leaves none; a damaged one is passed over, saying so, for the one before it)."""
     complete = [p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return max(complete, key=checkpoint_step, default=None)
+    for checkpoint in sorted(complete, key=checkpoint_step, reverse=True):
+        if (why := damage(checkpoint)) is None:
+            return checkpoint
+        print(f"train: not resuming from {checkpoint}, it is damaged ({why}); trying the one before")
+    return None
 
 
 @contextmanager
