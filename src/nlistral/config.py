@@ -52,7 +52,8 @@ def _unparsable(overrides) -> list[str]:
     return bad
 
 
-def _override_error(err: Exception, overrides) -> "ConfigError":
+def _override_error(err, overrides) -> "ConfigError":
+    """Hydra's error about `overrides`, naming the key of an unparsable one, with no value in it."""
     keys = _unparsable(overrides)
     where = f"override of {', '.join(keys)}: " if keys else ""
     return ConfigError(where + hide_values(str(err), overrides))
@@ -81,13 +82,9 @@ def apply_overrides(cfg: DictConfig, overrides, conf_dir=CONF_DIR) -> None:
     """Hydra overrides on a composed config: group swaps (`teacher=mistral`, composed as Hydra composes them),
     then keys (`a.b=value`, `+a.b=value` to add, `~a.b` to delete), whatever order they were written in."""
     try:
-        _apply_overrides(cfg, overrides, conf_dir)
-    except (ConfigError, HydraException) as err:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as err:
         raise _override_error(err, overrides) from None
-
-
-def _apply_overrides(cfg: DictConfig, overrides, conf_dir) -> None:
-    parsed = OverridesParser.create().parse_overrides(list(overrides))
     group_names = groups(conf_dir) if any("." not in o.key_or_group for o in parsed) else []
     swaps, keys = [], []
     for override in parsed:
@@ -114,7 +111,7 @@ def _apply_overrides(cfg: DictConfig, overrides, conf_dir) -> None:
     try:
         ConfigLoaderImpl._apply_overrides_to_config(keys, cfg)  # Hydra's own semantics (private API, pinned 1.3.8)
     except HydraException as err:
-        raise ConfigError(str(err).splitlines()[0]) from None
+        raise _override_error(str(err).splitlines()[0], overrides) from None
     finally:
         OmegaConf.set_struct(cfg, False)
 

@@ -8,7 +8,7 @@ group when the block ends, however it ends (success, error, Ctrl-C): SIGTERM, th
 watchdog process does the same if the stage dies without a chance to (`kill -9`, OOM killer): it holds the read end
 of a pipe only the stage writes to, and stops the group when that pipe closes unannounced. Without a command it
 yields `eval.server.base_url`, a server someone else runs. Loopback requests never go through a proxy
-(llm/http.py's `loopback_session`).
+(llm/urls.py's `session_for`).
 """
 
 import os
