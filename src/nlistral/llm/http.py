@@ -322,7 +322,7 @@ class HttpClient:
         ticket, used, cost = None, 0, 0.0
         try:  # whatever happens below, the limiter and the budget learn what this attempt used
             if self._gave_up:
-                raise self._gave_up
+                raise RequestFailed(self._gave_up.reason, self._gave_up.detail)  # one exception per thread
             if self._stop.is_set() or (ticket := self.limiter.acquire(tokens)) is None or self._stop.is_set():
                 raise self._stopped()  # stopped before or while it waited for its turn: send nothing
             if path == CHAT_PATH:
@@ -384,7 +384,7 @@ class HttpClient:
         self._gave_up = RequestFailed("rate_limited", f"{detail}; no more requests sent: re-run later")
         log.warning("%s", self._gave_up.detail)
         if value is None:
-            raise self._gave_up
+            raise RequestFailed(self._gave_up.reason, self._gave_up.detail)
 
     def _refused(self, resp: requests.Response, method: str, path: str) -> "_Retry":
         """A non-2xx response: 429 and 5xx are worth another try; a 401 stops the stage, other 4xx fail the row."""
