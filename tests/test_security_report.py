@@ -1,6 +1,6 @@
 """Hostile strings in the report (issue 31, items 1-2): every string that reaches reports/index.html, results.md or the
 cards, put there by data or config (a test set's name, its tag column and values, the experiment's name, a model
-id, the teacher's model name, the seeds table's labels), shows as typed and never becomes markup.
+id, the teacher's model name, the seeds table's labels, data.name), shows as typed and never becomes markup.
 
 Bugs these catch, each seen failing: `select_autoescape(["html"])` leaves `index.html.j2` unescaped (a tag value's
 `<img onerror>` ran in Chromium and DVC_EXP_NAME's `<script>` set the title); results.md put a tag value's `|` and
@@ -29,9 +29,9 @@ def hostile(field: str, slash: bool = True) -> str:
     return f"{field} {markup} | `tick` [link](http://e.invalid) x"
 
 
-EXP, MODEL, TEACHER, SET, TAG, VALUE, LABEL, GROUP, RUN = (
+EXP, MODEL, TEACHER, SET, TAG, VALUE, LABEL, GROUP, RUN, DATA = (
     hostile("exp"), hostile("model"), hostile("teacher"), hostile("set", slash=False), hostile("tag"), hostile("value"),
-    hostile("label"), hostile("group"), hostile("run"),
+    hostile("label"), hostile("group"), hostile("run"), hostile("data"),
 )  # fmt: skip
 SHOWN = {"experiment": EXP, "model id": MODEL, "set": SET, "tag": TAG, "label": LABEL, "group_by": GROUP, "run": RUN}
 
@@ -54,6 +54,7 @@ def attacked(outputs, tmp_path_factory):  # noqa: F811
             writer.writeheader()
             writer.writerows(rows)
         params = yaml.safe_load(Path("params.yaml").read_text())
+        params["data"]["name"] = DATA  # shown in the cards
         params["eval"]["test_sets"] = {SET: {**params["eval"]["test_sets"]["diagnostic"], "tags": [TAG, "phenomenon"]}}
         Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         shutil.rmtree("metrics/test_sets")
@@ -127,6 +128,8 @@ def cells(row: str) -> int:
 @pytest.mark.parametrize("name", [paths.REPORT_RESULTS, paths.REPORT_MODEL_CARD, paths.REPORT_DATASET_CARD])
 def test_markdown_tables_keep_their_columns_and_hold_no_markup(attacked, name):
     text = (attacked / name).read_text()
+    body = re.sub(r"\A---\n.*?\n---\n", "", text, flags=re.S)  # the cards' YAML front matter is data, not markup
+    assert "<img" not in body and "<script" not in body  # escaped everywhere, tables or not
     tables = table_rows(text)
     assert tables
     for table in tables:
