@@ -31,7 +31,8 @@ from nlistral.io import read_jsonl
 from nlistral.llm.base import RequestFailed
 from nlistral.llm.cache import ReplyCache
 from nlistral.llm.http import HttpClient
-from nlistral.stages import StageError, thoughts
+from nlistral.errors import StageError
+from nlistral.stages import thoughts
 
 OUT = "data/original_thoughts/train_thoughts.jsonl"
 FAILED = "data/original_thoughts/train_failed.jsonl"
@@ -245,3 +246,31 @@ def test_a_failed_cache_write_exits_2_naming_the_file_and_what_to_do(server, wor
     assert done.returncode == 2, done.stderr[-2000:]
     assert "replies.sqlite: cannot write the reply cache" in done.stderr and "Free space" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("backend", "variable", "scheme", "behind"), [
+    ("openai", "MY_SERVER_KEY", "http", "127.0.0.1:9"),
+    ("mistral", "MISTRAL_API_KEY", "https", "api.mistral.ai"),
+])  # fmt: skip
+def test_a_backslash_cannot_make_the_key_check_read_another_host_than_requests_connects_to(
+    server, backend, variable, scheme, behind
+):
+    """`http://HOST\\@127.0.0.1/v1`: urllib.parse reads host 127.0.0.1 (after the `@`), urllib3 (what requests
+    connects with) ends the host at the backslash, HOST. On main key_refusal checked urllib.parse's host: the key went
+    over plain http to another machine, and MISTRAL_API_KEY to a host that is not api.mistral.ai."""
+    capture = Capture()
+    url = capture.url.replace("http://", f"{scheme}://").replace("/v1", f"\\@{behind}/v1")
+    with pytest.raises(ConfigError, match="not sending the API key") as err:
+        run(url, backend, api_key_env=variable, max_retries=0)
+    assert KEY not in str(err.value)
+    assert capture.received == []
+
+
+def test_a_name_under_localhost_is_not_this_machine():
+    """`evil.localhost` is looked up in DNS by this system's resolver (glibc maps only `localhost` itself): on main
+    any `*.localhost` counted as loopback, so a key went there over plain http, past any proxy."""
+    from nlistral.llm.urls import is_loopback, key_refusal
+
+    assert not is_loopback("http://evil.localhost:8000/v1")
+    assert "plain http://" in key_refusal("MY_SERVER_KEY", "http://evil.localhost:8000/v1")
+    assert is_loopback("http://localhost:8000/v1") and is_loopback("http://[::1]:8000/v1")

@@ -6,19 +6,30 @@
 - `key_refusal(api_key_env, url)`: why the key in `api_key_env` must not be sent to `url`, or None. Never over plain
   http:// to another machine; a provider's own variable (MISTRAL_API_KEY, OPENAI_API_KEY) only to that provider's
   API host (or this machine's loopback); any other variable, one the user set for this server, wherever it points.
+  Never to a URL whose host urllib.parse and urllib3 read differently (`http://evil\\@127.0.0.1/`: urllib3, which
+  requests connects with, ends the host at the backslash).
+
+Hosts are read as urllib3 reads them, since that is where requests connects. Loopback is `localhost` itself or a
+loopback address: not `*.localhost`, which glibc's resolver looks up in DNS.
 """
 
 import ipaddress
 from urllib.parse import urlsplit
 
 import requests
+from urllib3.util import parse_url
 
 PROVIDER_HOSTS = {"MISTRAL_API_KEY": "api.mistral.ai", "OPENAI_API_KEY": "api.openai.com"}
 
 
+def _host(url: str) -> str:
+    """The host requests connects to for `url`, lowercase, without an IPv6 address's brackets."""
+    return (parse_url(url).host or "").lower().strip("[]")
+
+
 def is_loopback(url: str) -> bool:
-    host = (urlsplit(url).hostname or "").rstrip(".")
-    if host == "localhost" or host.endswith(".localhost"):
+    host = _host(url).rstrip(".")
+    if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -34,14 +45,16 @@ def session_for(url: str) -> requests.Session:
 
 
 def key_refusal(api_key_env: str, url: str) -> str | None:
+    if (host := _host(url)) != (urlsplit(url).hostname or "").strip("[]"):
+        return f"{url} names its host ambiguously (requests would connect to {host}): write the host alone"
     if is_loopback(url):
         return None
-    parts = urlsplit(url)
-    if parts.scheme != "https":
-        return (f"{url} is plain {parts.scheme}:// to another machine: the key in {api_key_env} would cross the "
+    scheme = parse_url(url).scheme
+    if scheme != "https":
+        return (f"{url} is plain {scheme}:// to another machine: the key in {api_key_env} would cross the "
                 "network readable by anyone on the way; use https://, or no key (api_key_env: null)")  # fmt: skip
     home = PROVIDER_HOSTS.get(api_key_env)
-    if home and parts.hostname != home:
+    if home and _host(url) != home:
         return (f"{api_key_env} holds {home}'s key, and {url} is not {home}: set api_key_env to a variable holding "
                 "this server's own key, or null for none")  # fmt: skip
     return None
