@@ -27,11 +27,11 @@ from llm_server import KEY, ROWS, LLMServer, completion, stage_overrides, write_
 
 from nlistral import cli
 from nlistral.config import ConfigError, load_config
+from nlistral.errors import StageError
 from nlistral.io import read_jsonl
 from nlistral.llm.base import RequestFailed
 from nlistral.llm.cache import ReplyCache
 from nlistral.llm.http import HttpClient
-from nlistral.errors import StageError
 from nlistral.stages import thoughts
 
 OUT = "data/original_thoughts/train_thoughts.jsonl"
