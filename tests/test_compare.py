@@ -118,3 +118,38 @@ def test_compare_reads_git_revisions_and_dvc_experiments(tmp_path, monkeypatch, 
     assert (result["a"], result["b"], result["a_right_b_wrong"], result["a_wrong_b_right"]) == (
         "fewer-errors", "other-errors", 3, 2)  # fmt: skip
     assert "A = fewer-errors: accuracy 0.9000" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda text: text[:-20], "a.jsonl:4: not JSON (Expecting value at column 87)"),  # cut short by a kill
+    (lambda text: text.replace('"P1"', '"P\xff1"'), "a.jsonl:2: not valid UTF-8 (byte 0xff)"),
+    (lambda text: text + "[1, 2]\n", "a.jsonl:5: not a JSON object (a list)"),
+])  # fmt: skip
+def test_a_damaged_predictions_file_is_an_error_naming_its_line(tmp_path, monkeypatch, capsys, damage, message):
+    """On main a JSONL line cut short (or not UTF-8) was a JSONDecodeError / UnicodeDecodeError traceback."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl("a.jsonl", predictions([True] * 4))
+    write_jsonl("b.jsonl", predictions([False] * 4))
+    text = Path("a.jsonl").read_text(encoding="utf-8")
+    Path("a.jsonl").write_bytes(damage(text).encode("utf-8").replace("\xff".encode(), b"\xff"))
+    assert cli.main(["compare", "a.jsonl", "b.jsonl", "--json", "cmp.json"]) == 2
+    assert capsys.readouterr().err.startswith(f"nlistral compare: error: {message}")
+    assert not Path("cmp.json").exists()
+
+
+def test_a_line_separator_in_data_does_not_split_a_revisions_predictions(tmp_path, monkeypatch, capsys):
+    """json.dumps(ensure_ascii=False) writes U+2028 / U+0085 raw inside a string; on main a revision's predictions
+    were split with str.splitlines, which also breaks there: a JSONDecodeError traceback for a premise holding one."""
+    repo = tmp_path / "repo"
+    (repo / "metrics").mkdir(parents=True)
+    rows = predictions([True] * 4)
+    rows[1]["premise"] = "one\u2028two\x85three"
+    write_jsonl(repo / "metrics" / "predictions.jsonl", rows)
+    write_jsonl(repo / "b.jsonl", rows[:3] + [{**rows[3], "correct": False}])
+    _run("git", "init", "-q", "-b", "main", cwd=repo)
+    _run(sys.executable, "-m", "dvc", "init", "-q", cwd=repo)
+    _run("git", "add", "-A", cwd=repo)
+    _run("git", "commit", "-qm", "baseline", cwd=repo)
+    monkeypatch.chdir(repo)
+    assert cli.main(["compare", "main", "b.jsonl"]) == 0
+    assert "r3 (right->wrong)" in capsys.readouterr().out

@@ -457,6 +457,23 @@ def test_report_before_evaluate_names_the_stage_and_writes_nothing(outputs, tmp_
     assert not Path("reports").exists()
 
 
+@pytest.mark.parametrize("command", ["report", "summary"])
+def test_a_damaged_metrics_file_names_its_line_and_writes_nothing(outputs, tmp_path, monkeypatch, capsys, command):
+    """metrics/ is committed: a merge that left conflict markers in metrics/eval.json was a JSONDecodeError
+    traceback on main."""
+    from nlistral import cli
+
+    shutil.copytree(outputs, tmp_path / "repo", ignore=shutil.ignore_patterns("reports"))
+    monkeypatch.chdir(tmp_path / "repo")
+    text = Path(paths.EVAL_METRICS).read_text(encoding="utf-8")
+    Path(paths.EVAL_METRICS).write_text("{\n<<<<<<< HEAD\n" + text[1:], encoding="utf-8")
+    assert cli.main([command]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"nlistral {command}: error: {paths.EVAL_METRICS}:2: not JSON (")
+    assert not captured.out
+    assert not Path("reports").exists()
+
+
 def test_export_gives_a_folder_peft_loads_with_the_card_as_readme(reported, tmp_path, monkeypatch):
     from peft import LoraConfig, PeftModel, get_peft_model
 

@@ -10,7 +10,7 @@ import sys
 from omegaconf import OmegaConf
 
 from nlistral.config import PARAMS_FILE, compose_params, load_config, validate
-from nlistral.errors import ConfigError, StageError
+from nlistral.errors import ConfigError, DataError, StageError
 from nlistral.paths import PREDICTIONS, SET_PREDICTIONS, MissingInput
 
 SPLIT_STAGES = ("prepare", "thoughts", "reflections", "sft")
@@ -129,7 +129,6 @@ def main(argv=None) -> int:
         os.environ.setdefault(name, value)
     parser = _parser()
     args = parser.parse_args(argv)  # --help exits here: it imports nothing heavy (no pandas, scipy, torch)
-    from nlistral.data import DataError  # pandas
     from nlistral.results import CompareError  # scipy
 
     for option in ("reference", "set_name", "group_by"):

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from nlistral.formatting import pvalue
-from nlistral.io import atomic_open, read_jsonl
+from nlistral.io import atomic_open, parse_jsonl, read_jsonl
 from nlistral.paths import PREDICTIONS
 from nlistral.results import CompareError, compare_records
 
@@ -28,7 +28,7 @@ def load_predictions(spec: str, path: str = PREDICTIONS) -> list[dict]:
         text = dvc.api.read(path, repo=".", rev=spec)
     except (DvcException, SCMError, FileNotFoundError) as err:
         raise CompareError(f"{spec!r} is neither a file nor a revision/experiment holding {path}: {err}") from None
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return parse_jsonl(text, f"{path} at {spec}")
 
 
 def describe(result: dict) -> str:

@@ -16,18 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from nlistral.errors import DataError
+
 REQUIRED = ("premise", "hypothesis", "label")
 LABELS = {"0": 0, "1": 1}
-
-
-class DataError(Exception):
-    """A bad input file. str() reads `path:line: column 'name': problem` (line/column left out where meaningless)."""
-
-    def __init__(self, path, message, line=None, column=None):
-        where = f"{path}:{line}:" if line else f"{path}:"
-        if column:
-            where += f" column {column!r}:"
-        super().__init__(f"{where} {message}")
 
 
 def load_split(data_dir, split) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""The two errors the command line turns into a one-line message (cli.py): below every module that raises them."""
+"""The errors the command line turns into a one-line message (cli.py): below every module that raises them."""
 
 
 class ConfigError(ValueError):
@@ -7,3 +7,13 @@ class ConfigError(ValueError):
 
 class StageError(RuntimeError):
     """A stage ran but its result is not acceptable (e.g. too many failed rows)."""
+
+
+class DataError(Exception):
+    """A bad input file. str() reads `path:line: column 'name': problem` (line/column left out where meaningless)."""
+
+    def __init__(self, path, message, line=None, column=None):
+        where = f"{path}:{line}:" if line else f"{path}:"
+        if column:
+            where += f" column {column!r}:"
+        super().__init__(f"{where} {message}")

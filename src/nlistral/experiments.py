@@ -22,7 +22,7 @@ from nlistral import paths
 from nlistral.config import PARAMS_FILE
 from nlistral.errors import ConfigError
 from nlistral.formatting import interval, pct, pvalue
-from nlistral.io import write_json
+from nlistral.io import json_record, parse_jsonl, write_json
 from nlistral.stats import holm, paired_comparison, seed_summary, welch
 
 SEED_COLUMNS = ("configuration", "experiments", "seeds", "mean accuracy", "sd", "min", "max",
@@ -58,20 +58,21 @@ def load(rev: str, set_name: str | None = None) -> dict:
     """An experiment's test metrics (baselines None where absent) and per-row correctness; with `set_name`, those
     of the extra test set (metrics/test_sets/<set>.json and the fine-tuned model's predictions on it)."""
     if set_name:
-        summary = json.loads(read_at(rev, paths.SET_METRICS.format(set=set_name)))
-        predictions = read_at(rev, paths.SET_PREDICTIONS.format(set=set_name)).splitlines()
+        metrics = paths.SET_METRICS.format(set=set_name)
+        summary = json_record(read_at(rev, metrics), f"{metrics} at {rev}")
+        path = paths.SET_PREDICTIONS.format(set=set_name)
         return {
             "eval": summary["models"]["fine-tuned"],
             **{name: summary["models"].get(name) for name in ("base", "teacher")},
-            "correct": {str(r["id"]): bool(r["correct"]) for r in map(json.loads, filter(str.strip, predictions))},
+            "correct": {str(r["id"]): bool(r["correct"]) for r in parse_jsonl(read_at(rev, path), f"{path} at {rev}")},
         }
     base, teacher = (read_at(rev, path, required=False) for path in (paths.EVAL_BASE_METRICS,
                                                                      paths.EVAL_TEACHER_METRICS))  # fmt: skip
-    predictions = [json.loads(line) for line in read_at(rev, paths.PREDICTIONS).splitlines() if line.strip()]
+    predictions = parse_jsonl(read_at(rev, paths.PREDICTIONS), f"{paths.PREDICTIONS} at {rev}")
     return {
-        "eval": json.loads(read_at(rev, paths.EVAL_METRICS)),
-        "base": base and json.loads(base),
-        "teacher": teacher and json.loads(teacher),
+        "eval": json_record(read_at(rev, paths.EVAL_METRICS), f"{paths.EVAL_METRICS} at {rev}"),
+        "base": base and json_record(base, f"{paths.EVAL_BASE_METRICS} at {rev}"),
+        "teacher": teacher and json_record(teacher, f"{paths.EVAL_TEACHER_METRICS} at {rev}"),
         "correct": {str(r["id"]): bool(r["correct"]) for r in predictions},
     }
 

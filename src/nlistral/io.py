@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from nlistral.errors import DataError
 from nlistral.paths import SPEED_DIR, SPEED_KEYS
 
 
@@ -51,11 +52,44 @@ def write_jsonl(path, records) -> int:
 
 
 def iter_jsonl(path) -> Iterator[dict]:
-    """The records of a JSONL file one at a time (a stage that passes rows through never holds the file)."""
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
+    """The records of a JSONL file one at a time (a stage that passes rows through never holds the file). A line
+    that is not a JSON object (a file cut short) or not UTF-8 is a DataError naming the file and line."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(path, f"not valid UTF-8 (byte 0x{raw[err.start]:02x})", number) from None
             if line.strip():
-                yield json.loads(line)
+                yield json_record(line, path, number)
+
+
+def parse_jsonl(text: str, path) -> list[dict]:
+    """The records of JSONL `text` read from `path` (for messages). Lines end at \\n alone: str.splitlines also
+    breaks at U+2028, U+0085 and others, which json.dumps(ensure_ascii=False) leaves raw inside strings."""
+    return [json_record(line, path, number) for number, line in enumerate(text.split("\n"), 1) if line.strip()]
+
+
+def json_record(line: str, path, number: int | None = None) -> dict:
+    """One JSON object (a JSONL line, or a whole JSON file), or a DataError naming `path` and the line."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        where, column = (number, err.pos + 1) if number is not None else (err.lineno, err.colno)
+        raise DataError(path, f"not JSON ({err.msg} at column {column}): cut short or edited?", where) from None
+    if not isinstance(record, dict):
+        raise DataError(path, f"not a JSON object (a {type(record).__name__})", number)
+    return record
+
+
+def read_json(path) -> dict:
+    """A JSON object file (a metrics file), or a DataError naming it and the line where it stops being JSON."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(path, f"not valid UTF-8 (byte 0x{err.object[err.start]:02x})") from None
+    return json_record(text, path)
 
 
 def read_jsonl(path) -> list[dict]:

@@ -5,10 +5,9 @@ readers return the metrics files the report and `nlistral summary` show, and `he
 of the one family of comparisons their headline tables make (docs/evaluation.md: Which figure decides).
 """
 
-import json
 from pathlib import Path
 
-from nlistral import paths
+from nlistral import io, paths
 from nlistral.stats import holm, macro_f1_difference, paired_comparison
 
 MODEL_NAMES = {"fine-tuned": "fine-tuned", "base": "base zero-shot", "teacher": "teacher"}
@@ -60,11 +59,11 @@ def compare_records(a_rows, b_rows, a_name: str, b_name: str, resamples: int, se
 
 
 def read_json(template, split=None) -> dict:
-    return json.loads(paths.require(template, split).read_text(encoding="utf-8"))
+    return io.read_json(paths.require(template, split))
 
 
 def optional_json(path) -> dict | None:
-    return json.loads(Path(path).read_text(encoding="utf-8")) if Path(path).is_file() else None
+    return io.read_json(path) if Path(path).is_file() else None
 
 
 def is_embedded(cfg) -> bool:
