@@ -153,3 +153,24 @@ def test_a_line_separator_in_data_does_not_split_a_revisions_predictions(tmp_pat
     monkeypatch.chdir(repo)
     assert cli.main(["compare", "main", "b.jsonl"]) == 0
     assert "r3 (right->wrong)" in capsys.readouterr().out
+
+
+HOSTILE_ID = "r0\x1b]52;c;ZWNobyBwd25lZA==\x07\x1b[2J\x9b31m\u202egnp.exe\r"  # clipboard write, clear, bidi, CR
+
+
+def test_ids_from_data_cannot_drive_the_terminal(tmp_path):
+    """An id is whatever the data's id column holds: on main `nlistral compare` printed it raw, so an OSC 52 sequence
+    wrote the reader's clipboard, CSI cleared the screen, U+202E reversed the text, a CR overwrote the line; the
+    CompareError naming ids did the same on stderr."""
+    rows_a, rows_b = predictions([True, True]), predictions([False, True])
+    rows_a[0]["id"] = rows_b[0]["id"] = HOSTILE_ID
+    write_jsonl(tmp_path / "a.jsonl", rows_a)
+    write_jsonl(tmp_path / "b.jsonl", rows_b)
+    write_jsonl(tmp_path / "c.jsonl", predictions([True, True, True])[1:])  # the hostile id is only in a.jsonl
+    for b, code in (("b.jsonl", 0), ("c.jsonl", 2)):
+        done = subprocess.run([sys.executable, "-m", "nlistral", "compare", "a.jsonl", b], cwd=tmp_path,
+                              capture_output=True)  # fmt: skip
+        shown = (done.stdout + done.stderr).decode("utf-8")
+        assert done.returncode == code, shown
+        assert not any(ch in shown for ch in "\x1b\x07\x9b\u202e\r"), repr(shown)
+        assert "r0\\x1b]52;c;ZWNobyBwd25lZA==\\x07\\x1b[2J\\x9b31m\\u202egnp.exe\\r" in shown

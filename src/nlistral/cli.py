@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from nlistral.config import PARAMS_FILE, compose_params, load_config, validate
 from nlistral.errors import ConfigError, DataError, StageError
+from nlistral.formatting import terminal
 from nlistral.paths import PREDICTIONS, SET_PREDICTIONS, MissingInput
 
 SPLIT_STAGES = ("prepare", "thoughts", "reflections", "sft")
@@ -174,10 +175,10 @@ def main(argv=None) -> int:
         else:
             stage.run(cfg)
     except (DataError, ConfigError, MissingInput, CompareError) as err:
-        print(f"nlistral {args.command}: error: {err}", file=sys.stderr)
+        print(f"nlistral {args.command}: error: {terminal(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except StageError as err:
-        print(f"nlistral {args.command}: failed: {err}", file=sys.stderr)
+        print(f"nlistral {args.command}: failed: {terminal(err)}", file=sys.stderr)
         return EXIT_STAGE_FAILED
     except KeyboardInterrupt as err:
         how = "terminated" if isinstance(err, Terminated) else "interrupted"

@@ -8,7 +8,7 @@ Rows are matched by id; two files that do not hold the same test rows are an err
 import json
 from pathlib import Path
 
-from nlistral.formatting import pvalue
+from nlistral.formatting import pvalue, terminal
 from nlistral.io import atomic_open, parse_jsonl, read_jsonl
 from nlistral.paths import PREDICTIONS
 from nlistral.results import CompareError, compare_records
@@ -57,7 +57,7 @@ def describe(result: dict) -> str:
 
 def run(a: str, b: str, json_path: str | None, path: str, resamples: int, seed: int) -> dict:
     result = compare_records(load_predictions(a, path), load_predictions(b, path), a, b, resamples, seed)
-    print(describe(result))
+    print(terminal(describe(result)))
     if json_path:
         with atomic_open(json_path) as handle:
             json.dump(result, handle, indent=2)

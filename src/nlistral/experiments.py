@@ -21,7 +21,7 @@ import yaml
 from nlistral import paths
 from nlistral.config import PARAMS_FILE
 from nlistral.errors import ConfigError
-from nlistral.formatting import interval, pct, pvalue
+from nlistral.formatting import interval, pct, pvalue, terminal
 from nlistral.io import json_record, parse_jsonl, write_json
 from nlistral.stats import holm, paired_comparison, seed_summary, welch
 
@@ -177,7 +177,7 @@ def compare_experiments(
     reference = reference or names[0]
     names = [reference, *(name for name in names if name != reference)]  # the reference first
     text = table({name: load(name, set_name) for name in names}, reference, resamples, seed)
-    print(text)
+    print(terminal(text))
     return text
 
 
@@ -197,5 +197,5 @@ def seed_report(names: list[str], reference: str | None, set_name: str | None, g
     summary = seed_groups(runs, groups, reference) | {"group_by": group_by, "set": set_name}
     write_json(paths.SEEDS, summary)
     text = seed_table(summary)
-    print(f"{text}\n\n(written to {paths.SEEDS}; `nlistral report` shows it in {paths.REPORT_RESULTS})")
+    print(f"{terminal(text)}\n\n(written to {paths.SEEDS}; `nlistral report` shows it in {paths.REPORT_RESULTS})")
     return text

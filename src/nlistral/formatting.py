@@ -1,5 +1,17 @@
 """How numbers from metrics files are shown (report templates, `nlistral report --experiments`): as stored, so a
-reader can check each against its file (percentages of stored fractions)."""
+reader can check each against its file (percentages of stored fractions); and text from data made safe to print
+(`terminal`)."""
+
+import re
+
+# C0 and C1 controls but tab and newline (ESC and CSI start the sequences that clear the screen, retitle the window or
+# write the clipboard; CR overwrites a line), and the bidi controls that reorder what follows (U+202E)
+CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def terminal(text: str) -> str:
+    """`text` to print: each control character that could drive the terminal shown as its escape (`\\x1b`)."""
+    return CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
 
 
 def pct(value, signed=False) -> str:

@@ -6,7 +6,7 @@ shows them to 0.01); the Holm p-values are computed from them as the report comp
 """
 
 from nlistral import paths
-from nlistral.formatting import pvalue
+from nlistral.formatting import pvalue, terminal
 from nlistral.results import MODEL_NAMES, headline_family, is_embedded, test_results, test_set_results
 
 WIDTH = 80
@@ -82,4 +82,4 @@ def render(cfg) -> str:
 
 
 def run(cfg) -> None:
-    print(render(cfg))
+    print(terminal(render(cfg)))

@@ -13,6 +13,7 @@ import mlflow
 
 from nlistral import tracking
 from nlistral.evaluation import check_engine, check_failures, eval_task, run_generation
+from nlistral.formatting import terminal
 from nlistral.io import content_digest, read_jsonl, write_csv, write_jsonl, write_metrics
 from nlistral.model import base_info, load_adapter_model, load_tokenizer
 from nlistral.paths import (
@@ -42,7 +43,7 @@ def comparisons(cfg, records) -> dict:
         except FileNotFoundError:
             print(f"evaluate: no {path}, so no comparison with the {name} model (`nlistral evaluate-{name}`)")
         except CompareError as err:
-            print(f"evaluate: {path} is not comparable, skipped: {err}")
+            print(f"evaluate: {path} is not comparable, skipped: {terminal(err)}")
         else:
             del found[name]["flipped"]  # in `nlistral compare`; eval.json keeps the counts
     return found

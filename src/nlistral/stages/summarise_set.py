@@ -10,6 +10,7 @@ are one family of `by_tag_family` comparisons, with Holm-adjusted p-values (`hol
 
 import json
 
+from nlistral.formatting import terminal
 from nlistral.io import read_jsonl, write_csv, write_json
 from nlistral.paths import PLOT_SET_ACCURACY, SET_FILES, SET_METRICS, require
 from nlistral.results import compare_records
@@ -78,7 +79,7 @@ def run(cfg, name: str) -> dict:
     plot = [{"model": model, "accuracy": m["accuracy"], "ci95_low": m["accuracy_ci95"][0],
              "ci95_high": m["accuracy_ci95"][1]} for model, m in summary["models"].items()]  # fmt: skip
     write_csv(PLOT_SET_ACCURACY.format(set=name), plot, ("model", "accuracy", "ci95_low", "ci95_high"))
-    print(describe(summary))
+    print(terminal(describe(summary)))
     return summary
 
 
