@@ -65,11 +65,12 @@ def attacked(outputs, tmp_path_factory):  # noqa: F811
         for split in report.SPLITS:
             path = Path(paths.THOUGHTS_METRICS.format(split=split))
             path.write_text(json.dumps({**json.loads(path.read_text()), "model": TEACHER}))
-        seeds = {"reference": LABEL, "group_by": [GROUP], "rows": 44, "bootstrap": 100, "seed": 1, "configurations": {
+        # as experiments.seed_groups writes it
+        seeds = {"reference": LABEL, "group_by": [GROUP], "rows": 44, "family": 1, "configurations": {
             LABEL: {"experiments": [RUN, "b"], "n_seeds": 2, "mean": 0.5, "sd": 0.01, "min": 0.49, "max": 0.51},
-            "other": {"experiments": ["c"], "n_seeds": 1, "mean": 0.6, "sd": 0.0, "min": 0.6, "max": 0.6,
-                      "versus_reference": {"difference": 0.1, "difference_ci95": [0.0, 0.2], "seed_sd": 0.01,
-                                           "exceeds_seed_spread": True}}}}  # fmt: skip
+            "other": {"experiments": ["c", "d"], "n_seeds": 2, "mean": 0.6, "sd": 0.01, "min": 0.59, "max": 0.61,
+                      "versus_reference": {"difference": 0.1, "difference_ci95": [0.0, 0.2], "df": 2.0, "p": 0.02,
+                                           "holm_p": 0.02}}}}  # fmt: skip
         Path(paths.SEEDS).write_text(json.dumps(seeds))
         os.environ["DVC_EXP_NAME"] = EXP
         report.run(load_config())
@@ -140,3 +141,22 @@ def test_markdown_tables_keep_their_columns_and_hold_no_markup(attacked, name):
     if name == paths.REPORT_RESULTS:
         for typed in (SET, VALUE, MODEL, LABEL):  # each still there, escaped
             assert typed.split(" <")[0] in text
+
+
+@pytest.mark.parametrize("value", [
+    "x &lt;img src=x onerror=alert(1)&gt; AT&amp;T",  # entities: shown as typed, not decoded
+    "**bold** _em_ ~~struck~~",  # emphasis and strikethrough
+    "see https://evil.invalid/phish or HTTP://EVIL.INVALID or www.evil.invalid",  # GFM's bare-URL autolinks
+    "<https://evil.invalid> ![i](https://evil.invalid/i.png) [l](https://evil.invalid) `c` a|b \\ x",
+])  # fmt: skip
+def test_a_data_string_in_markdown_renders_as_typed(value):
+    """Rendered by markdown-it's GFM-like preset (tables, linkify): the cell's text is the string as typed, with no
+    link, image, code span, emphasis or strikethrough. On main `&` was left raw (`&lt;` showed as `<`), `*`, `_`,
+    `~` made emphasis, and a bare URL in data became a live link."""
+    from html import unescape
+
+    from markdown_it import MarkdownIt
+
+    html = MarkdownIt("gfm-like").render(f"| h |\n|---|\n| {report.md(value)} |\n")
+    cell = html.split("<td>")[1].split("</td>")[0]
+    assert "<" not in cell and unescape(cell) == value, cell

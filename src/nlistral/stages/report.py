@@ -79,14 +79,18 @@ def collect(cfg) -> dict:
     }
 
 
-MD_SPECIAL = re.compile(r"([\\`|\[\]])")
+# `_` only where it could open or close emphasis: `lexical_overlap` stays as it is
+MD_SPECIAL = re.compile(r"([\\`|\[\]*~]|(?<![^\W_])_|_(?![^\W_]))")
+AUTOLINK = re.compile(r"(?<=\w)(:)(?=//)|(?<![\w.])(www)(\.)", re.IGNORECASE)  # where GFM starts a bare-URL link
 
 
 def md(value) -> str:
-    """A string from data or config as Markdown text: one line, `|`, backticks, brackets and backslashes escaped, `<`
-    and `>` as entities, so it can neither add a table cell, a link, a code span nor HTML."""
+    """A string from data or config as Markdown text, shown as typed: one line; `|`, backticks, brackets, `*`, `_`,
+    `~` and backslashes escaped, `&`, `<` and `>` as entities, and `://` / `www.` escaped, so it can add neither a
+    table cell, a link (bare URLs included), a code span, emphasis nor HTML."""
     text = " ".join(str(value).split())
-    return MD_SPECIAL.sub(r"\\\1", text).replace("<", "&lt;").replace(">", "&gt;")
+    text = MD_SPECIAL.sub(r"\\\1", text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return AUTOLINK.sub(lambda m: "\\:" if m.group(1) else f"{m.group(2)}\\.", text)
 
 
 def code(value) -> str:
