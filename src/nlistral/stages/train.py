@@ -52,14 +52,15 @@ def flatten(node, prefix: str) -> dict:
 def flat_params(cfg) -> dict:
     """What made this run, for MLflow: data, model, train and sft params, and which LLMs wrote the data.
 
-    Only these keys: nothing from the environment, and no API settings beyond backend and model names.
+    Only these keys: nothing from the environment, and no API settings beyond backend and model names; strings
+    `redacted` (a dataset URL may hold a token).
     """
     params = {}
     for section in ("data", "model", "train", "sft"):
         params |= flatten(OmegaConf.to_container(cfg[section], resolve=True), section)
     for role in ("teacher", "reflector"):
         params |= {f"{role}.backend": cfg[role].backend, f"{role}.model": cfg[role].model}
-    return params
+    return {key: redacted(value) if isinstance(value, str) else value for key, value in params.items()}
 
 
 def data_metrics() -> dict:
@@ -104,16 +105,21 @@ def run_tags(cfg) -> dict:
     return {k: v for k, v in tags.items() if v is not None}
 
 
-# What may hold a credential anywhere in a config string: a URL's user:pass@, a secret query parameter, a command's
-# secret flag (`vllm serve ... --api-key KEY`).
-URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
+# What may hold a credential anywhere in a config string: a URL's user:pass@ (up to its last @: a password may hold
+# one), a secret query parameter, a command's secret flag (`vllm serve ... --api-key KEY`), a secret variable set
+# before a command (`HF_TOKEN=... vllm serve`), a bearer token (`Authorization: Bearer ...`).
+URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#\s]*@")
 SECRET_QUERY = re.compile(r"([?&](?:api[-_]?key|access[-_]?token|token|key|password|secret|sig)=)[^&#\s]+", re.I)
 SECRET_FLAG = re.compile(r"(--(?:api[-_]key|hf[-_]token|token|password|secret)(?:=|\s+))\S+", re.I)
+SECRET_VARIABLE = re.compile(r"((?:^|(?<=\s))[A-Z_][A-Z0-9_]*(?:KEY|TOKEN|SECRET|PASSWORD)[A-Z0-9_]*=)\S+")
+BEARER = re.compile(r"(\b(?:Bearer|Basic|Token)\s+)[^\s'\"]+", re.I)
 
 
 def redacted(text: str) -> str:
     text = URL_USERINFO.sub(r"\1", text)  # the host and port stay: they say where the run talked to
-    return SECRET_FLAG.sub(r"\1***", SECRET_QUERY.sub(r"\1***", text))
+    for pattern in (SECRET_QUERY, SECRET_FLAG, SECRET_VARIABLE, BEARER):
+        text = pattern.sub(r"\1***", text)
+    return text
 
 
 def redacted_params(cfg) -> str:
