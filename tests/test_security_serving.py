@@ -96,3 +96,16 @@ def test_sigkill_of_the_stage_takes_its_server_group_down(tmp_path):
     finally:
         stage.kill()
         stage.wait()
+
+
+def test_the_servers_key_is_not_printed_nor_in_its_error(tmp_path, monkeypatch, capsys):
+    """vLLM logs its non-default args, `--api-key` included, and exits on a bad flag: on main the key was printed in
+    "server: started `...`" and again in the ConfigError's last lines of the server's log (stdout of `dvc repro`, CI
+    logs)."""
+    monkeypatch.chdir(tmp_path)
+    dies = "import sys; print('non-default args:', dict(api_key=sys.argv[2])); sys.exit(1)"
+    command = f"{shlex.quote(sys.executable)} -c {shlex.quote(dies)} --api-key SECRET-KEY-1 --port {{port}}"
+    with pytest.raises(ConfigError, match="exited with code 1") as err, running_server(server_cfg(), command, {}, "m"):
+        pass
+    shown = str(err.value) + capsys.readouterr().out
+    assert "SECRET-KEY-1" not in shown and "--api-key ***" in shown and "non-default args:" in shown

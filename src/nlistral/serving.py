@@ -8,7 +8,8 @@ group when the block ends, however it ends (success, error, Ctrl-C): SIGTERM, th
 watchdog process does the same if the stage dies without a chance to (`kill -9`, OOM killer): it holds the read end
 of a pipe only the stage writes to, and stops the group when that pipe closes unannounced. Without a command it
 yields `eval.server.base_url`, a server someone else runs. Loopback requests never go through a proxy
-(llm/urls.py's `session_for`).
+(llm/urls.py's `session_for`). What it prints and its errors hold no credential of the command (redact.py): its
+secret flags' values are masked in the command line and the log's last lines.
 """
 
 import os
@@ -28,6 +29,7 @@ import requests
 
 from nlistral.errors import ConfigError
 from nlistral.llm.urls import session_for
+from nlistral.redact import flag_secrets, redacted
 
 FIELDS = ("base", "revision", "tokenizer", "name", "adapter", "rank", "port")
 STOP_GRACE_S = 30.0
@@ -42,10 +44,10 @@ def command_args(template: str, fields: dict) -> list[str]:
         return [word.format(**fields) for word in words]
     except KeyError as err:
         hint = "" if "adapter" in fields else "; evaluate_base serves no adapter: set eval.server.base_command"
-        raise ConfigError(f"eval.server command {template!r}: field {{{err.args[0]}}} is not available here "
+        raise ConfigError(f"eval.server command {redacted(template)!r}: field {{{err.args[0]}}} is not available here "
                           f"(fields: {', '.join(f for f in FIELDS if f in fields)}){hint}") from None  # fmt: skip
     except (ValueError, IndexError) as err:
-        raise ConfigError(f"eval.server command {template!r}: {err}") from None
+        raise ConfigError(f"eval.server command {redacted(template)!r}: {err}") from None
 
 
 def free_port() -> int:
@@ -68,9 +70,13 @@ def check_port_free(port: int) -> None:
             ) from None
 
 
-def _tail(log: Path) -> str:
+def _tail(log: Path, secrets: list[str]) -> str:
+    """The log's last lines, each of `secrets` (what the command was given in its secret flags) masked."""
     with open(log, encoding="utf-8", errors="replace") as handle:
-        return "".join(deque(handle, LOG_TAIL_LINES)).rstrip()
+        text = "".join(deque(handle, LOG_TAIL_LINES)).rstrip()
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return redacted(text)
 
 
 def _lists(session: requests.Session, base_url: str, model: str) -> bool:
@@ -129,6 +135,7 @@ def running_server(server_cfg, template: str | None, fields: dict, model: str):
         check_port_free(server_cfg.port)
     port = server_cfg.port or free_port()
     args = command_args(template, {**fields, "port": port})
+    secrets = flag_secrets(args)
     base_url = f"http://127.0.0.1:{port}/v1"
     log = Path(tempfile.mkstemp(prefix="nlistral-server-", suffix=".log")[1])
     with open(log, "wb") as out:
@@ -137,21 +144,21 @@ def running_server(server_cfg, template: str | None, fields: dict, model: str):
                                     start_new_session=True)  # fmt: skip
         except OSError as err:
             log.unlink()
-            raise ConfigError(f"eval.server command {args[0]!r} could not start: {err}") from None
+            raise ConfigError(f"eval.server command {redacted(args[0])!r} could not start: {err.strerror}") from None
     ok = False
     guard, dog = start_watchdog(proc.pid)
     session = session_for(base_url)
     try:
-        print(f"server: started `{shlex.join(args)}` (pid {proc.pid}, log {log}); waiting for {model!r}")
+        print(f"server: started `{redacted(shlex.join(args))}` (pid {proc.pid}, log {log}); waiting for {model!r}")
         deadline = time.monotonic() + server_cfg.ready_timeout_s
         while not (_lists(session, base_url, model) and proc.poll() is None):  # only our own server counts
             if proc.poll() is not None:
                 raise ConfigError(f"the eval.server command exited with code {proc.returncode} before serving "
-                                  f"{model!r} at {base_url}; last lines of {log}:\n{_tail(log)}")  # fmt: skip
+                                  f"{model!r} at {base_url}; last lines of {log}:\n{_tail(log, secrets)}")  # fmt: skip
             if time.monotonic() > deadline:
                 raise ConfigError(f"the eval.server command did not list {model!r} at {base_url}/models within "
                                   f"eval.server.ready_timeout_s={server_cfg.ready_timeout_s}; last lines of {log}:\n"
-                                  f"{_tail(log)}")  # fmt: skip
+                                  f"{_tail(log, secrets)}")  # fmt: skip
             time.sleep(0.5)
         yield base_url
         ok = True

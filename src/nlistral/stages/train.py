@@ -35,6 +35,7 @@ from nlistral import paths, tracking
 from nlistral.io import content_digest, write_csv, write_json, write_metrics
 from nlistral.model import base_info, staged_dir
 from nlistral.paths import ADAPTER_DIR, FINETUNE, SFT_METRICS, TRAIN_HISTORY, TRAIN_METRICS
+from nlistral.redact import redacted
 from nlistral.trainer import build_trainer
 
 CHECKPOINTS = Path("checkpoints")  # resume state, not a stage output: git- and dvc-ignored, see the module doc
@@ -103,23 +104,6 @@ def run_tags(cfg) -> dict:
     }
     tags |= {f"{split}_ft_md5": md5(paths.require(FINETUNE, split)) for split in ("train", "dev")}
     return {k: v for k, v in tags.items() if v is not None}
-
-
-# What may hold a credential anywhere in a config string: a URL's user:pass@ (up to its last @: a password may hold
-# one), a secret query parameter, a command's secret flag (`vllm serve ... --api-key KEY`), a secret variable set
-# before a command (`HF_TOKEN=... vllm serve`), a bearer token (`Authorization: Bearer ...`).
-URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#\s]*@")
-SECRET_QUERY = re.compile(r"([?&](?:api[-_]?key|access[-_]?token|token|key|password|secret|sig)=)[^&#\s]+", re.I)
-SECRET_FLAG = re.compile(r"(--(?:api[-_]key|hf[-_]token|token|password|secret)(?:=|\s+))\S+", re.I)
-SECRET_VARIABLE = re.compile(r"((?:^|(?<=\s))[A-Z_][A-Z0-9_]*(?:KEY|TOKEN|SECRET|PASSWORD)[A-Z0-9_]*=)\S+")
-BEARER = re.compile(r"(\b(?:Bearer|Basic|Token)\s+)[^\s'\"]+", re.I)
-
-
-def redacted(text: str) -> str:
-    text = URL_USERINFO.sub(r"\1", text)  # the host and port stay: they say where the run talked to
-    for pattern in (SECRET_QUERY, SECRET_FLAG, SECRET_VARIABLE, BEARER):
-        text = pattern.sub(r"\1***", text)
-    return text
 
 
 def redacted_params(cfg) -> str:
