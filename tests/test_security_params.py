@@ -7,6 +7,7 @@ vllm serve`), a bearer token, a password holding `@` (its end survived), and MLf
 and model sections, e.g. a dataset URL's ?token=) were not redacted at all.
 """
 
+import pytest
 import yaml
 from omegaconf import OmegaConf
 
@@ -38,3 +39,19 @@ def test_every_credential_in_the_config_is_removed_and_hosts_keep_their_port(wor
     assert params["eval"]["server"]["command"] == "vllm serve {base} --api-key *** --port {port}"
     assert params["data"]["source_url"] == "https://hub.example/data.csv?token=***&x=1"
     assert params["model"] == OmegaConf.to_container(cfg.model, resolve=True)  # the rest as it was
+
+
+def test_the_tracking_stores_credentials_are_not_in_its_errors(workdir):
+    """On main an unreachable mlflow.tracking_uri=https://user:PASS@host was a ConfigError quoting the URL whole."""
+    import socket
+
+    from nlistral import tracking
+    from nlistral.config import ConfigError
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed below: nothing listens there
+    cfg = load_config([f"mlflow.tracking_uri=http://carol:PASS-1@127.0.0.1:{port}"])
+    with pytest.raises(ConfigError, match=f"MLflow tracking server http://127.0.0.1:{port} does not answer") as err:
+        tracking.connect(cfg)
+    assert "PASS-1" not in str(err.value)

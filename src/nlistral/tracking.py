@@ -28,6 +28,7 @@ from filelock import FileLock
 from mlflow.exceptions import MlflowException
 
 from nlistral.errors import ConfigError
+from nlistral.redact import redacted
 from nlistral.revision import git
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,8 @@ def _check_server(uri: str) -> None:
     try:
         requests.get(f"{uri.rstrip('/')}/health", timeout=30).raise_for_status()
     except requests.RequestException as err:
-        raise ConfigError(f"MLflow tracking server {uri} does not answer ({type(err).__name__}): start it, or set "
-                          "mlflow.tracking_uri (default sqlite:///mlflow.db)") from None  # fmt: skip
+        raise ConfigError(f"MLflow tracking server {redacted(uri)} does not answer ({type(err).__name__}): start it, "
+                          "or set mlflow.tracking_uri (default sqlite:///mlflow.db)") from None  # fmt: skip
 
 
 def connect(cfg):
@@ -90,7 +91,9 @@ def connect(cfg):
             # A server takes no lock of ours: two machines creating the experiment or its tag at once make one of
             # them fail (UNIQUE constraint); the next attempt finds what the other wrote.
             if attempt + 1 == WRITE_ATTEMPTS:
-                raise ConfigError(f"MLflow tracking store {uri}: {str(err).splitlines()[0]}") from None
+                raise ConfigError(
+                    f"MLflow tracking store {redacted(uri)}: {redacted(str(err).splitlines()[0])}"
+                ) from None
 
 
 def run_name() -> str:
@@ -146,15 +149,15 @@ class Run:
                     error = err
                     if attempt + 1 < WRITE_ATTEMPTS:
                         time.sleep(2**attempt)
-            self.lost = str(error).splitlines()[0][:300]
+            self.lost = redacted(str(error).splitlines()[0][:300])
             log.warning("%s: MLflow write failed, logging no more of this run: %s", self.stage, self.lost)
         self.missed += 1
 
     def warning(self) -> str | None:
         if self.lost is None:
             return None
-        return (f"{self.stage}: warning: MLflow ({mlflow.get_tracking_uri()}) missed {self.missed} write(s) of run "
-                f"{self.info.run_id} after: {self.lost}. The stage's metrics files are complete.")  # fmt: skip
+        return (f"{self.stage}: warning: MLflow ({redacted(mlflow.get_tracking_uri())}) missed {self.missed} write(s) "
+                f"of run {self.info.run_id} after: {self.lost}. The stage's metrics files are complete.")  # fmt: skip
 
 
 @contextmanager
@@ -171,7 +174,9 @@ def start_run(stage: str, run_id: str | None = None, tags: dict | None = None):
             mlflow.set_experiment(experiment_id=mlflow.get_run(run_id).info.experiment_id)
             info = mlflow.start_run(run_id=run_id, tags=tags).info
     except WRITE_ERRORS as err:
-        raise ConfigError(f"MLflow tracking store {mlflow.get_tracking_uri()}: {str(err).splitlines()[0]}") from None
+        raise ConfigError(
+            f"MLflow tracking store {redacted(mlflow.get_tracking_uri())}: {redacted(str(err).splitlines()[0])}"
+        ) from None
     run = Run(stage, info)
     status = "FAILED"
     try:

@@ -25,6 +25,7 @@ from nlistral.paths import (
     PREDICTIONS_BASE,
     PREDICTIONS_TEACHER,
 )
+from nlistral.redact import redacted
 from nlistral.results import CompareError, compare_records
 from nlistral.scoring import eval_metrics, eval_rows, prediction
 from nlistral.stats import accuracy_by_length
@@ -61,7 +62,7 @@ def _log_to_training_run(cfg, metrics: dict) -> None:
     tracking.connect(cfg)
     run_id = tracking.run_of_adapter(digest)
     if run_id is None:  # e.g. the adapter came from the DVC cache, trained against another tracking store
-        print(f"evaluate: no run in {cfg.mlflow.tracking_uri} trained this adapter; logging to a new run")
+        print(f"evaluate: no run in {redacted(cfg.mlflow.tracking_uri)} trained this adapter; logging to a new run")
     with tracking.start_run("evaluate", run_id, tags=None if run_id else {tracking.ADAPTER_TAG: digest}) as run:
         flat = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         flat.update({f"confusion_{k}": v for k, v in metrics["confusion"].items()})
