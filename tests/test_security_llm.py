@@ -274,3 +274,19 @@ def test_a_name_under_localhost_is_not_this_machine():
     assert not is_loopback("http://evil.localhost:8000/v1")
     assert "plain http://" in key_refusal("MY_SERVER_KEY", "http://evil.localhost:8000/v1")
     assert is_loopback("http://localhost:8000/v1") and is_loopback("http://[::1]:8000/v1")
+
+
+def test_a_password_in_base_url_stays_out_of_messages_and_failed_rows(workdir):
+    """A base_url with user:pass@ (a server behind basic auth): on main the errors and the failed rows' details
+    (data/original_thoughts/train_failed.jsonl, a DVC output) quoted the URL whole."""
+    write_split(workdir, ROWS)
+    with LLMServer(models=("another-model",)) as srv:
+        with pytest.raises(ConfigError, match="is not served by http://127.0.0.1") as err:
+            run(srv.url.replace("http://", "http://user:PASS-2@"))
+        assert "PASS-2" not in str(err.value)
+    with LLMServer() as srv:
+        srv.faults = [{"status": 429, "headers": {"Retry-After": "86400"}}] * 10
+        outcome = finishes(lambda: run(srv.url.replace("http://", "http://user:PASS-2@")))
+    assert isinstance(outcome.get("error"), StageError), outcome
+    assert "over max_wait_s" in Path(FAILED).read_text(encoding="utf-8")
+    assert "PASS-2" not in Path(FAILED).read_text(encoding="utf-8")

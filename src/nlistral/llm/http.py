@@ -41,6 +41,7 @@ from nlistral.llm.budget import Budget
 from nlistral.llm.cache import ReplyCache
 from nlistral.llm.limiter import Limiter
 from nlistral.llm.urls import key_refusal, session_for
+from nlistral.redact import redacted
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ class HttpClient:
         self.backend = cfg.backend
         self.model = cfg.model
         self.base_url = str(cfg.base_url).rstrip("/")
+        self.shown_url = redacted(self.base_url)  # in messages and failed rows: no user:pass@ of the URL
         self.api_key_env = cfg.api_key_env
         self.cfg = cfg
         self.max_retries = cfg.max_retries
@@ -249,12 +251,12 @@ class HttpClient:
         try:
             listing = self._request("GET", "/models", parse=_model_ids, retries=0)
         except RequestFailed as err:
-            log.info("%s/models did not list models (%s); not checking model %r", self.base_url, err, self.model)
+            log.info("%s/models did not list models (%s); not checking model %r", self.shown_url, err, self.model)
             return
         served = set(listing)
         if self.model not in served and f"{self.model}:latest" not in served:
             raise ConfigError(
-                f"model {self.model!r} is not served by {self.base_url}; it serves: {', '.join(sorted(served))}"
+                f"model {self.model!r} is not served by {self.shown_url}; it serves: {', '.join(sorted(served))}"
             )
 
     def _halt(self, message: str) -> ConfigError:
@@ -264,14 +266,14 @@ class HttpClient:
 
     def _auth_error(self) -> ConfigError:
         if not self.api_key_env:
-            return self._halt(f"{self.base_url} requires an API key (HTTP 401): set api_key_env and that variable")
+            return self._halt(f"{self.shown_url} requires an API key (HTTP 401): set api_key_env and that variable")
         if not self._secret:  # the openai backend sends no key when its variable is unset
             return self._halt(
-                f"{self.base_url} requires an API key (HTTP 401) and environment variable {self.api_key_env} is "
+                f"{self.shown_url} requires an API key (HTTP 401) and environment variable {self.api_key_env} is "
                 f"not set (export it, or put {self.api_key_env}=... in .env)"
             )
         return self._halt(
-            f"{self.base_url} refused the API key in environment variable {self.api_key_env} (HTTP 401): "
+            f"{self.shown_url} refused the API key in environment variable {self.api_key_env} (HTTP 401): "
             "check that it is valid and active"
         )
 
@@ -377,10 +379,10 @@ class HttpClient:
         answered, is the last one) and no row is sent after it."""
         if seconds <= self.max_wait_s:
             if seconds >= 10:
-                log.warning("%s asked to wait %.0f s (%s): every request waits", self.base_url, seconds, why[:80])
+                log.warning("%s asked to wait %.0f s (%s): every request waits", self.shown_url, seconds, why[:80])
             self.limiter.pause(seconds)
             return
-        detail = f"{self.base_url} asked to wait {seconds:.0f} s, over max_wait_s={self.max_wait_s:g} ({why[:120]})"
+        detail = f"{self.shown_url} asked to wait {seconds:.0f} s, over max_wait_s={self.max_wait_s:g} ({why[:120]})"
         self._gave_up = RequestFailed("rate_limited", f"{detail}; no more requests sent: re-run later")
         log.warning("%s", self._gave_up.detail)
         if value is None:

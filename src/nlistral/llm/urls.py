@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 import requests
 from urllib3.util import parse_url
 
+from nlistral.redact import redacted
+
 PROVIDER_HOSTS = {"MISTRAL_API_KEY": "api.mistral.ai", "OPENAI_API_KEY": "api.openai.com"}
 
 
@@ -45,16 +47,17 @@ def session_for(url: str) -> requests.Session:
 
 
 def key_refusal(api_key_env: str, url: str) -> str | None:
+    shown = redacted(url)
     if (host := _host(url)) != (urlsplit(url).hostname or "").strip("[]"):
-        return f"{url} names its host ambiguously (requests would connect to {host}): write the host alone"
+        return f"{shown} names its host ambiguously (requests would connect to {host}): write the host alone"
     if is_loopback(url):
         return None
     scheme = parse_url(url).scheme
     if scheme != "https":
-        return (f"{url} is plain {scheme}:// to another machine: the key in {api_key_env} would cross the "
+        return (f"{shown} is plain {scheme}:// to another machine: the key in {api_key_env} would cross the "
                 "network readable by anyone on the way; use https://, or no key (api_key_env: null)")  # fmt: skip
     home = PROVIDER_HOSTS.get(api_key_env)
     if home and _host(url) != home:
-        return (f"{api_key_env} holds {home}'s key, and {url} is not {home}: set api_key_env to a variable holding "
+        return (f"{api_key_env} holds {home}'s key, and {shown} is not {home}: set api_key_env to a variable holding "
                 "this server's own key, or null for none")  # fmt: skip
     return None
