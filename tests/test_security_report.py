@@ -160,3 +160,17 @@ def test_a_data_string_in_markdown_renders_as_typed(value):
     html = MarkdownIt("gfm-like").render(f"| h |\n|---|\n| {report.md(value)} |\n")
     cell = html.split("<td>")[1].split("</td>")[0]
     assert "<" not in cell and unescape(cell) == value, cell
+
+
+def test_the_experiments_table_keeps_its_columns_whatever_the_names():
+    """`nlistral report --experiments` prints a Markdown table (to paste into a PR): git allows `|` and backticks in a
+    ref, so an experiment name broke its row on main (`f"`{name}`"`): one cell more, a code span ended early."""
+    from nlistral.experiments import COLUMNS, table
+
+    run = {"eval": {"n": 2, "accuracy": 0.5, "accuracy_ci95": [0.1, 0.9], "macro_f1": 0.5, "parse_failure_rate": 0.0},
+           "base": None, "teacher": None, "correct": {"0": True, "1": False}}  # fmt: skip
+    names = ["main", "exp|x`y`<b>", "a`b"]
+    text = table(dict.fromkeys(names, run), "main", 1000, 1)
+    rows = [line for line in text.splitlines() if line.startswith("|")][2:]
+    assert [cells(row) for row in rows] == [len(COLUMNS)] * 3, text
+    assert "exp\\|x\\`y\\`&lt;b&gt;" in text

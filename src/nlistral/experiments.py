@@ -21,7 +21,7 @@ import yaml
 from nlistral import paths
 from nlistral.config import PARAMS_FILE
 from nlistral.errors import ConfigError
-from nlistral.formatting import interval, pct, pvalue, terminal
+from nlistral.formatting import code, interval, pct, pvalue, terminal
 from nlistral.io import json_record, parse_jsonl, write_json
 from nlistral.stats import holm, paired_comparison, seed_summary, welch
 
@@ -95,7 +95,7 @@ def table(runs: dict, reference: str, resamples: int, seed: int) -> str:
             versus = (f"{pct(c['difference'], True)} pp {interval(c['difference_ci95'], True)}",
                       pvalue(c["mcnemar_midp"]), pvalue(adjusted[name]))  # fmt: skip
         cells = [
-            f"`{name}`",
+            code(name),
             str(result["n"]),
             pct(result["accuracy"]),
             interval(result["accuracy_ci95"]),
@@ -105,7 +105,7 @@ def table(runs: dict, reference: str, resamples: int, seed: int) -> str:
             *versus,
         ]
         lines.append("| " + " | ".join(cells) + " |")  # fmt: skip
-    return "\n".join(lines) + f"\n\nHolm family: {len(compared)} comparisons (each experiment vs `{reference}`)."
+    return "\n".join(lines) + f"\n\nHolm family: {len(compared)} comparisons (each experiment vs {code(reference)})."
 
 
 def flat_params(rev: str) -> dict:
@@ -158,7 +158,7 @@ def seed_table(summary: dict) -> str:
             versus = (f"{pct(v['difference'], True)} pp {interval(v['difference_ci95'], True)}",
                       "–" if v["df"] is None else f"{v['df']:g}", pvalue(v["p"]), pvalue(v["holm_p"]))  # fmt: skip
         sd = "–" if c["sd"] is None else f"{pct(c['sd'], True).lstrip('+')} pp"
-        cells = [f"`{label}`", ", ".join(f"`{e}`" for e in c["experiments"]), str(c["n_seeds"]), pct(c["mean"]), sd,
+        cells = [code(label), ", ".join(code(e) for e in c["experiments"]), str(c["n_seeds"]), pct(c["mean"]), sd,
                  pct(c["min"]), pct(c["max"]), *versus]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     family = (

@@ -1,6 +1,6 @@
 """How numbers from metrics files are shown (report templates, `nlistral report --experiments`): as stored, so a
 reader can check each against its file (percentages of stored fractions); and text from data made safe to print
-(`terminal`)."""
+(`terminal`) or to Markdown (`md`, `code`: the report's filters, the tables `nlistral report --experiments` prints)."""
 
 import re
 
@@ -63,3 +63,23 @@ def num(value) -> str:
     if isinstance(value, int):
         return str(value)
     return f"{value:g}" if abs(value) >= 1e-4 or value == 0 else f"{value:.3g}"
+
+
+# `_` only where it could open or close emphasis: `lexical_overlap` stays as it is
+MD_SPECIAL = re.compile(r"([\\`|\[\]*~]|(?<![^\W_])_|_(?![^\W_]))")
+AUTOLINK = re.compile(r"(?<=\w)(:)(?=//)|(?<![\w.])(www)(\.)", re.IGNORECASE)  # where GFM starts a bare-URL link
+
+
+def md(value) -> str:
+    """A string from data or config as Markdown text, shown as typed: one line; `|`, backticks, brackets, `*`, `_`,
+    `~` and backslashes escaped, `&`, `<` and `>` as entities, and `://` / `www.` escaped, so it can add neither a
+    table cell, a link (bare URLs included), a code span, emphasis nor HTML."""
+    text = " ".join(str(value).split())
+    text = MD_SPECIAL.sub(r"\\\1", text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return AUTOLINK.sub(lambda m: "\\:" if m.group(1) else f"{m.group(2)}\\.", text)
+
+
+def code(value) -> str:
+    """A code span of `value`, or its `md` text where a code span could not hold it as typed."""
+    text = str(value)
+    return f"`{text}`" if text == " ".join(text.split()) and not re.search(r"[`|<>\[\]\\]", text) else md(text)

@@ -11,7 +11,6 @@ import base64
 import csv
 import io
 import os
-import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from markupsafe import Markup
 from omegaconf import OmegaConf
 
 from nlistral import paths
-from nlistral.formatting import bounds, interval, num, pct, pvalue, signed
+from nlistral.formatting import bounds, code, interval, md, num, pct, pvalue, signed
 from nlistral.io import atomic_open, iter_jsonl
 from nlistral.results import (
     MODEL_NAMES,
@@ -77,26 +76,6 @@ def collect(cfg) -> dict:
         "accuracy_by_length": read_csv(paths.PLOT_ACCURACY_BY_LENGTH),
         "model_names": MODEL_NAMES,
     }
-
-
-# `_` only where it could open or close emphasis: `lexical_overlap` stays as it is
-MD_SPECIAL = re.compile(r"([\\`|\[\]*~]|(?<![^\W_])_|_(?![^\W_]))")
-AUTOLINK = re.compile(r"(?<=\w)(:)(?=//)|(?<![\w.])(www)(\.)", re.IGNORECASE)  # where GFM starts a bare-URL link
-
-
-def md(value) -> str:
-    """A string from data or config as Markdown text, shown as typed: one line; `|`, backticks, brackets, `*`, `_`,
-    `~` and backslashes escaped, `&`, `<` and `>` as entities, and `://` / `www.` escaped, so it can add neither a
-    table cell, a link (bare URLs included), a code span, emphasis nor HTML."""
-    text = " ".join(str(value).split())
-    text = MD_SPECIAL.sub(r"\\\1", text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return AUTOLINK.sub(lambda m: "\\:" if m.group(1) else f"{m.group(2)}\\.", text)
-
-
-def code(value) -> str:
-    """A code span of `value`, or its `md` text where a code span could not hold it as typed."""
-    text = str(value)
-    return f"`{text}`" if text == " ".join(text.split()) and not re.search(r"[`|<>\[\]\\]", text) else md(text)
 
 
 def env() -> Environment:
