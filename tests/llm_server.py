@@ -79,6 +79,7 @@ class LLMServer:
         self.batch_polls = batch_polls
         self.batch_line_errors = 0
         self.batch_faults = {}
+        self.batch_ascii = True  # False: result files hold UTF-8 as it is (U+2028 unescaped), as JSON allows
         self.echo_auth = False
         self.faults = []
         self.counts = Counter()
@@ -241,7 +242,8 @@ class LLMServer:
         for name, records in (("output_file", out), ("error_file", err)):
             if records:
                 file_id = str(uuid.uuid4())
-                self.files[file_id] = "".join(json.dumps(r) + "\n" for r in records).encode()
+                self.files[file_id] = "".join(json.dumps(r, ensure_ascii=self.batch_ascii) + "\n"
+                                              for r in records).encode()  # fmt: skip
                 job[name] = file_id
         job.update(status="SUCCESS", completed_requests=len(out) + len(err), succeeded_requests=len(out),
                    failed_requests=len(err))  # fmt: skip

@@ -140,3 +140,19 @@ def test_kill_9_while_polling_resumes_the_same_job(server, workdir):
     assert rerun.returncode == 0, rerun.stderr
     assert server.counts["files"] == 2 and server.counts["jobs"] == 2  # round 1 resumed; round 2 is the reprompt
     assert len(read_jsonl(workdir / OUT)) == len(ROWS)
+
+
+def test_a_line_separator_in_a_reply_does_not_resend_its_request(server):
+    """JSON may hold U+2028 / U+0085 unescaped, and a model's text may hold them: on main the results file was split
+    with str.splitlines, which breaks a line there; the record failed to parse and its request was sent (and paid)
+    again every round."""
+
+    def reply(body):
+        answer = json.loads(offline_reply(body))
+        answer["thought_process"] += "\u2028next\x85line"
+        return json.dumps(answer, ensure_ascii=False)
+
+    server.reply, server.batch_ascii = reply, False
+    metrics = run(server)
+    assert metrics["ok"] == len(ROWS) and server.counts["batch_lines"] == len(ROWS) and metrics["batch_jobs"] == 1
+    assert all(r["thought_process"].endswith("\u2028next\x85line") for r in read_jsonl(OUT))

@@ -81,3 +81,14 @@ def test_a_malformed_recording_names_its_file_and_line(workdir):
         handle.write('{"premise": "cut off\n')
     with pytest.raises(DataError, match=r"rec.jsonl:2: not a JSON object per line"):
         thoughts.run(load_config(["data.dir=data", "teacher=replay", "teacher.replay_from=rec.jsonl"]), "train")
+
+
+def test_a_line_separator_in_a_premise_replays(workdir):
+    """Our outputs hold U+2028 / U+0085 as they are (ensure_ascii=False): on main the replay backend split its file
+    with str.splitlines, so replaying our own output was a DataError at the row holding one."""
+    write_split(workdir, [("Two dogs\u2028run in a park.", "Dogs are running.", 1),
+                          ("A man sleeps\x85on a bench.", "A woman is cooking dinner.", 0)], "train")  # fmt: skip
+    thoughts.run(load_config(["data.dir=data"]), "train")
+    shutil.copy("data/original_thoughts/train_thoughts.jsonl", workdir / "mine.jsonl")
+    metrics = thoughts.run(load_config(["data.dir=data", "teacher=replay", "teacher.replay_from=mine.jsonl"]), "train")
+    assert metrics["ok"] == 2

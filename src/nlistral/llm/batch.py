@@ -178,7 +178,7 @@ class BatchTransport:
             log.warning("batch file %s is gone (%s)", file_id, err.reason)
             return []
         records = []
-        for line in text.splitlines():
+        for line in text.split("\n"):  # not splitlines: it also breaks at U+2028 / U+0085, which JSON may hold raw
             try:
                 records.append(json.loads(line))
             except ValueError:  # a cut-off line: its request goes into the next round

@@ -39,7 +39,7 @@ def read_records(path: Path) -> list[tuple[int | None, dict]]:
         numbered: list[tuple[int | None, dict]] = [(None, record) for record in records]
     else:
         numbered = []
-        for number, raw in enumerate(text.splitlines(), 1):
+        for number, raw in enumerate(text.split("\n"), 1):  # splitlines would also break at U+2028 / U+0085
             if raw.strip():
                 try:
                     numbered.append((number, json.loads(raw)))
