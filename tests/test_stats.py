@@ -175,9 +175,27 @@ def test_mcnemar_mid_p_is_the_exact_p_less_one_point_probability(b, c):
 
 def test_holm_adjusts_a_family_step_down():
     """Holm (1979) by hand: sorted p times (m - i + 1), running maximum, capped at 1; a family of one is unchanged."""
-    assert holm({"a": 0.01, "b": 0.04, "c": 0.03}) == {"a": 0.03, "b": 0.06, "c": 0.06}
-    assert holm({"x": 0.2, "y": 0.6}) == {"x": 0.4, "y": 0.6} and holm({"only": 0.049}) == {"only": 0.049}
+    assert holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})
+    assert holm({"x": 0.2, "y": 0.6}) == pytest.approx({"x": 0.4, "y": 0.6})
+    assert holm({"only": 0.049}) == {"only": 0.049}
     assert holm({"a": 0.5, "b": 0.9}) == {"a": 1.0, "b": 1.0} and holm({}) == {}
+
+
+def test_holm_never_rounds_an_adjusted_p_across_005():
+    """Review r3: `holm` rounded to 6 decimals, so p = 0.02499976 in a family of two (adjusted 0.04999952, below
+    0.05: significant) was stored as 0.05, which the report shows as "0.05": not significant. The adjusted p is kept
+    as computed; against an independent step-down on random families (ties included) it agrees to the float."""
+    adjusted = holm({"a": 0.02499976, "b": 0.9})["a"]
+    assert adjusted < 0.05 and float(pvalue(adjusted)) < 0.05
+    rng = np.random.default_rng(32)
+    for _ in range(300):
+        ps = rng.random(int(rng.integers(1, 12))) ** 3
+        ps[: len(ps) // 3] = ps[0]  # ties
+        order, running, expected = np.argsort(ps, kind="stable"), 0.0, {}
+        for i, j in enumerate(order):
+            running = max(running, min(1.0, (len(ps) - i) * ps[j]))
+            expected[int(j)] = running
+        assert holm(dict(enumerate(ps.tolist()))) == pytest.approx(expected, rel=1e-12)
 
 
 def test_welch_on_the_seed_accuracies_of_the_issue_32_case():
