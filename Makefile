@@ -96,3 +96,31 @@ vllm-env: .venv-vllm/.installed
 	test -x .venv-vllm/bin/python || $(PYTHON) -m venv .venv-vllm
 	.venv-vllm/bin/python -m pip install --quiet -r requirements-vllm.txt
 	touch $@
+
+# The Docker image (Dockerfile; docs/real-setup.md: Docker), with docker where its daemon answers, else podman, as your
+# UID/GID. BASE=...: another base image, e.g. localhost/nlistral-base, which scripts/base-image.sh makes from Debian's
+# packages where no registry is reachable. ENGINE: the engine with its global flags; IMAGE_ARGS: more build flags.
+# The CA bundle pip uses here (PIP_CERT) goes in as a build secret, never into a layer.
+.PHONY: image image-lock image-test
+comma := ,
+IMAGE ?= nlistral
+ENGINE ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)
+IMAGE_UID ?= $(shell id -u)
+IMAGE_GID ?= $(shell id -g)
+image:
+	$(ENGINE) build $(if $(BASE),--build-arg BASE=$(BASE)) --build-arg UID=$(IMAGE_UID) --build-arg GID=$(IMAGE_GID) \
+		$(if $(PIP_CERT),--secret id=ca$(comma)src=$(PIP_CERT)) $(IMAGE_ARGS) -t $(IMAGE) .
+
+# requirements-image.txt: requirements.txt's pins resolved against PyPI alone (its CUDA torch and nvidia-* wheels, for
+# Linux x86_64 and CPython 3.11), each with its file's sha256, for the image's --require-hashes install; no local
+# wheel folder or pip configuration of this machine takes part (scripts/image-lock.py says why not pip-compile).
+# Run it after `make lock`.
+image-lock: setup
+	$(BIN)/python scripts/image-lock.py
+
+# Builds the image as UID 1000 and runs `nlistral --help`, Triton's C build and the embedded `dvc repro` in it on a
+# clone owned by that UID (tests/test_image.py; slow, not part of `make test`). Same variables as `make image`;
+# IMAGE_RUN_ARGS: flags for `run`.
+image-test: setup-dev
+	NLISTRAL_IMAGE_TEST=1 ENGINE="$(ENGINE)" BASE="$(BASE)" IMAGE_ARGS="$(IMAGE_ARGS)" IMAGE_RUN_ARGS="$(IMAGE_RUN_ARGS)" \
+		$(BIN)/pytest -p no:cacheprovider tests/test_image.py

@@ -31,7 +31,7 @@ def test_every_backend_option_is_tested():
 def rows(workdir, monkeypatch):
     """4 rows a split; the offline stand-in gets the first wrong, so stage 2 has a row to reflect on."""
     monkeypatch.setenv("MISTRAL_API_KEY", KEY)
-    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.setenv("LOCAL_LLM_KEY", KEY)  # the openai profile sends none unless api_key_env names one
     for split in SPLITS:
         write_split(workdir, ROWS, split)
     return workdir
@@ -56,6 +56,7 @@ def overrides(backend: str, url: str | None, replay_from: Path | None) -> list[s
         args.append(f"{role}={backend}")
         if backend in HTTP:
             args += [f"{role}.base_url={url}", f"{role}.model=test-model", f"{role}.backoff_base_s=0.01"]
+            args += [f"{role}.api_key_env=LOCAL_LLM_KEY"] if backend == "openai" else []
         if backend == "replay":
             args.append(f"{role}.replay_from={replay_from}")
     return args

@@ -232,9 +232,11 @@ def test_openai_backend_sends_seed_and_no_key_when_unset(server, monkeypatch):
 
 
 def test_openai_backend_401_with_its_key_unset_says_so(server, monkeypatch):
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    with pytest.raises(ConfigError, match="requires an API key .*OPENAI_API_KEY is not set"):
-        run(server, backend="openai")
+    monkeypatch.delenv("LOCAL_LLM_KEY", raising=False)
+    with pytest.raises(ConfigError, match="requires an API key .*LOCAL_LLM_KEY is not set"):
+        run(server, backend="openai", api_key_env="LOCAL_LLM_KEY")
+    with pytest.raises(ConfigError, match=r"requires an API key \(HTTP 401\): set api_key_env"):
+        run(server, backend="openai")  # the profile's default sends no key
 
 
 def test_ollama_tagged_model_id_serves_the_untagged_name(server, monkeypatch):

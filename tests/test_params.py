@@ -25,13 +25,14 @@ from nlistral.config import load_config
 OPERATIONAL = {  # read, never a dvc.yaml param: changing one must re-run nothing (README)
     **{f"{llm}.{key}": "how requests are sent, not what they ask" for llm in ("teacher", "reflector")
        for key in ("max_retries", "backoff_base_s", "backoff_max_s", "batch_poll_s", "max_concurrency",
-                   "requests_per_second", "tokens_per_minute", "timeout_s", "api_key_env")},
+                   "requests_per_second", "tokens_per_minute", "timeout_s", "api_key_env", "max_wait_s",
+                   "max_response_bytes")},
     **{f"{llm}.{key}": "the bill and when to give up: a run's recorded cost is what it paid at the time"
        for llm in ("teacher", "reflector")
        for key in ("budget_usd", "max_failure_rate", "price_input_per_mtok", "price_output_per_mtok")},
     **{f"eval.server.{key}": "how the model server is reached, not which model answers"
        for key in ("base_url", "api_key_env", "max_concurrency", "requests_per_second", "timeout_s", "max_retries",
-                   "backoff_base_s", "backoff_max_s", "max_failure_rate", "port", "ready_timeout_s")},
+                   "backoff_base_s", "backoff_max_s", "max_failure_rate", "port", "ready_timeout_s", "max_wait_s")},
     "mlflow.tracking_uri": "where the run is logged", "mlflow.experiment": "where the run is logged",
     "llm_cache_dir": "where answers are cached (a cached answer is the answer a request gives)",
     "train.resume": "whether a crashed run continues: the same run either way (train.fingerprint leaves it out)",

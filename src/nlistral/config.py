@@ -3,7 +3,9 @@
 `dvc exp run` composes conf/ into params.yaml itself (hydra.enabled in .dvc/config); `compose_params` does the
 same with the same calls (OmegaConf.to_yaml of hydra's compose), so the two never differ. A stage run by hand
 (`nlistral <stage> KEY=VALUE ...`) starts from the committed params.yaml and applies its overrides with Hydra's
-own grammar and semantics, group swaps first, so an override means the same in both paths.
+own grammar and semantics, group swaps first, so an override means the same in both paths. An override that cannot
+be applied (unknown key, bad grammar, unknown group option) is named by its key, never its value: that may be a key
+pasted in the wrong place. (The schema's messages quote a known key's wrong value, to show the typo.)
 """
 
 from pathlib import Path
@@ -26,6 +28,35 @@ STRING_KEYS = (
 )  # fmt: skip
 
 
+def hide_values(message: str, overrides) -> str:
+    """`message` with each override's value replaced by <value>: Hydra's errors (and ours) quote `key=value`, some the
+    value alone (a value of 3 characters or fewer, no secret, stays: replacing it would garble the message)."""
+    for line in overrides:
+        key, _, value = str(line).lstrip("+~").partition("=")
+        if value:
+            message = message.replace(f"{key}={value}", f"{key}=<value>")
+            message = message.replace(value, "<value>") if len(value) > 3 else message
+    return message
+
+
+def _unparsable(overrides) -> list[str]:
+    """The keys of the overrides Hydra's grammar cannot parse (its error names the input, not the key)."""
+    bad = []
+    for line in overrides:
+        try:
+            OverridesParser.create().parse_overrides([line])
+        except HydraException:
+            bad.append(str(line).lstrip("+~").partition("=")[0])
+    return bad
+
+
+def _override_error(err, overrides) -> "ConfigError":
+    """Hydra's error about `overrides`, naming the key of an unparsable one, with no value in it."""
+    keys = _unparsable(overrides)
+    where = f"override of {', '.join(keys)}: " if keys else ""
+    return ConfigError(where + hide_values(str(err), overrides))
+
+
 def compose_params(overrides=(), conf_dir=CONF_DIR) -> str:
     """The params.yaml text that `dvc exp run -S <overrides>` would write."""
     from hydra import compose, initialize_config_dir
@@ -34,7 +65,7 @@ def compose_params(overrides=(), conf_dir=CONF_DIR) -> str:
         with initialize_config_dir(str(Path(conf_dir).resolve()), version_base=None):
             cfg = compose(config_name="config", overrides=list(overrides))
     except HydraException as err:
-        raise ConfigError(str(err)) from None
+        raise _override_error(err, overrides) from None
     OmegaConf.resolve(cfg)
     return OmegaConf.to_yaml(cfg)
 
@@ -51,7 +82,7 @@ def apply_overrides(cfg: DictConfig, overrides, conf_dir=CONF_DIR) -> None:
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except HydraException as err:
-        raise ConfigError(str(err)) from None
+        raise _override_error(err, overrides) from None
     group_names = groups(conf_dir) if any("." not in o.key_or_group for o in parsed) else []
     swaps, keys = [], []
     for override in parsed:
@@ -72,13 +103,13 @@ def apply_overrides(cfg: DictConfig, overrides, conf_dir=CONF_DIR) -> None:
         missing = OmegaConf.select(cfg, override.key_or_group, default=KeyError) is KeyError
         if missing and not (override.is_add() or override.is_force_add()):
             raise ConfigError(
-                f"unknown config key '{override.key_or_group}' (use +{override.input_line} to add a new one)"
+                f"unknown config key '{override.key_or_group}' (use +{override.key_or_group}=... to add a new one)"
             )
     OmegaConf.set_struct(cfg, True)
     try:
         ConfigLoaderImpl._apply_overrides_to_config(keys, cfg)  # Hydra's own semantics (private API, pinned 1.3.8)
     except HydraException as err:
-        raise ConfigError(str(err).splitlines()[0]) from None
+        raise _override_error(str(err).splitlines()[0], overrides) from None
     finally:
         OmegaConf.set_struct(cfg, False)
 

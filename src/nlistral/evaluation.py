@@ -143,7 +143,7 @@ def server_backend(cfg, model: str, namespace: str, task: str = "cot"):
     max_tokens, stop = decoding(cfg, task)
     server = cfg.eval.server
     keys = ("max_concurrency", "requests_per_second", "timeout_s", "max_retries", "backoff_base_s", "backoff_max_s",
-            "api_key_env")  # fmt: skip
+            "max_wait_s", "api_key_env")  # fmt: skip
     return OmegaConf.create({
         "backend": "openai", "mode": "sync", "base_url": server.base_url, "model": model, "cache_namespace": namespace,
         "temperature": 0.0, "seed": None, "response_format": None, "max_tokens": max_tokens, "stop": stop,

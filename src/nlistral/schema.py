@@ -108,6 +108,7 @@ class Server(Section):
     max_retries: Count = 0
     backoff_base_s: Rate = 0.0
     backoff_max_s: Rate = 0.0
+    max_wait_s: Rate = 300.0
     max_failure_rate: Probability = 0.0
     command: Name | None = None
     base_command: Name | None = None
@@ -155,6 +156,8 @@ class LLM(Section):
     max_tokens: Positive = 1
     seed: int | None = None
     max_retries: Count = 0
+    max_wait_s: Rate = 300.0
+    max_response_bytes: Positive = 4_000_000
     backoff_base_s: Rate = 0.0
     backoff_max_s: Rate = 0.0
     batch_poll_s: Seconds = 1.0

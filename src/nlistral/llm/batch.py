@@ -171,7 +171,7 @@ class BatchTransport:
         if not file_id:
             return []
         try:
-            text = self.client.send("GET", f"/files/{file_id}/content", parse=lambda r: (r.text, 0))
+            text = self.client.send("GET", f"/files/{file_id}/content", parse=lambda r: (r.text, 0), capped=False)
         except RequestFailed as err:
             if not _refused(err):
                 raise

@@ -3,16 +3,20 @@
 Keys are hashes of what was asked (see HttpClient.key): never the API key, never the parser, so a parser fix or a
 re-run re-uses paid replies. WAL mode and autocommit make each stored reply survive a `kill -9` right after it.
 Every stage on the machine may share the cache (see `cache_location`); `claim` keeps a request in flight from being
-sent again by another thread or process at the same time.
+sent again by another thread or process at the same time. A cache file that is not a database, or a write that fails
+(a full disk), is a ConfigError naming the file and what to do (exit 2), never a traceback.
 """
 
 import os
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from filelock import FileLock
+
+from nlistral.config import ConfigError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, request TEXT NOT NULL, response TEXT NOT NULL,
@@ -37,14 +41,31 @@ def cache_location(configured=None) -> Path:
 
 class ReplyCache:
     def __init__(self, cache_dir):
-        path = Path(cache_dir) / "replies.sqlite"
+        self.path = path = Path(cache_dir) / "replies.sqlite"
         self._claims = Path(cache_dir) / "claims"
         self._claims.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
         self._closed = False
+        with self._storage():
+            self._db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(SCHEMA)
+
+    @contextmanager
+    def _storage(self):
+        """sqlite3's errors as what to do about them: a file that is not (or no longer) a database, a failed write."""
+        try:
+            yield
+        except sqlite3.OperationalError as err:
+            if "locked" in str(err):
+                raise
+            raise ConfigError(f"{self.path}: cannot write the reply cache ({err}): a full disk or a read-only folder? "
+                              "Free space (or point llm_cache_dir / NLISTRAL_CACHE_DIR elsewhere) and re-run; the "
+                              "replies stored so far are kept") from None  # fmt: skip
+        except sqlite3.DatabaseError as err:
+            where = "or point llm_cache_dir / NLISTRAL_CACHE_DIR elsewhere"
+            raise ConfigError(f"{self.path}: the reply cache is unreadable ({err}); move it away (a re-run then "
+                              f"pays again for its replies) {where}") from None  # fmt: skip
 
     def claim(self, key: str) -> FileLock:
         """A lock to hold while `key`'s request is in flight, then look in the cache again: threads and processes
@@ -56,7 +77,8 @@ class ReplyCache:
         with self._lock:
             if self._closed:
                 return None
-            row = self._db.execute("SELECT response FROM replies WHERE key = ?", (key,)).fetchone()
+            with self._storage():
+                row = self._db.execute("SELECT response FROM replies WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
     def put(self, key: str, request: str, response: str) -> None:
@@ -64,9 +86,10 @@ class ReplyCache:
         with self._lock:
             if self._closed:
                 return
-            self._db.execute(
-                "INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?)", (key, request, response, time.time())
-            )
+            with self._storage():
+                self._db.execute(
+                    "INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?)", (key, request, response, time.time())
+                )
 
     def completion_tokens(self, model: str) -> tuple[float, int]:
         """(mean completion tokens, number) of the stored replies of `model`; (0, 0) if there are none."""

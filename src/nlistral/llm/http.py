@@ -2,11 +2,17 @@
 
 One client per stage, shared by its worker threads: a Limiter paces every request, `send` retries 429, 5xx,
 timeouts, connection errors and unreadable bodies with exponential backoff and jitter (a 429 pauses the whole
-client for its Retry-After), 401 stops the stage, other 4xx fail the row at once. A stop (401, Ctrl-C) wakes every
-thread waiting for the limiter or a retry, and none of them sends anything more. `chat` answers from the reply
-cache when it can and stores every paid reply as soon as it arrives.
+client for its Retry-After), 401 stops the stage, other 4xx fail the row at once. Every attempt has a deadline:
+`timeout_s` for the whole response (each socket read is bounded by it too, so a server that trickles its answer fails
+within ~2x timeout_s), and a body over `max_response_bytes` fails the row. A server that asks to wait (Retry-After,
+x-ratelimit-reset) longer than `max_wait_s` fails that row and every later one unsent, with the reason. Waiting for
+another thread's or process's identical request (the cache's claim) is bounded by the longest a request can take.
+A stop (401, Ctrl-C) wakes every thread waiting for the limiter or a retry, and none of them sends anything more.
+`chat` answers from the reply cache when it can and stores every paid reply as soon as it arrives.
 
-The API key lives only in the Authorization header: it is never logged, put in an error message, or cached.
+The API key lives only in the Authorization header: it is never logged, put in an error message, or cached; it is
+sent only where llm/urls.py's `key_refusal` allows (a ConfigError before any request otherwise), and requests to
+loopback never go through a proxy.
 """
 
 import hashlib
@@ -16,6 +22,7 @@ import os
 import random
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -24,13 +31,16 @@ from pathlib import Path
 from typing import Any
 
 import requests
+import urllib3
 from dotenv import load_dotenv
+from filelock import Timeout as LockTimeout
 
 from nlistral.errors import ConfigError
 from nlistral.llm.base import Reply, RequestFailed, Tally
 from nlistral.llm.budget import Budget
 from nlistral.llm.cache import ReplyCache
 from nlistral.llm.limiter import Limiter
+from nlistral.llm.urls import key_refusal, session_for
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +48,9 @@ CHAT_PATH = "/chat/completions"
 # api_key_env names a variable, in capitals (MISTRAL_API_KEY): anything else may be the key itself, which the error
 # messages that name the variable would then print.
 ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+MAX_WAIT_S = 300.0  # defaults of max_wait_s and max_response_bytes for configs without them (conf/llm/common.yaml)
+MAX_RESPONSE_BYTES = 4_000_000
+READ_CHUNK = 65536
 
 
 def parse_completion(raw: str) -> Reply:
@@ -131,6 +144,10 @@ class HttpClient:
         self.cfg = cfg
         self.max_retries = cfg.max_retries
         self.timeout_s = cfg.timeout_s
+        self.max_wait_s = cfg.get("max_wait_s", MAX_WAIT_S)
+        self.max_response_bytes = cfg.get("max_response_bytes", MAX_RESPONSE_BYTES)
+        # the longest one request can take (each try: its deadline, a last read, a wait): how long a claim is awaited
+        self.claim_wait_s = (self.max_retries + 1) * (2 * self.timeout_s + max(cfg.backoff_max_s, self.max_wait_s))
         self.limiter = Limiter(cfg.requests_per_second, cfg.tokens_per_minute)
         self._cache = cache
         self._budget = budget
@@ -140,6 +157,7 @@ class HttpClient:
         self._ready_lock = threading.Lock()
         self._stop = threading.Event()  # every thread gives up: on a 401 or a bad model (with _fatal), or Ctrl-C
         self._fatal: str | None = None
+        self._gave_up: RequestFailed | None = None  # the server asked for a wait over max_wait_s: no row is sent
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
 
@@ -171,7 +189,13 @@ class HttpClient:
         """The reply to `messages` (sample i > 0: the same request with seed + i), from the cache or the server."""
         body = self.body(messages, sample)
         key = self.key(body)
-        with self._cache.claim(key):  # identical requests in flight at once, here or elsewhere, are paid once
+        claim = self._cache.claim(key)  # identical requests in flight at once, here or elsewhere, are paid once
+        try:
+            held = claim.acquire(timeout=self.claim_wait_s)
+        except LockTimeout:
+            detail = f"the same request was in flight elsewhere for {self.claim_wait_s:.0f} s (lock {claim.lock_file})"
+            raise RequestFailed("claim_timeout", f"{detail}; re-run later") from None
+        with held:
             if (raw := self._cache.get(key)) is not None:
                 return replace(parse_completion(raw), cached=True)
             budget = self._budget
@@ -212,6 +236,8 @@ class HttpClient:
                     f"(export it, or put {self.api_key_env}=... in .env)"
                 )
             return {}
+        if refusal := key_refusal(self.api_key_env, self.base_url):
+            raise ConfigError(f"{self.backend} backend: not sending the API key: {refusal}")
         self._secret = key
         return {"Authorization": f"Bearer {key}"}
 
@@ -256,24 +282,27 @@ class HttpClient:
 
     # --- one HTTP call, with retries -----------------------------------------------------------------------------
     def send(self, method: str, path: str, *, parse: Callable[[requests.Response], tuple[Any, int]], tokens: int = 0,
-             worst_usd: float = 0.0, bill: Callable[[Any], float] | None = None, **kwargs) -> Any:  # fmt: skip
+             worst_usd: float = 0.0, bill: Callable[[Any], float] | None = None, capped: bool = True,
+             **kwargs) -> Any:  # fmt: skip
         """Send until `parse(response) -> (value, tokens used)` accepts a 2xx response; return the value. The first
         call checks the key and the model.
 
         `tokens` is the limiter's estimate; with a budget, each attempt reserves `worst_usd` and is billed
-        `bill(value)` (see llm/budget.py). `kwargs` go to `requests`. Raises ConfigError on 401 (and in every thread
-        after it), RequestFailed when retries run out, the server refuses the request (other 4xx) or the budget is
-        spent.
+        `bill(value)` (see llm/budget.py). `capped=False` (a batch results file, which grows with the rows) lifts the
+        whole-response deadline and max_response_bytes; each read stays bounded by timeout_s. `kwargs` go to
+        `requests`. Raises ConfigError on 401 (and in every thread after it), RequestFailed when retries run out, the
+        server refuses the request (other 4xx), asks for a wait over max_wait_s, or the budget is spent.
         """
         self._ensure_ready()
-        return self._request(method, path, parse=parse, tokens=tokens, worst_usd=worst_usd, bill=bill, **kwargs)
+        return self._request(method, path, parse=parse, tokens=tokens, worst_usd=worst_usd, bill=bill, capped=capped,
+                             **kwargs)  # fmt: skip
 
     def _request(self, method: str, path: str, *, parse, tokens: int = 0, worst_usd: float = 0.0, bill=None,
-                 retries: int | None = None, **kwargs) -> Any:  # fmt: skip
+                 retries: int | None = None, capped: bool = True, **kwargs) -> Any:  # fmt: skip
         retries = self.max_retries if retries is None else retries
         attempt = 0
         while True:
-            value, retry = self._attempt(method, path, parse, tokens, worst_usd, bill, kwargs)
+            value, retry = self._attempt(method, path, parse, tokens, worst_usd, bill, capped, kwargs)
             if retry is None:
                 return value
             if attempt == retries:
@@ -281,28 +310,31 @@ class HttpClient:
             self.tally.add(f"retries_{retry.cause}")
             delay = self._backoff(attempt)
             if retry.cause == "rate_limited":  # slow every thread, not just this request
-                self.limiter.pause(retry.server_wait if retry.server_wait is not None else delay)
+                self._server_wait(retry.server_wait if retry.server_wait is not None else delay, retry.detail)
                 delay = 0.0
             self._stop.wait(delay)
             attempt += 1
 
-    def _attempt(self, method: str, path: str, parse, tokens: int, worst_usd: float, bill, kwargs: dict):
+    def _attempt(self, method: str, path: str, parse, tokens: int, worst_usd: float, bill, capped: bool, kwargs: dict):
         """One try: -> (value, None), or (None, why to try again); raises what trying again cannot help."""
         budget = self._budget
         held = budget.reserve(worst_usd) if worst_usd and budget else None
         ticket, used, cost = None, 0, 0.0
         try:  # whatever happens below, the limiter and the budget learn what this attempt used
+            if self._gave_up:
+                raise RequestFailed(self._gave_up.reason, self._gave_up.detail)  # one exception per thread
             if self._stop.is_set() or (ticket := self.limiter.acquire(tokens)) is None or self._stop.is_set():
                 raise self._stopped()  # stopped before or while it waited for its turn: send nothing
             if path == CHAT_PATH:
                 self.tally.add("requests")
             cost = worst_usd  # until the server says otherwise, it may have billed this request
+            deadline = time.monotonic() + self.timeout_s
             try:
-                resp = self._session().request(
-                    method, self.base_url + path, headers=self._headers, timeout=self.timeout_s, **kwargs
-                )
+                with self._session().request(method, self.base_url + path, headers=self._headers,
+                                             timeout=self.timeout_s, stream=True, **kwargs) as resp:  # fmt: skip
+                    self._read(resp, deadline if capped else float("inf"), capped)
             except requests.Timeout:
-                return None, _Retry("timeout", f"no response within timeout_s={self.timeout_s}")
+                return None, _Retry("timeout", f"no complete response within timeout_s={self.timeout_s}")
             except requests.RequestException as err:
                 return None, _Retry("connection", f"connection failed ({type(err).__name__})")
             if not resp.ok:
@@ -314,13 +346,45 @@ class HttpClient:
                 return None, _Retry("bad_response", f"HTTP {resp.status_code}, unreadable body: {self._snippet(resp)}")
             cost = bill(value) if held is not None else 0.0
             if reset_wait := exhausted_wait(resp.headers):
-                self.limiter.pause(reset_wait)
+                self._server_wait(reset_wait, "x-ratelimit-remaining is 0", value)
             return value, None
         finally:
             if ticket is not None:
                 self.limiter.settle(ticket, used)
             if budget is not None and held is not None:
                 budget.settle(held, cost)
+
+    def _read(self, resp: requests.Response, deadline: float, capped: bool) -> None:
+        """Read the body into `resp` (so .text and .json() work) by `deadline`, at most max_response_bytes of it
+        (`capped`)."""
+        chunks, size = [], 0
+        try:
+            while chunk := resp.raw.read1(READ_CHUNK, decode_content=True):  # what one socket read brings
+                size += len(chunk)
+                if capped and size > self.max_response_bytes:
+                    raise RequestFailed("too_large", f"response body over max_response_bytes={self.max_response_bytes}")
+                if time.monotonic() > deadline:
+                    raise requests.Timeout()
+                chunks.append(chunk)
+        except urllib3.exceptions.ReadTimeoutError:
+            raise requests.Timeout() from None
+        except urllib3.exceptions.HTTPError as err:  # a reset, a broken chunked encoding, a bad gzip stream
+            raise requests.ConnectionError(type(err).__name__) from None
+        resp._content = b"".join(chunks)  # what requests' own .content would hold
+
+    def _server_wait(self, seconds: float, why: str, value=None) -> None:
+        """Hold every thread back `seconds`, as the server asked; over max_wait_s, give up: this request fails (or,
+        answered, is the last one) and no row is sent after it."""
+        if seconds <= self.max_wait_s:
+            if seconds >= 10:
+                log.warning("%s asked to wait %.0f s (%s): every request waits", self.base_url, seconds, why[:80])
+            self.limiter.pause(seconds)
+            return
+        detail = f"{self.base_url} asked to wait {seconds:.0f} s, over max_wait_s={self.max_wait_s:g} ({why[:120]})"
+        self._gave_up = RequestFailed("rate_limited", f"{detail}; no more requests sent: re-run later")
+        log.warning("%s", self._gave_up.detail)
+        if value is None:
+            raise RequestFailed(self._gave_up.reason, self._gave_up.detail)
 
     def _refused(self, resp: requests.Response, method: str, path: str) -> "_Retry":
         """A non-2xx response: 429 and 5xx are worth another try; a 401 stops the stage, other 4xx fail the row."""
@@ -349,7 +413,7 @@ class HttpClient:
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
         if session is None:
-            session = self._local.session = requests.Session()
+            session = self._local.session = session_for(self.base_url)
             self._sessions.append(session)
         return session
 

@@ -11,6 +11,7 @@ import base64
 import csv
 import io
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -78,16 +79,34 @@ def collect(cfg) -> dict:
     }
 
 
+MD_SPECIAL = re.compile(r"([\\`|\[\]])")
+
+
+def md(value) -> str:
+    """A string from data or config as Markdown text: one line, `|`, backticks, brackets and backslashes escaped, `<`
+    and `>` as entities, so it can neither add a table cell, a link, a code span nor HTML."""
+    text = " ".join(str(value).split())
+    return MD_SPECIAL.sub(r"\\\1", text).replace("<", "&lt;").replace(">", "&gt;")
+
+
+def code(value) -> str:
+    """A code span of `value`, or its `md` text where a code span could not hold it as typed."""
+    text = str(value)
+    return f"`{text}`" if text == " ".join(text.split()) and not re.search(r"[`|<>\[\]\\]", text) else md(text)
+
+
 def env() -> Environment:
     environment = Environment(
         loader=PackageLoader("nlistral", "templates"),
-        autoescape=select_autoescape(["html"]),  # model output is untrusted: escaped everywhere in the page
+        autoescape=select_autoescape(["html.j2"]),  # every string in the page is escaped (data, names, model output)
         undefined=StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-    environment.filters.update(pct=pct, interval=interval, pvalue=pvalue, num=num, bounds=bounds, signed=signed)
+    environment.filters.update(
+        pct=pct, interval=interval, pvalue=pvalue, num=num, bounds=bounds, signed=signed, md=md, code=code
+    )
     return environment
 
 

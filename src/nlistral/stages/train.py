@@ -19,11 +19,13 @@ import json
 import re
 import shutil
 import time
+import zipfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
+import safetensors
+import safetensors.torch
 import torch
 from omegaconf import OmegaConf
 from transformers import TrainerCallback, set_seed
@@ -102,15 +104,30 @@ def run_tags(cfg) -> dict:
     return {k: v for k, v in tags.items() if v is not None}
 
 
+# What may hold a credential anywhere in a config string: a URL's user:pass@, a secret query parameter, a command's
+# secret flag (`vllm serve ... --api-key KEY`).
+URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
+SECRET_QUERY = re.compile(r"([?&](?:api[-_]?key|access[-_]?token|token|key|password|secret|sig)=)[^&#\s]+", re.I)
+SECRET_FLAG = re.compile(r"(--(?:api[-_]key|hf[-_]token|token|password|secret)(?:=|\s+))\S+", re.I)
+
+
+def redacted(text: str) -> str:
+    text = URL_USERINFO.sub(r"\1", text)  # the host and port stay: they say where the run talked to
+    return SECRET_FLAG.sub(r"\1***", SECRET_QUERY.sub(r"\1***", text))
+
+
 def redacted_params(cfg) -> str:
-    """The composed config as YAML, for the run's artifacts; credentials in a URL (user:pass@host) removed."""
-    data = OmegaConf.to_container(cfg, resolve=True)
-    for role in ("teacher", "reflector"):
-        url = data.get(role, {}).get("base_url")
-        if url:
-            parts = urlsplit(url)
-            data[role]["base_url"] = urlunsplit(parts._replace(netloc=parts.hostname or ""))
-    return OmegaConf.to_yaml(OmegaConf.create(data))
+    """The composed config as YAML, for the run's artifacts, with every string `redacted`: no credential in a URL,
+    query or command anywhere in it."""
+
+    def walk(node):
+        if isinstance(node, dict):
+            return {key: walk(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [walk(value) for value in node]
+        return redacted(node) if isinstance(node, str) else node
+
+    return OmegaConf.to_yaml(OmegaConf.create(walk(OmegaConf.to_container(cfg, resolve=True))))
 
 
 class MlflowCurves(TrainerCallback):
@@ -143,10 +160,33 @@ def checkpoint_step(path) -> int:
     return int(re.fullmatch(r"checkpoint-(\d+)", Path(path).name).group(1))
 
 
+def damage(checkpoint: Path) -> str | None:
+    """What in `checkpoint` cannot be read back (a file cut short by a kill during a copy, a full disk), or None:
+    torch's files are zip archives (every member's CRC checked), safetensors and JSON files are read whole."""
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        try:
+            if path.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(path) as archive:
+                    if (bad := archive.testzip()) is not None:
+                        return f"{path.name}: {bad} fails its checksum"
+            elif path.suffix == ".safetensors":
+                safetensors.torch.load_file(path)
+            elif path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+        except (zipfile.BadZipFile, safetensors.SafetensorError, OSError, ValueError) as err:
+            return f"{path.name}: {err}"
+    return None
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint (trainer_state.json is written last; a kill mid-save leaves none)."""
+    """The newest complete checkpoint that reads back (trainer_state.json is written last, so a kill mid-save
+    leaves none; a damaged one is passed over, saying so, for the one before it)."""
     complete = [p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return max(complete, key=checkpoint_step, default=None)
+    for checkpoint in sorted(complete, key=checkpoint_step, reverse=True):
+        if (why := damage(checkpoint)) is None:
+            return checkpoint
+        print(f"train: not resuming from {checkpoint}, it is damaged ({why}); trying the one before")
+    return None
 
 
 @contextmanager
