@@ -214,3 +214,34 @@ def test_the_image_runs_as_the_users_uid_and_gpu_runs_share_memory():
     documented = "".join(page.read_text() for page in [*doc_pages(), REPO / "Dockerfile"])
     gpu_runs = [line for line in documented.splitlines() if "docker run" in line and "--gpus" in line]
     assert len(gpu_runs) >= 3 and all("--ipc=host" in line for line in gpu_runs)  # vLLM's image asks for it too
+
+
+def test_the_vllm_environment_can_serve_the_4bit_base_its_templates_ask_for():
+    """Every eval.server template serves the base with `--quantization bitsandbytes`, but vLLM 0.28 removed bitsandbytes
+    from its tree (vllm-project/vllm#43529: vllm/model_executor/layers/quantization/bitsandbytes.py and
+    model_loader/bitsandbytes_loader.py are gone; the `vllm-bnb-plugin` package registers both through the
+    `vllm.general_plugins` entry point). requirements-vllm.txt pinned vllm==0.33.0 alone, so the server `make vllm-env`
+    builds would refuse every documented command. Seen failing before the plugin was pinned beside it."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+    from test_evaluate import vllm_commands
+
+    lines = (REPO / "requirements-vllm.txt").read_text().splitlines()
+    pins = {(req := Requirement(line.split("#")[0])).name: req for line in lines if line.split("#")[0].strip()}
+    (vllm,) = pins["vllm"].specifier
+    venv_templates = [command for path, command, docker in vllm_commands() if not docker and "{base}" in command]
+    assert venv_templates and all("--quantization bitsandbytes" in command for command in venv_templates)
+    if Version(vllm.version) >= Version("0.28.0"):
+        assert "vllm-bnb-plugin" in pins and str(pins["vllm-bnb-plugin"].specifier).startswith("==")
+
+
+def test_the_pinned_vllm_knows_bitsandbytes():
+    """Where .venv-vllm exists (a CUDA machine: `make vllm-env`), vLLM itself, its plugins loaded as `vllm serve`
+    loads them, lists the method (not run here: no .venv-vllm on a CPU machine)."""
+    python = REPO / ".venv-vllm/bin/python"
+    if not python.exists():
+        pytest.skip("no .venv-vllm (make vllm-env, on a CUDA machine)")
+    code = ("from vllm.plugins import load_general_plugins; load_general_plugins(); "
+            "from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS; "
+            "print('bitsandbytes' in QUANTIZATION_METHODS)")  # fmt: skip
+    assert subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "True"
