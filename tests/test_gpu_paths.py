@@ -113,11 +113,62 @@ def test_under_fsdp_the_4bit_model_keeps_one_dtype_for_fsdp_to_flatten(tiny_repo
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
+FSDP_STORAGE = {"model.dtype": "bfloat16", "model.bnb_4bit_quant_storage": "bfloat16"}  # as documented for FSDP
+
+
+def test_under_fsdp_the_4bit_weights_must_be_stored_in_the_compute_dtype(tiny_repo, under_fsdp, tmp_path):
+    """torch/distributed/fsdp/_flat_param.py (`_validate_tensors_to_flatten`): FSDP1 flattens each wrapped layer's
+    parameters into one tensor, "Cannot flatten integer dtype tensors" (the profiles' default
+    bnb_4bit_quant_storage=uint8) and "Must flatten tensors with uniform dtype" (bfloat16 storage beside float32
+    norms). The command in accelerate/fsdp_qlora.yaml asks for bnb_4bit_quant_storage=bfloat16, but nothing held a run
+    that forgot it: it loaded 7B weights on every GPU and stopped in Trainer.train(). The real FSDP wrapper (a gloo
+    group of one process; the auto-wrap policy transformers' update_fsdp_plugin_peft sets, LoRA layers apart) shows
+    which pairs shard; the trainer refuses the others before any work, exit 2. Seen failing before the refusal."""
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    pairs = {("bfloat16", "uint8"): "Cannot flatten integer dtype tensors",
+             ("float32", "bfloat16"): "Must flatten tensors with uniform dtype", ("bfloat16", "bfloat16"): None,
+             ("float32", "float32"): None}  # fmt: skip
+    lora = LoraConfig(r=8, target_modules=["q_proj", "v_proj"])
+    models = {pair: get_peft_model(load_base_model(make_cfg(**{"model.dtype": pair[0],
+                                                                "model.bnb_4bit_quant_storage": pair[1]}),
+                                                   for_training=True), lora)
+              for pair in pairs}  # fmt: skip
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for pair, error in pairs.items():
+
+            def wrap(model=models[pair]):
+                policy = fsdp_auto_wrap_policy(model)
+                return FullyShardedDataParallel(model, use_orig_params=False, device_id=torch.device("cpu"),
+                                                auto_wrap_policy=policy)  # fmt: skip
+
+            if error:
+                with pytest.raises(ValueError, match=error):
+                    wrap()
+            else:
+                wrap()
+    finally:
+        dist.destroy_process_group()
+    for (dtype, storage), error in pairs.items():
+        cfg = make_cfg(**{**FAST, "model.dtype": dtype, "model.bnb_4bit_quant_storage": storage})
+        if error:
+            with pytest.raises(ConfigError, match=rf"^model.bnb_4bit_quant_storage={storage}: .*FSDP.*"
+                                                  rf"model.bnb_4bit_quant_storage={dtype}$"):  # fmt: skip
+                build_trainer(cfg, tiny_repo / "scratch")
+            assert not (tiny_repo / "scratch").exists()
+        else:
+            training_args(cfg, tiny_repo / "scratch")
+
+
 def test_under_fsdp_an_8bit_optimizer_is_refused_before_any_work(tiny_repo, under_fsdp, capsys):
     """FSDP1 keeps optimizer state shaped like its flat parameters; bitsandbytes' 8-bit state is not (bitsandbytes #89,
     accelerate #1362): the study configs' paged_adamw_8bit under accelerate/fsdp_qlora.yaml. Refused with the key and a
     choice that works, exit 2, before a model loads or a checkpoint folder is made."""
-    cfg = make_cfg(**{**FAST, "train.optim": "paged_adamw_8bit"})
+    cfg = make_cfg(**{**FAST, **FSDP_STORAGE, "train.optim": "paged_adamw_8bit"})
     with pytest.raises(ConfigError, match=r"^train.optim=paged_adamw_8bit: .*FSDP; use train.optim=adamw_torch"):
         build_trainer(cfg, tiny_repo / "scratch")
     assert not (tiny_repo / "scratch").exists()
@@ -131,7 +182,8 @@ def test_under_fsdp_its_own_wrapper_checkpoints_activations_not_the_trainer(unde
     so the Trainer's gradient checkpointing must be off: both would all-gather every layer again in the backward pass
     (transformers #30404). Seen failing with the Trainer's on under FSDP. Without FSDP the Trainer's stays on."""
     assert under_fsdp["FSDP_ACTIVATION_CHECKPOINTING"] == "true"
-    cfg = OmegaConf.create(compose_params(["experiment=ablation1", "train.optim=adamw_torch"], conf_dir=REPO / "conf"))
+    documented = ["experiment=ablation1", "model.bnb_4bit_quant_storage=bfloat16", "train.optim=adamw_torch"]
+    cfg = OmegaConf.create(compose_params(documented, conf_dir=REPO / "conf"))
     assert cfg.train.gradient_checkpointing is True
     assert training_args(cfg, "unused").activation_checkpointing is False
 
