@@ -297,3 +297,39 @@ def test_the_pinned_vllm_knows_bitsandbytes():
             "from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS; "
             "print('bitsandbytes' in QUANTIZATION_METHODS)")  # fmt: skip
     assert subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "True"
+
+
+def test_under_fsdp_the_parameter_counts_are_the_models_not_a_shards(tiny_repo, monkeypatch, tmp_path):
+    """transformers/trainer.py (`if self.is_fsdp_enabled ...: self.model = self.model_wrapped = model`): after train()
+    under FSDP, `trainer.model` is the wrapper, whose flat parameters are this rank's shard and no longer bitsandbytes'
+    Params4bit (peft's get_nb_trainable_parameters counts those twice per stored byte). metrics/train.json's
+    trainable_params and total_params, read from trainer.model after training, then undercounted (here, one rank:
+    the 4-bit weights counted as stored). The real train stage runs; its trainer's model is then wrapped in torch's
+    FSDP (a gloo group of one process, peft's auto-wrap policy) as transformers' FSDP branch does. Seen failing while
+    the stage counted after training."""
+    import torch.distributed as dist
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from trl import SFTTrainer
+
+    from nlistral.stages import train
+
+    counted = []
+    real_train = SFTTrainer.train
+
+    def train_then_wrapped(self, *args, **kwargs):
+        result = real_train(self, *args, **kwargs)
+        counted.append(self.model.get_nb_trainable_parameters())
+        policy = fsdp_auto_wrap_policy(self.model)
+        self.model = self.model_wrapped = FullyShardedDataParallel(self.model, use_orig_params=False,
+                                                                   device_id=torch.device("cpu"),
+                                                                   auto_wrap_policy=policy)  # fmt: skip
+        return result
+
+    monkeypatch.setattr(SFTTrainer, "train", train_then_wrapped)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        metrics = train.run(make_cfg(**{**FAST, "model.bnb_4bit_quant_storage": "float32"}))  # FSDP flattens these
+    finally:
+        dist.destroy_process_group()
+    assert counted and (metrics["trainable_params"], metrics["total_params"]) == counted[0]
