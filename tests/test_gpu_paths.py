@@ -123,7 +123,8 @@ def test_under_fsdp_the_4bit_weights_must_be_stored_in_the_compute_dtype(tiny_re
     norms). The command in accelerate/fsdp_qlora.yaml asks for bnb_4bit_quant_storage=bfloat16, but nothing held a run
     that forgot it: it loaded 7B weights on every GPU and stopped in Trainer.train(). The real FSDP wrapper (a gloo
     group of one process; the auto-wrap policy transformers' update_fsdp_plugin_peft sets, LoRA layers apart) shows
-    which pairs shard; the trainer refuses the others before any work, exit 2. Seen failing before the refusal."""
+    which pairs shard (and train: a forward and backward pass); the trainer refuses the others before any work,
+    exit 2. Seen failing before the refusal."""
     import torch.distributed as dist
     from peft import LoraConfig, get_peft_model
     from peft.utils.other import fsdp_auto_wrap_policy
@@ -149,8 +150,13 @@ def test_under_fsdp_the_4bit_weights_must_be_stored_in_the_compute_dtype(tiny_re
             if error:
                 with pytest.raises(ValueError, match=error):
                     wrap()
-            else:
-                wrap()
+            else:  # and it trains: one forward and backward pass through the sharded 4-bit layers
+                sharded = wrap()
+                ids = torch.randint(0, sharded.config.vocab_size, (2, 16))
+                sharded(input_ids=ids, labels=ids).loss.backward()
+                trained = [p for p in sharded.parameters() if p.requires_grad]
+                assert trained and all(p.grad is not None for p in trained)
+                assert any(p.grad.abs().sum() > 0 for p in trained)  # lora_B's (lora_A's are 0 while B is 0)
     finally:
         dist.destroy_process_group()
     for (dtype, storage), error in pairs.items():
