@@ -57,6 +57,12 @@ def check_precision(cfg, fsdp: bool) -> None:
         # FSDP's flat parameters do not fit bitsandbytes' 8-bit optimizer state (bitsandbytes #89, accelerate #1362)
         raise ConfigError(f"train.optim={cfg.train.optim}: an 8-bit optimizer does not work with FSDP; "
                           "use train.optim=adamw_torch (docs/training.md)")  # fmt: skip
+    if fsdp and cfg.model.load_in_4bit and cfg.model.bnb_4bit_quant_storage != cfg.model.dtype:
+        # FSDP flattens each wrapped layer's 4-bit weights with its norms into one tensor of one float dtype
+        # (torch/distributed/fsdp/_flat_param.py: "Cannot flatten integer dtype tensors", "... uniform dtype")
+        storage = cfg.model.bnb_4bit_quant_storage
+        raise ConfigError(f"model.bnb_4bit_quant_storage={storage}: FSDP shards 4-bit weights stored in model.dtype "
+                          f"only; set model.bnb_4bit_quant_storage={cfg.model.dtype}")  # fmt: skip
 
 
 def training_args(cfg, output_dir) -> SFTConfig:
