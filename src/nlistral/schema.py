@@ -47,6 +47,7 @@ class Train(Section):
     lr_scheduler_type: SCHEDULERS = "linear"
     optim: Name = "adamw_torch"
     gradient_checkpointing: bool = False
+    padding_free: Literal["auto"] | bool = "auto"
     logging_steps: Positive = 1
     eval_steps: Positive = 1
     early_stopping_patience: Count = 0
