@@ -140,12 +140,14 @@ def _answers(url: str) -> bool:
 
 
 def paired_by_hand(a_rows, b_rows, a_name: str, b_name: str, resamples: int, seed: int) -> dict:
-    """A comparison object of B against A computed here, not with nlistral.compare: rows matched by id in A's
-    order, accuracies and discordant counts by hand, the exact McNemar p-value from scipy, the paired bootstrap
-    interval from nlistral.stats (its own tests pin it)."""
+    """A comparison object of B against A computed here, not with nlistral.results: rows matched by id in A's
+    order, accuracies and discordant counts by hand, the exact McNemar p-value from scipy and its mid-p from
+    binomial sums, the paired bootstrap intervals from nlistral.stats (its own tests pin them)."""
+    from math import comb
+
     from scipy.stats import binomtest
 
-    from nlistral.stats import paired_comparison
+    from nlistral.stats import macro_f1_difference, paired_comparison
 
     b_by_id = {str(r["id"]): r for r in b_rows}
     assert sorted(b_by_id) == sorted(str(r["id"]) for r in a_rows)
@@ -162,4 +164,9 @@ def paired_by_hand(a_rows, b_rows, a_name: str, b_name: str, resamples: int, see
         "mcnemar_p": float(binomtest(wrong_right, discordant, 0.5).pvalue) if discordant else 1.0,
         "a_right_b_wrong": right_wrong, "a_wrong_b_right": wrong_right,
     }  # fmt: skip
+    m = min(right_wrong, wrong_right)
+    tail = sum(comb(discordant, k) for k in range(m)) + comb(discordant, m) / 2  # P(X < m) + P(X = m) / 2, x 2^d
+    by_hand["mcnemar_midp"] = min(1.0, 2 * tail / 2**discordant) if discordant else 1.0
+    labels = [r["true_label"] for r in a_rows], [r["predicted_label"] for r in a_rows]
+    by_hand |= macro_f1_difference(*labels, [b_by_id[str(r["id"])]["predicted_label"] for r in a_rows], resamples, seed)
     return by_hand | {"difference_ci95": paired_comparison(a, b, resamples, seed)["difference_ci95"]}

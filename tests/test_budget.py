@@ -6,8 +6,9 @@ import pytest
 from llm_server import KEY, LLMServer, many_rows, stage_overrides, write_split
 
 from nlistral.config import load_config
+from nlistral.errors import StageError
 from nlistral.io import read_jsonl
-from nlistral.stages import StageError, thoughts
+from nlistral.stages import thoughts
 
 OUT = "data/original_thoughts/train_thoughts.jsonl"
 FAILED = "data/original_thoughts/train_failed.jsonl"

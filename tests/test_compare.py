@@ -13,8 +13,8 @@ from nlistral.io import write_jsonl
 
 GIT_IDENTITY = {f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")
                 for what, value in (("NAME", "nlistral-tests"), ("EMAIL", "tests@nlistral.invalid"))}  # fmt: skip
-KEYS = {"a", "b", "n", "accuracy_a", "accuracy_b", "difference", "difference_ci95", "mcnemar_p", "a_right_b_wrong",
-        "a_wrong_b_right", "flipped"}  # fmt: skip
+KEYS = {"a", "b", "n", "accuracy_a", "accuracy_b", "difference", "difference_ci95", "mcnemar_p", "mcnemar_midp",
+        "macro_f1_difference", "macro_f1_difference_ci95", "a_right_b_wrong", "a_wrong_b_right", "flipped"}  # fmt: skip
 
 
 def predictions(correct, labels=None):
@@ -37,7 +37,8 @@ def test_compare_two_files_prints_and_writes_the_comparison(tmp_path, monkeypatc
     assert result["mcnemar_p"] == 74 / 256 and (result["a_right_b_wrong"], result["a_wrong_b_right"]) == (6, 2)
     assert result["flipped"] == [{"id": f"r{i}", "a_correct": i < 6, "b_correct": i >= 6} for i in range(8)]
     out = capsys.readouterr().out
-    assert "B - A = -0.3333, 95% CI [-0.7500, +0.0833]" in out and "McNemar exact p = 0.2891" in out
+    assert "B - A = -0.3333, 95% CI [-0.7500, +0.0833]" in out and "McNemar exact p = 0.289, mid-p = 0.18" in out
+    assert f"macro F1: B - A = {result['macro_f1_difference']:+.4f}, 95% CI [" in out
     assert "r0 (right->wrong)" in out and "r7 (wrong->right)" in out
 
 

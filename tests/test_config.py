@@ -7,7 +7,8 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from nlistral.config import ConfigError, compose_params, load_config, validate
+from nlistral.config import compose_params, load_config, validate
+from nlistral.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

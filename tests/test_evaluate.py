@@ -22,20 +22,23 @@ from test_model_stages import FAST, make_cfg, write_inputs
 
 from nlistral import cli
 from nlistral.config import compose_params, load_config
+from nlistral.errors import StageError
 from nlistral.evaluation import generate, student_prompts
 from nlistral.io import read_jsonl, read_metrics
 from nlistral.model import load_adapter_model, load_tokenizer
 from nlistral.paths import SPEED_KEYS
 from nlistral.scoring import eval_rows, score
-from nlistral.stages import StageError, base_model, evaluate, evaluate_base, evaluate_teacher, train
+from nlistral.stages import base_model, evaluate, evaluate_base, evaluate_teacher, train
 
 METRIC_KEYS = {"model", "model_id", "n", "accuracy", "accuracy_ci95", "precision", "recall", "f1", "macro_precision",
-               "macro_recall", "macro_f1", "parse_failures", "parse_failure_rate", "parse_failures_by_reason",
-               "accuracy_parsed", "confusion", "samples_per_s", "output_tokens_per_s", "wall_time_s"}  # fmt: skip
+               "macro_recall", "macro_f1", "macro_f1_ci95", "parse_failures", "parse_failure_rate",
+               "parse_failures_by_reason", "accuracy_parsed", "confusion", "samples_per_s", "output_tokens_per_s",
+               "wall_time_s"}  # fmt: skip
 PREDICTION_KEYS = {"id", "premise", "hypothesis", "true_label", "predicted_label", "correct", "parse_method",
                    "parse_error", "finish_reason", "output_tokens", "output"}  # fmt: skip
 COMPARISON_KEYS = {"a", "b", "n", "accuracy_a", "accuracy_b", "difference", "difference_ci95", "mcnemar_p",
-                   "a_right_b_wrong", "a_wrong_b_right"}  # fmt: skip
+                   "mcnemar_midp", "macro_f1_difference", "macro_f1_difference_ci95", "a_right_b_wrong",
+                   "a_wrong_b_right"}  # fmt: skip
 PREDICTIONS_FILE = "metrics/predictions.jsonl"
 FILES = {"base": ("metrics/eval_base.json", "metrics/predictions_base.jsonl"),
          "teacher": ("metrics/eval_teacher.json", "metrics/predictions_teacher.jsonl"),

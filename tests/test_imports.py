@@ -5,6 +5,7 @@ top-level packages it loaded. `report` and `compare` read a whole pipeline's out
 predictions files; `report` runs on a whole pipeline's outputs in test_report.py.
 """
 
+import ast
 import json
 import shutil
 import subprocess
@@ -69,3 +70,36 @@ def test_help_imports_no_pandas_scipy_or_deep_learning(sample_root):
 def test_llm_and_scoring_commands_import_no_deep_learning(sample_root, monkeypatch, args):
     monkeypatch.setenv("NLISTRAL_CACHE_DIR", str(sample_root / "cache"))
     assert not loaded_by(sample_root, *args) & DEEP_LEARNING
+
+
+COMMANDS = {"nlistral.compare", "nlistral.summary", "nlistral.experiments", "nlistral.export", "nlistral.cli"}
+
+
+def nlistral_imports(file: Path) -> set[str]:
+    """Every `nlistral...` name a module imports, lazy imports included (for `from a import b`: a and a.b)."""
+    found = set()
+    for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return {name for name in found if name.startswith("nlistral")}
+
+
+def test_imports_go_down_only():
+    """Commands never reach into stage modules, stages never into commands, schema.py never into config.py (which
+    calls it): what both sides need lives in a lower module (results, scoring, stats, errors). Guards the seams of
+    issue 32: summary.py took MODEL_NAMES/test_results from stages/report.py, the evaluate stages took
+    compare_records from compare.py, and config.py/schema.py imported each other."""
+    package = REPO / "src" / "nlistral"
+    wrong = []
+    for file in sorted(package.rglob("*.py")):
+        module = "nlistral." + ".".join(file.relative_to(package).with_suffix("").parts)
+        imports = nlistral_imports(file)
+        if module.startswith("nlistral.stages."):
+            wrong += [f"{module} -> {name}" for name in imports if name in COMMANDS]
+        elif module != "nlistral.cli":
+            wrong += [f"{module} -> {name}" for name in imports if name.startswith("nlistral.stages")]
+    schema = nlistral_imports(package / "schema.py")
+    wrong += [f"nlistral.schema -> {name}" for name in schema if name.startswith("nlistral.config")]
+    assert not wrong, wrong

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 from llm_server import KEY, ROWS, LLMServer, many_rows, stage_overrides, write_split
 
-from nlistral.config import ConfigError, load_config
+from nlistral.config import load_config
+from nlistral.errors import ConfigError, StageError
 from nlistral.io import read_jsonl
 from nlistral.llm.engine import Outcome
-from nlistral.stages import StageError, thoughts
+from nlistral.stages import thoughts
 
 OUT = "data/original_thoughts/train_thoughts.jsonl"
 FAILED = "data/original_thoughts/train_failed.jsonl"

@@ -37,7 +37,7 @@ OPERATIONAL = {  # read, never a dvc.yaml param: changing one must re-run nothin
     "train.resume": "whether a crashed run continues: the same run either way (train.fingerprint leaves it out)",
 }  # fmt: skip
 FAST = ["model.load_in_4bit=false", "train.max_steps=2", "train.eval_steps=2", "train.save_steps=2",
-        "train.logging_steps=1", "eval.limit=4", "eval.bootstrap=200", "eval.max_new_tokens=16", "eval.batch_size=4",
+        "train.logging_steps=1", "eval.limit=4", "eval.bootstrap=1000", "eval.max_new_tokens=16", "eval.batch_size=4",
         "eval.test_sets.diagnostic.limit=4"]  # fmt: skip
 SET = "diagnostic"  # the profile's extra test set
 

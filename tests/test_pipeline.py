@@ -15,6 +15,7 @@ import pytest
 from conftest import copy_checkout, doc_section, free_port, serving
 from llm_server import KEY, LLMServer
 
+from nlistral.formatting import pvalue
 from nlistral.io import read_jsonl
 
 pytestmark = pytest.mark.slow
@@ -180,7 +181,8 @@ def test_the_run_ends_on_the_tables_within_80_columns(pipeline):
     assert [line.split("  ")[0] for line in test_table[2:]] == ["fine-tuned", "base zero-shot", "teacher"], out
     eval_json = json.loads((pipeline / "metrics/eval.json").read_text())
     assert f"{eval_json['accuracy'] * 100:.1f}" in test_table[2]
-    assert f"{eval_json['comparisons']['base']['mcnemar_p']:.3g}" in test_table[3]
+    assert pvalue(eval_json["comparisons"]["base"]["mcnemar_midp"], 2) in test_table[3]
+    assert "Holm family: " in out
     for name in ("diagnostic", "hanslike"):
         assert f"Extra test set {name}, " in out
     for where in ("reports/results.md", "reports/index.html", "dvc metrics show", "dvc plots show", "mlflow ui"):

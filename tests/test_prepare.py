@@ -7,8 +7,9 @@ import datasets
 import pytest
 
 from nlistral import cli
-from nlistral.config import ConfigError, load_config
+from nlistral.config import load_config
 from nlistral.data import DataError, load_split
+from nlistral.errors import ConfigError
 from nlistral.stages import prepare
 
 LABELS = datasets.ClassLabel(names=["entailment", "neutral", "contradiction"])

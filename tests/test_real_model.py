@@ -147,7 +147,7 @@ def test_padding_free_losses_and_gradient_equal_the_padded_batch_on_a_real_model
 
 def test_a_gguf_file_missing_from_its_folder_is_a_config_error_naming_the_key(tmp_path, monkeypatch):
     """Before: a transformers traceback after the tokenizer lookup. No download needed, no models/base left."""
-    from nlistral.config import ConfigError
+    from nlistral.errors import ConfigError
 
     write_inputs(tmp_path)
     monkeypatch.chdir(tmp_path)

@@ -25,7 +25,7 @@ from nlistral import paths
 from nlistral.config import load_config
 from nlistral.io import read_jsonl, write_csv, write_json, write_jsonl
 from nlistral.stages import base_model, reflections, report, sft, thoughts
-from nlistral.stats import paired_comparison
+from nlistral.stats import macro_f1_difference, paired_comparison
 
 INJECTED = '<script>document.title = "pwned"; window.pwned = true;</script><img src=x onerror="window.pwned = true">'
 GIT_IDENTITY = {f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")
@@ -64,9 +64,10 @@ def eval_metrics(model, model_id, preds, ci) -> dict:
     return {
         "model": model, "model_id": model_id, "n": n, "accuracy": round(correct / n, 4), "accuracy_ci95": ci,
         "precision": 0.7143, "recall": 0.6818, "f1": 0.6977, "macro_precision": 0.7011, "macro_recall": 0.6955,
-        "macro_f1": MACRO_F1[model], "parse_failures": failures, "parse_failure_rate": round(failures / n, 4),
+        "macro_f1": MACRO_F1[model], "macro_f1_ci95": [MACRO_F1[model] - 0.08, MACRO_F1[model] + 0.07],
+        "parse_failures": failures, "parse_failure_rate": round(failures / n, 4),
         "parse_failures_by_reason": {"no_json": failures} if failures else {},
-        "accuracy_parsed": round(correct / (n - failures), 4), "confusion": conf,
+        "accuracy_parsed": round(correct / (n - failures), 4) if n - failures else None, "confusion": conf,
     }  # fmt: skip
 
 
@@ -85,7 +86,9 @@ def write_train_and_eval_outputs(cfg):
     results = eval_metrics("fine-tuned", "models/base", tuned, [0.6136, 0.8636])
     results["comparisons"] = {
         name: {"a": name, "b": "fine-tuned", **paired_comparison([p["correct"] for p in preds],
-                                                                 [p["correct"] for p in tuned], 1000, 7)}
+                                                                 [p["correct"] for p in tuned], 1000, 7),
+               **macro_f1_difference([p["true_label"] for p in preds], [p["predicted_label"] for p in preds],
+                                     [p["predicted_label"] for p in tuned], 1000, 7)}
         for name, preds in (("base", base), ("teacher", teacher))
     }  # fmt: skip
     write_json(paths.EVAL_METRICS, results)
@@ -202,35 +205,59 @@ def test_report_writes_results_cards_and_page(reported):
     assert html_table(page, "test-sets") == [["test set", "model", *HEADER[2:]], *test_sets]
 
 
-HEADER = ["model", "model id", "rows", "accuracy", "95% CI", "macro F1", "parse failures", "fine-tuned minus this",
-          "McNemar p"]  # fmt: skip
+HEADER = ["model", "model id", "rows", "accuracy", "95% CI", "macro F1 [95% CI]", "parse failures",
+          "fine-tuned minus this", "macro F1: fine-tuned minus this", "McNemar p", "mid-p", "Holm p"]  # fmt: skip
 MODEL_NAMES = {"fine-tuned": "fine-tuned", "base": "base zero-shot", "teacher": "teacher"}
 
 
-def expected_cells(metrics: dict, comparison: dict | None) -> list[str]:
+def expected_cells(metrics: dict, comparison: dict | None, holm_p: float | None) -> list[str]:
     """One table row's cells from one model's own metrics (and its own comparison with the fine-tuned model)."""
     c = comparison
+    f1 = f"{metrics['macro_f1']:.4f} [{metrics['macro_f1_ci95'][0]:.4f}, {metrics['macro_f1_ci95'][1]:.4f}]"
+    versus = ["–"] * 5
+    if c:
+        low, high = c["macro_f1_difference_ci95"]
+        versus = [f"{report.pct(c['difference'], True)} pp {report.interval(c['difference_ci95'], True)}",
+                  f"{c['macro_f1_difference']:+.4f} [{low:+.4f}, {high:+.4f}]", report.pvalue(c["mcnemar_p"]),
+                  report.pvalue(c["mcnemar_midp"]), report.pvalue(holm_p)]  # fmt: skip
     return [report.num(metrics["n"]), report.pct(metrics["accuracy"]), report.interval(metrics["accuracy_ci95"]),
-            report.num(metrics["macro_f1"]), report.pct(metrics["parse_failure_rate"]),
-            f"{report.pct(c['difference'], True)} pp {report.interval(c['difference_ci95'], True)}" if c else "–",
-            report.pvalue(c["mcnemar_p"]) if c else "–"]  # fmt: skip
+            f1.replace(f"{metrics['macro_f1']:.4f}", report.num(metrics["macro_f1"]), 1),
+            report.pct(metrics["parse_failure_rate"]), *versus]  # fmt: skip
+
+
+def holm_by_hand(root) -> dict:
+    """{(table, baseline): Holm-adjusted mid-p} over the family of the fine-tuned model against each baseline on the
+    test split and every extra set: the i-th smallest of m p-values times m - i + 1, a running maximum, at most 1."""
+    family = {("test", name): c["mcnemar_midp"]
+              for name, c in json.loads((root / paths.EVAL_METRICS).read_text())["comparisons"].items()}  # fmt: skip
+    for set_name in load_config().eval.test_sets:
+        summary = json.loads((root / paths.SET_METRICS.format(set=set_name)).read_text())
+        family |= {(set_name, name): c["mcnemar_midp"] for name, c in summary["comparisons"].items()}
+    adjusted, running = {}, 0.0
+    for i, (key, p) in enumerate(sorted(family.items(), key=lambda item: item[1])):
+        running = max(running, min(1.0, p * (len(family) - i)))
+        adjusted[key] = running
+    return adjusted
 
 
 def expected_rows(root) -> tuple[list[list[str]], list[list[str]]]:
     """The test split's table and the extra test sets' table as they must read, row by row, from the metrics files."""
     tuned = json.loads((root / paths.EVAL_METRICS).read_text())
+    holm = holm_by_hand(root)
     headline = []
     for name, path in (("fine-tuned", paths.EVAL_METRICS), ("base", paths.EVAL_BASE_METRICS),
                        ("teacher", paths.EVAL_TEACHER_METRICS)):  # fmt: skip
         metrics = json.loads((root / path).read_text())
         comparison = tuned["comparisons"][name] if name != "fine-tuned" else None
-        headline.append([MODEL_NAMES[name], metrics["model_id"], *expected_cells(metrics, comparison)])
+        headline.append([MODEL_NAMES[name], metrics["model_id"],
+                         *expected_cells(metrics, comparison, holm.get(("test", name)))])  # fmt: skip
     test_sets = []
     for set_name in load_config().eval.test_sets:
         summary = json.loads((root / paths.SET_METRICS.format(set=set_name)).read_text())
         for name, metrics in summary["models"].items():
             comparison = summary["comparisons"].get(name)
-            test_sets.append([set_name, MODEL_NAMES[name], *expected_cells(metrics, comparison)])
+            test_sets.append([set_name, MODEL_NAMES[name],
+                              *expected_cells(metrics, comparison, holm.get((set_name, name)))])  # fmt: skip
     return headline, test_sets
 
 
@@ -292,11 +319,20 @@ def test_report_lists_every_test_set_with_its_per_tag_table(reported):
     assert "### diagnostic: accuracy by phenomenon" in results
     by_tag = markdown_table(results, "| phenomenon | rows |")
     models = summary["models"]
-    assert by_tag[0] == ["phenomenon", "rows"] + [c for m in models for c in (MODEL_NAMES[m], "95% CI")]
+    versus = summary["by_tag_comparisons"]["phenomenon"]
+    assert by_tag[0] == ["phenomenon", "rows"] + [c for m in models for c in (MODEL_NAMES[m], "95% CI")] + [
+        c for b in ("base", "teacher") for c in (f"fine-tuned minus {MODEL_NAMES[b]}", "mid-p", "Holm p")
+    ]
     assert by_tag[1:] == [[value, report.num(cell["n"])] + [
         c for m in models.values() for c in (report.pct(m["by_tag"]["phenomenon"][value]["accuracy"]),
-                                             report.interval(m["by_tag"]["phenomenon"][value]["accuracy_ci95"]))]
+                                             report.interval(m["by_tag"]["phenomenon"][value]["accuracy_ci95"]))] + [
+        c for b in ("base", "teacher") for c in (f"{report.pct(versus[value][b]['difference'], True)} pp",
+                                                report.pvalue(versus[value][b]["mcnemar_midp"]),
+                                                report.pvalue(versus[value][b]["holm_p"]))]
         for value, cell in models["fine-tuned"]["by_tag"]["phenomenon"].items()]  # fmt: skip
+    family = summary["by_tag_family"]  # every value of every tag column, against each baseline
+    assert family == 2 * sum(len(values) for values in summary["by_tag_comparisons"].values())
+    assert f"over this set's per-tag family ({family} comparisons" in results
     assert [row[0] for row in by_tag[1:]] == ["hypernym_hyponym", "lexical_overlap", "negation", "numbers",
                                               "quantifiers", "word_order"]  # fmt: skip
 
@@ -351,7 +387,7 @@ def source_values(root) -> tuple[list[float], list[str]]:
 
 
 NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?:%| pp)?")
-PROSE = ("95% CI", "95%")  # words of the text, not results
+PROSE = ("95% CI", "95%", "below 0.05")  # words of the text, not results
 
 
 def test_every_number_in_results_and_cards_is_a_metrics_value(reported):
@@ -363,6 +399,9 @@ def test_every_number_in_results_and_cards_is_a_metrics_value(reported):
     assert markdown_table(results, "| model | model id |") == [HEADER, *[[r[0], f"`{r[1]}`", *r[2:]] for r in headline]]
     assert markdown_table(results, "| test set | model |") == [["test set", "model", *HEADER[2:]], *test_sets]
     numbers, strings = source_values(reported)
+    holm = holm_by_hand(reported)  # the one computed column: Holm over the family the two tables make
+    numbers += [*holm.values(), len(holm)]
+    assert f"on the test split and on every extra set, {len(holm)} comparisons." in results
     for name in (paths.REPORT_RESULTS, paths.REPORT_MODEL_CARD, paths.REPORT_DATASET_CARD):
         text = (reported / name).read_text()
         for phrase in sorted(strings, key=len, reverse=True) + list(PROSE):  # ids and labels such as 0-100
@@ -560,27 +599,44 @@ def test_report_experiments_lists_two_experiments_side_by_side(tmp_path, monkeyp
     capsys.readouterr()  # what DVC printed
 
     assert cli.main(["report", "--experiments", "better", "worse", "--reference", "worse"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("|")]
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]}
     assert list(rows) == ["`worse`", "`better`"]
     assert rows["`better`"][:2] == ["20", "90.00%"] and rows["`worse`"][1] == "30.00%"
     assert rows["`better`"][7].startswith("+60.00 pp [") and rows["`worse`"][7] == "reference"
-    # 12 rows right only in `better`, none the other way: exact McNemar p = 2 * 0.5**12
-    assert float(rows["`better`"][8]) == pytest.approx(2 * 0.5**12, rel=1e-2)
+    # 12 rows right only in `better`, none the other way: McNemar mid-p = 2 * 0.5**12 / 2; a family of one
+    assert float(rows["`better`"][8]) == float(rows["`better`"][9]) == pytest.approx(0.5**12, rel=1e-2)
+    assert "Holm family: 1 comparisons (each experiment vs `worse`)." in out
     assert cli.main(["report", "--all"]) == 0
     assert {"`HEAD`", "`better`", "`worse`"} <= {line.split("|")[1].strip() for line in capsys.readouterr().out
-                                                 .splitlines()[2:]}  # fmt: skip
+                                                 .splitlines()[2:] if line.startswith("|")}  # fmt: skip
 
     # README: `nlistral report --experiments A B --set NAME` / `nlistral compare A B --set NAME` compare runs on a
     # set. `diag` ranks them the other way round, so reading the test split instead (or the wrong rows) shows.
     assert cli.main(["report", "--experiments", "better", "worse", "--reference", "worse", "--set", "diag"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]}
     assert list(rows) == ["`worse`", "`better`"]
     assert rows["`better`"][:7] == ["10", "40.00%", "[10.00%, 90.00%]", "0.3", "10.00%", "50.00%", "not evaluated"]
     assert rows["`worse`"][1] == "80.00%" and rows["`worse`"][7] == "reference"
-    assert rows["`better`"][7].startswith("-40.00 pp [") and rows["`better`"][8] == "0.125"  # 4 flips: 2 * 0.5**4
+    assert rows["`better`"][7].startswith("-40.00 pp [") and rows["`better`"][8] == "0.0625"  # 4 flips: mid-p 0.5**4
     assert cli.main(["compare", "better", "worse", "--set", "diag", "--json", "cmp.json", "--bootstrap", "200"]) == 0
     result = json.loads(Path("cmp.json").read_text())
     assert (result["n"], result["accuracy_a"], result["accuracy_b"], result["mcnemar_p"]) == (10, 0.4, 0.8, 0.125)
     assert [f["id"] for f in result["flipped"]] == ["d4", "d5", "d6", "d7"]
+
+
+def test_summary_fits_80_columns_and_states_its_holm_family(reported):
+    """`nlistral summary` (what `make run` ends on): each baseline's row holds its McNemar mid-p and its Holm
+    adjustment over the family the report names, whose size the footer states; no line over 80 columns."""
+    from nlistral import summary
+
+    out = summary.render(load_config())
+    assert max(len(line) for line in out.splitlines()) <= 80, out
+    holm = holm_by_hand(reported)
+    assert f"Holm family: {len(holm)} comparisons" in out
+    eval_json = json.loads((reported / paths.EVAL_METRICS).read_text())
+    base = next(line for line in out.splitlines() if line.startswith("base zero-shot"))
+    assert base.split()[-2:] == [report.pvalue(eval_json["comparisons"]["base"]["mcnemar_midp"], 2),
+                                 report.pvalue(holm[("test", "base")], 2)]  # fmt: skip

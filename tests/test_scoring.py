@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from nlistral.parsing import Answer
 from nlistral.scoring import eval_metrics, eval_rows, prediction, score
-from nlistral.stats import accuracy_ci
+from nlistral.stats import accuracy_ci, macro_f1_ci
 
 Row = namedtuple("Row", "id premise hypothesis label")
 JSON_1 = '{"thought_process": "Step 1: x.", "predicted_label": 1}'
@@ -36,14 +36,14 @@ def test_every_metric_of_a_confusion_matrix_with_failures_on_both_classes():
 
 def test_no_rows_one_class_and_only_failures_score_zero_not_an_error():
     zeros = dict.fromkeys(("accuracy", "precision", "recall", "f1", "macro_precision", "macro_recall", "macro_f1",
-                           "parse_failure_rate", "accuracy_parsed"), 0.0)  # fmt: skip
-    assert score([], []) == {"n": 0, **zeros, "parse_failures": 0, "confusion": dict.fromkeys(("tp", "fp", "tn", "fn"),
-                                                                                           0)}  # fmt: skip
+                           "parse_failure_rate"), 0.0)  # fmt: skip
+    assert score([], []) == {"n": 0, **zeros, "parse_failures": 0, "accuracy_parsed": None,
+                             "confusion": dict.fromkeys(("tp", "fp", "tn", "fn"), 0)}  # fmt: skip
     only_zeros = score([0, 0], [0, 0])  # no entailment row, none predicted: class 1 scores 0, not 1
     assert (only_zeros["precision"], only_zeros["recall"], only_zeros["f1"]) == (0.0, 0.0, 0.0)
     assert (only_zeros["macro_precision"], only_zeros["macro_f1"], only_zeros["accuracy"]) == (0.5, 0.5, 1.0)
-    failed = score([1], [None])
-    assert (failed["accuracy"], failed["accuracy_parsed"], failed["parse_failure_rate"]) == (0.0, 0.0, 1.0)
+    failed = score([1], [None])  # issue 32: accuracy over 0 parsed rows is no number, not 0.0
+    assert (failed["accuracy"], failed["accuracy_parsed"], failed["parse_failure_rate"]) == (0.0, None, 1.0)
     with pytest.raises(ValueError):
         score([1, 0], [1])
 
@@ -61,12 +61,15 @@ def test_a_prediction_record_reads_the_reply_unless_given_its_answer():
 
 
 def test_the_metrics_object_adds_its_interval_and_throughput():
-    cfg = OmegaConf.create({"eval": {"bootstrap": 200, "seed": 1}})
+    cfg = OmegaConf.create({"eval": {"bootstrap": 1000, "seed": 1}})
     correct = [1, 0, 1, 1, 0, 1, 1, 1, 0, 1] * 4
     records = [prediction(Row(i, "p", "h", 1), JSON_1 if ok else "none", "stop", 5) for i, ok in enumerate(correct)]
     metrics = eval_metrics(cfg, records, "base", "models/base", 3.14159)
     assert (metrics["model"], metrics["model_id"], metrics["accuracy"]) == ("base", "models/base", 0.7)
-    assert metrics["accuracy_ci95"] == accuracy_ci(correct, 200, 1) == [0.5494, 0.85]  # seed 1's interval
+    assert metrics["accuracy_ci95"] == accuracy_ci(correct) == [0.5457, 0.8193]  # Wilson, 28 of 40
+    low, high = metrics["macro_f1_ci95"]  # 12 failures on entailment rows: macro F1 by the bootstrap
+    assert low < metrics["macro_f1"] < high
+    assert metrics["macro_f1_ci95"] == macro_f1_ci([1] * 40, [1 if ok else None for ok in correct], 1000, 1)
     assert metrics["parse_failures_by_reason"] == {"no_json": 12}
     assert (metrics["samples_per_s"], metrics["output_tokens_per_s"], metrics["wall_time_s"]) == (12.732, 63.7, 3.14)
     instant = eval_metrics(cfg, records, "base", "models/base", 0.0)

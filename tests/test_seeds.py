@@ -1,5 +1,6 @@
 """`nlistral report --experiments ... --group-by KEY`: experiments that differ only in a seed are one configuration,
-summarised across seeds, and compared with an interval over seeds and test rows (real DVC experiments, in-process)."""
+summarised across seeds, and compared by Welch's t on the per-seed accuracies, Holm-adjusted over the table; a
+configuration with one seed gets no seed statement (real DVC experiments, in-process)."""
 
 import json
 import sys
@@ -10,7 +11,7 @@ import yaml
 from test_report import GIT_IDENTITY, git
 
 from nlistral import cli
-from nlistral.formatting import interval, pct
+from nlistral.formatting import interval, pct, pvalue
 
 # A stand-in evaluate stage: the first `right` of 20 rows are right, and each seed flips rows of its own.
 STAGE = """
@@ -25,7 +26,7 @@ acc = sum(correct) / 20
 json.dump({"n": 20, "accuracy": acc, "accuracy_ci95": [0, 1], "macro_f1": acc, "parse_failure_rate": 0.0},
           open("metrics/eval.json", "w"))
 """
-RUNS = {"a1": (10, 1), "a2": (10, 2), "a3": (10, 3), "b1": (14, 1), "b2": (14, 4)}  # name: (right, train.seed)
+RUNS = {"a1": (10, 1), "a2": (10, 2), "a3": (10, 3), "b1": (14, 1), "b2": (14, 4), "c1": (12, 5)}  # (right, seed)
 
 
 def test_group_by_seed_summarises_configurations_and_compares_them_over_seeds_and_rows(tmp_path, monkeypatch, capsys):
@@ -55,24 +56,29 @@ def test_group_by_seed_summarises_configurations_and_compares_them_over_seeds_an
     out = capsys.readouterr().out
     result = json.loads((root / "metrics/seeds.json").read_text())
     correct = {name: [(i < right) != (i % 7 == seed) for i in range(20)] for name, (right, seed) in RUNS.items()}
-    groups = {"right=10": ["a1", "a2", "a3"], "right=14": ["b1", "b2"]}
+    groups = {"right=10": ["a1", "a2", "a3"], "right=14": ["b1", "b2"], "right=12": ["c1"]}
     assert {label: c["experiments"] for label, c in result["configurations"].items()} == groups
-    for label, members in groups.items():
-        expected = seeds.summary([sum(correct[m]) / 20 for m in members])
+    accuracies = {label: [sum(correct[m]) / 20 for m in members] for label, members in groups.items()}
+    for label in groups:
+        expected = seeds.summary(accuracies[label])
         assert {k: result["configurations"][label][k] for k in expected} == expected
     versus = result["configurations"]["right=14"]["versus_reference"]
-    a, b = result["configurations"]["right=10"], result["configurations"]["right=14"]
-    assert versus["difference"] == round(b["mean"] - a["mean"], 4) and versus["seed_sd"] == max(a["sd"], b["sd"])
-    assert versus["difference_ci95"] == pytest.approx(
-        seeds.interval([correct[m] for m in groups["right=10"]], [correct[m] for m in groups["right=14"]],
-                       result["bootstrap"], result["seed"]), abs=1e-4)  # fmt: skip
-    assert versus["exceeds_seed_spread"] == (abs(versus["difference"]) > versus["seed_sd"]) is True
+    welch = seeds.welch(accuracies["right=10"], accuracies["right=14"])
+    assert versus["difference_ci95"] == pytest.approx(welch.pop("difference_ci95"), abs=1e-4)
+    assert {k: versus[k] for k in welch} == pytest.approx(welch, abs=1e-4)
+    # one family of one comparison (right=12 has one seed: no statement), so Holm leaves p as it is
+    assert result["family"] == 1 and versus["holm_p"] == pytest.approx(welch["p"], abs=1e-6)
+    assert "versus_reference" not in result["configurations"]["right=12"]
+    assert "exceeds_seed_spread" not in versus  # issue 32: |difference| > sd fired 33% of the time with no difference
     row = next(line for line in out.splitlines() if line.startswith("| `right=14`"))
     assert f"{pct(versus['difference'], True)} pp {interval(versus['difference_ci95'], True)}" in row
-    assert row.rstrip(" |").endswith("yes") and "| 2 |" in row
+    assert row.rstrip(" |").endswith(f"| {pvalue(welch['p'])} | {pvalue(versus['holm_p'])}") and "| 2 |" in row
+    single = next(line for line in out.splitlines() if line.startswith("| `right=12`"))
+    assert "no statement: one seed" in single and "| – | – | – |" in single
+    assert "Holm family: 1 comparisons" in out
     assert cli.main(["report", "--experiments", *RUNS, "--group-by", "train.seed", "--reference", "right=14"]) == 0
     flipped = json.loads((root / "metrics/seeds.json").read_text())["configurations"]
-    assert list(flipped) == ["right=14", "right=10"]
+    assert list(flipped) == ["right=14", "right=10", "right=12"]
     assert flipped["right=10"]["versus_reference"]["difference"] == -versus["difference"]
 
 

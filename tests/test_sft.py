@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from nlistral.config import ConfigError, load_config
+from nlistral.config import load_config
+from nlistral.errors import ConfigError, StageError
 from nlistral.io import read_jsonl, write_jsonl
 from nlistral.model import load_tokenizer
-from nlistral.stages import StageError, sft
+from nlistral.stages import sft
 
 
 def thought(id_, premise, hypothesis, label, correct=True):

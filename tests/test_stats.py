@@ -1,12 +1,28 @@
-"""Intervals and tests against values computed by hand (exact bootstrap distributions, binomial sums)."""
+"""Intervals and tests against values computed by hand (formulas, exact bootstrap distributions, binomial sums), and
+issue 32's constructed cases. Their coverage by simulation is tests/test_coverage.py's."""
 
 from collections import Counter
 from fractions import Fraction
-from math import comb, factorial
+from math import comb, factorial, sqrt
 
+import numpy as np
 import pytest
+from scipy.special import stdtr
 
-from nlistral.stats import accuracy_by_length, accuracy_ci, mcnemar_p, paired_comparison
+from nlistral.formatting import pvalue
+from nlistral.scoring import score
+from nlistral.stats import (
+    accuracy_by_length,
+    accuracy_ci,
+    holm,
+    macro_f1,
+    macro_f1_ci,
+    macro_f1_difference,
+    mcnemar_midp,
+    mcnemar_p,
+    paired_comparison,
+    welch,
+)
 
 
 def exact_bootstrap_ci(values) -> list[float]:
@@ -35,24 +51,32 @@ def exact_bootstrap_ci(values) -> list[float]:
     return [round(b, 4) for b in bounds]
 
 
-def test_accuracy_ci_matches_the_exact_bootstrap_distribution():
-    correct = [1] * 7 + [0] * 3
-    # Binomial(10, 0.7): P(X <= 3) = 0.011 < 0.025 < P(X <= 4) = 0.047; P(X <= 9) = 0.972 < 0.975
-    assert exact_bootstrap_ci(correct) == [0.4, 1.0]
-    assert accuracy_ci(correct, resamples=10000, seed=42) == [0.4, 1.0]
+def wilson(k: int, n: int) -> list[float]:
+    """Wilson's score interval by its formula (Brown, Cai & DasGupta 2001, eq. 4), z = 1.959964."""
+    z, p = 1.959963984540054, k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+
+
+@pytest.mark.parametrize(("k", "n"), [(6, 6), (0, 6), (18, 20), (7, 10), (1767, 1972), (1, 1)])
+def test_accuracy_ci_is_wilsons_interval(k, n):
+    assert accuracy_ci([1] * k + [0] * (n - k)) == wilson(k, n)
+
+
+def test_six_of_six_right_is_not_certain():
+    """Issue 32: the percentile bootstrap gave [1.00, 1.00] for 6/6 right (every resample is all right), and two tests
+    asserted that point interval. Wilson: [0.61, 1] (Clopper-Pearson [0.54, 1])."""
+    assert accuracy_ci([True] * 6) == [0.6097, 1.0]
+    assert accuracy_ci([False] * 25) == wilson(0, 25) and accuracy_ci([False] * 25)[1] > 0.1
+    assert accuracy_ci([]) is None
 
 
 def test_accuracy_ci_has_the_width_the_study_ignored():
     correct = [1] * 1767 + [0] * 205  # 89.6% of 1,972 rows: normal approximation +-1.35 points
-    low, high = accuracy_ci(correct, resamples=10000, seed=42)
+    low, high = accuracy_ci(correct)
     half = 1.96 * (0.896 * 0.104 / 1972) ** 0.5
     assert low == pytest.approx(0.896 - half, abs=0.002) and high == pytest.approx(0.896 + half, abs=0.002)
-    assert accuracy_ci(correct, 10000, 42) == [low, high]  # seeded: same rows, same interval
-
-
-@pytest.mark.parametrize("value", [0, 1])
-def test_a_constant_outcome_has_a_point_interval(value):
-    assert accuracy_ci([value] * 25, resamples=1000, seed=0) == [float(value)] * 2
 
 
 def test_paired_comparison_matches_hand_computed_values():
@@ -64,6 +88,7 @@ def test_paired_comparison_matches_hand_computed_values():
         "n": 12, "accuracy_a": 0.8333, "accuracy_b": 0.5, "difference": -0.3333,
         "difference_ci95": [-0.75, 0.0833],
         "mcnemar_p": 74 / 256,  # 2 * P(X <= 2), X ~ Binomial(8, 1/2) = 2 * (1 + 8 + 28) / 256
+        "mcnemar_midp": pytest.approx(46 / 256),  # 2 * (P(X < 2) + P(X = 2) / 2) = 2 * (1 + 8 + 14) / 256
         "a_right_b_wrong": 6, "a_wrong_b_right": 2,
     }  # fmt: skip
 
@@ -72,7 +97,8 @@ def test_all_agree_is_no_difference_at_all():
     a = [1, 0, 1, 1, 0, 1]
     result = paired_comparison(a, list(a), resamples=1000, seed=0)
     assert result["difference"] == 0.0 and result["difference_ci95"] == [0.0, 0.0]
-    assert result["mcnemar_p"] == 1.0 and result["a_right_b_wrong"] == result["a_wrong_b_right"] == 0
+    assert result["mcnemar_p"] == result["mcnemar_midp"] == 1.0
+    assert result["a_right_b_wrong"] == result["a_wrong_b_right"] == 0
 
 
 @pytest.mark.parametrize(("a", "b", "difference"), [([1] * 10, [0] * 10, -1.0), ([0] * 10, [1] * 10, 1.0)])
@@ -80,6 +106,7 @@ def test_all_flip_is_certain_and_significant(a, b, difference):
     result = paired_comparison(a, b, resamples=1000, seed=0)
     assert result["difference"] == difference and result["difference_ci95"] == [difference, difference]
     assert result["mcnemar_p"] == 2 / 2**10  # both tails of Binomial(10, 1/2) at its extremes
+    assert result["mcnemar_midp"] == pytest.approx(1 / 2**10)  # half of each extreme
 
 
 def test_mcnemar_exact_values():
@@ -103,31 +130,90 @@ def test_accuracy_by_length_uses_the_studys_buckets():
 
 def test_no_rows_one_row_and_the_settings_each_interval_uses():
     """Survivors of `make mutation` in stats.py, killed: empty and one-row inputs (an `if n` dropped, an index off by
-    one), the resample count and seed reaching scipy (pinned values, seeds 0 and 1 differ), 4 decimals everywhere,
-    and zip's strict check."""
-    assert accuracy_ci([], 200, 0) == [0.0, 0.0] and accuracy_ci([True], 200, 0) == [1.0, 1.0]
-    assert paired_comparison([], [], 200, 0) == {
-        "n": 0, "accuracy_a": 0.0, "accuracy_b": 0.0, "difference": 0.0, "difference_ci95": [0.0, 0.0],
-        "mcnemar_p": 1.0, "a_right_b_wrong": 0, "a_wrong_b_right": 0}  # fmt: skip
+    one), the resample count and seed reaching the bootstrap (seeds 0 and 1 differ), 4 decimals everywhere, and zip's
+    strict check."""
+    assert accuracy_ci([]) is None and accuracy_ci([True]) == wilson(1, 1)
+    assert paired_comparison([], [], 1000, 0) == {
+        "n": 0, "accuracy_a": None, "accuracy_b": None, "difference": None, "difference_ci95": None,
+        "mcnemar_p": 1.0, "mcnemar_midp": 1.0, "a_right_b_wrong": 0, "a_wrong_b_right": 0}  # fmt: skip
     correct = [1, 0, 1, 1, 0, 1, 1, 1, 0, 1] * 4
-    assert accuracy_ci(correct, 200, 0) == [0.55, 0.8256] and accuracy_ci(correct, 200, 1) == [0.5494, 0.85]
     other = [1, 1, 1, 0, 1, 1, 0, 1, 1, 1] * 4
-    assert paired_comparison(correct, other, 200, 0)["difference_ci95"] == [-0.1006, 0.2756]
-    assert paired_comparison(correct, other, 200, 1)["difference_ci95"] == [-0.1, 0.35]
-    three = paired_comparison([0, 0, 1], [1, 1, 1], 200, 0)
+    seed0, seed1 = (paired_comparison(correct, other, 1000, s)["difference_ci95"] for s in (0, 1))
+    assert seed0 != seed1 and all(round(b, 4) == b for b in seed0 + seed1)
+    assert paired_comparison(correct, other, 1000, 0)["difference_ci95"] == seed0  # seeded: same rows, same interval
+    three = paired_comparison([0, 0, 1], [1, 1, 1], 1000, 0)
     assert (three["accuracy_a"], three["accuracy_b"], three["difference"]) == (0.3333, 1.0, 0.6667)
-    assert paired_comparison([1, 1, 1], [0, 0, 1], 200, 0)["accuracy_b"] == 0.3333
+    assert paired_comparison([1, 1, 1], [0, 0, 1], 1000, 0)["accuracy_b"] == 0.3333
     assert accuracy_by_length([0, 0, 0], [1, 0, 0])[0]["accuracy"] == 0.3333
     with pytest.raises(ValueError):
         accuracy_by_length([0, 1], [1])
 
 
-def test_a_constant_outcome_needs_no_bootstrap():
-    """A constant outcome is answered without scipy's bootstrap (which warns on degenerate data): catches the
-    constant check being dropped or inverted."""
-    import warnings
+def test_an_interval_and_mcnemar_can_disagree_and_the_mid_p_agrees():
+    """Issue 32's cases: 6 vs 16 discordant rows of 1,972 give a paired interval clear of 0 but exact p = 0.0525; the
+    mid-p (0.035) agrees with the interval. One row, one flip: the interval is the point [-1, -1] (the bootstrap has
+    nothing to resample) and neither p says anything (exact 1.0, mid-p 0.5). docs/evaluation.md: Which figure
+    decides."""
+    a = [1] * 6 + [0] * 16 + [1] * 1950
+    b = [0] * 6 + [1] * 16 + [1] * 1950
+    result = paired_comparison(a, b, 10000, 42)
+    assert result["difference_ci95"][0] > 0 and result["mcnemar_p"] == pytest.approx(0.0525, abs=1e-4)
+    assert result["mcnemar_midp"] == pytest.approx(0.0347, abs=1e-4)
+    one = paired_comparison([1], [0], 1000, 0)
+    assert one["difference_ci95"] == [-1.0, -1.0] and one["mcnemar_p"] == 1.0
+    assert one["mcnemar_midp"] == pytest.approx(0.5)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert accuracy_ci([1] * 25, 200, 0) == [1.0, 1.0] and accuracy_ci([0] * 25, 200, 0) == [0.0, 0.0]
-        assert isinstance(accuracy_ci([1] * 25, 200, 0)[0], float)
+
+@pytest.mark.parametrize(("b", "c"), [(0, 1), (3, 9), (10, 10), (40, 61), (6, 16)])
+def test_mcnemar_mid_p_is_the_exact_p_less_one_point_probability(b, c):
+    """Fagerland, Lydersen & Laake (2013): mid-p = 2 [P(X <= m) - P(X = m) / 2], m = min(b, c), from binomial sums."""
+    n, m = b + c, min(b, c)
+    by_hand = min(1.0, 2 * (sum(comb(n, k) for k in range(m + 1)) - comb(n, m) / 2) / 2**n)
+    assert mcnemar_midp(b, c) == pytest.approx(by_hand) and mcnemar_midp(c, b) == pytest.approx(by_hand)
+    assert mcnemar_midp(b, c) <= mcnemar_p(b, c)
+
+
+def test_holm_adjusts_a_family_step_down():
+    """Holm (1979) by hand: sorted p times (m - i + 1), running maximum, capped at 1; a family of one is unchanged."""
+    assert holm({"a": 0.01, "b": 0.04, "c": 0.03}) == {"a": 0.03, "b": 0.06, "c": 0.06}
+    assert holm({"x": 0.2, "y": 0.6}) == {"x": 0.4, "y": 0.6} and holm({"only": 0.049}) == {"only": 0.049}
+    assert holm({"a": 0.5, "b": 0.9}) == {"a": 1.0, "b": 1.0} and holm({}) == {}
+
+
+def test_welch_on_the_seed_accuracies_of_the_issue_32_case():
+    """2,000 rows, A with seed accuracies 0.88 and 0.90, B with 0.90 and 0.92, rows nested (row i right iff i <
+    accuracy x 2000): the two-level bootstrap gave [0.0, +4.15] pp, about [min, max]; Welch's t on the seed means
+    gives [-4.08, +8.08] pp on 2 df. One seed on either side: no statement."""
+    accuracies = {name: [sum(i < acc * 2000 for i in range(2000)) / 2000 for acc in accs]
+                  for name, accs in (("a", (0.88, 0.90)), ("b", (0.90, 0.92)))}  # fmt: skip
+    result = welch(accuracies["a"], accuracies["b"])
+    assert result["difference_ci95"] == [-0.0408, 0.0808] and result["df"] == 2.0 and result["difference"] == 0.02
+    assert result["p"] == pytest.approx(2 * stdtr(2, -0.02 / sqrt(0.0002)))  # se^2 = 0.0001 / 2 * 2 + 0.0001 / 2 * 2
+    assert welch([0.9], [0.9, 0.92]) is None and welch([0.88, 0.9], [0.95]) is None
+    assert welch([0.9, 0.9], [0.9, 0.9])["p"] == 1.0
+
+
+def test_a_p_value_is_never_rounded_across_005():
+    """Issue 32: `.3g` printed p = 0.049983 as "0.05". Every p near the line keeps its side of it."""
+    assert pvalue(0.049983) == "0.04998" and pvalue(0.0525) == "0.0525" and pvalue(0.05) == "0.05"
+    for p in [0.0495 + i * 1e-7 for i in range(10001)] + [0.05 - 1e-12, 0.04999999]:
+        assert (float(pvalue(p)) < 0.05) == (p < 0.05), p
+
+
+def test_macro_f1_interval_and_paired_difference_score_as_scoring_does():
+    """The bootstrap's vectorised macro F1 is scoring.score's (parse failures wrong for both classes) on the full
+    sample; the interval holds the point; B - A on the same resamples is the difference of the two scores."""
+    rng = np.random.default_rng(3)
+    true = rng.integers(0, 2, 300).tolist()
+    a = [None if r < 0.05 else int(r < 0.5) ^ t for r, t in zip(rng.random(300), true, strict=True)]
+    b = [t if r < 0.8 else 1 - t for r, t in zip(rng.random(300), true, strict=True)]
+    for predicted in (a, b):
+        vector = macro_f1(np.array([true]), np.array([[-1 if p is None else p for p in predicted]]))[0]
+        assert round(float(vector), 4) == score(true, predicted)["macro_f1"]
+    low, high = macro_f1_ci(true, b, 1000, 0)
+    assert low < score(true, b)["macro_f1"] < high
+    result = macro_f1_difference(true, a, b, 1000, 0)
+    expected = score(true, b)["macro_f1"] - score(true, a)["macro_f1"]
+    assert result["macro_f1_difference"] == pytest.approx(expected, abs=1e-4)
+    low, high = result["macro_f1_difference_ci95"]
+    assert low < result["macro_f1_difference"] < high

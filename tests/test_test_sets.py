@@ -61,7 +61,7 @@ def hydra_value(value) -> str:
 def set_overrides(**sets) -> list[str]:
     """`nlistral` overrides adding `sets` to eval.test_sets (Hydra's grammar: {key: value, ...}), small and fast."""
     added = [f"+eval.test_sets.{name}={hydra_value(spec)}" for name, spec in sets.items()]
-    return added + ["eval.max_new_tokens=24", "eval.batch_size=8", "eval.bootstrap=200", "model.load_in_4bit=false"]
+    return added + ["eval.max_new_tokens=24", "eval.batch_size=8", "eval.bootstrap=1000", "model.load_in_4bit=false"]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from conftest import REPO, doc_pages, free_port, serving
 from omegaconf import OmegaConf
 
 from nlistral import cli, tracking
-from nlistral.config import ConfigError
+from nlistral.errors import ConfigError
 
 # Each process waits for the go file, then opens the same fresh store, as `dvc queue start -j 3` workers do.
 OPEN_AND_LOG = """

@@ -27,7 +27,8 @@ from omegaconf import OmegaConf
 from test_model_stages import FAST, PAIRS, adapter_run_id, ft_row, make_cfg, write_inputs
 
 from nlistral import prompts
-from nlistral.config import ConfigError, compose_params, load_config
+from nlistral.config import compose_params, load_config
+from nlistral.errors import ConfigError
 from nlistral.io import read_jsonl, read_metrics, write_jsonl
 from nlistral.stages import base_model, evaluate, train
 from nlistral.trainer import EvaluateAtEnd, build_trainer, training_args

@@ -9,9 +9,9 @@ import sys
 
 from omegaconf import OmegaConf
 
-from nlistral.config import PARAMS_FILE, ConfigError, compose_params, load_config, validate
+from nlistral.config import PARAMS_FILE, compose_params, load_config, validate
+from nlistral.errors import ConfigError, StageError
 from nlistral.paths import PREDICTIONS, SET_PREDICTIONS, MissingInput
-from nlistral.stages import StageError
 
 SPLIT_STAGES = ("prepare", "thoughts", "reflections", "sft")
 SET_STAGES = ("evaluate-set", "summarise-set")
@@ -129,8 +129,8 @@ def main(argv=None) -> int:
         os.environ.setdefault(name, value)
     parser = _parser()
     args = parser.parse_args(argv)  # --help exits here: it imports nothing heavy (no pandas, scipy, torch)
-    from nlistral.compare import CompareError  # scipy
     from nlistral.data import DataError  # pandas
+    from nlistral.results import CompareError  # scipy
 
     for option in ("reference", "set_name", "group_by"):
         if args.command == "report" and getattr(args, option) and not (args.experiments or args.all):

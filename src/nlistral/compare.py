@@ -8,53 +8,12 @@ Rows are matched by id; two files that do not hold the same test rows are an err
 import json
 from pathlib import Path
 
+from nlistral.formatting import pvalue
 from nlistral.io import atomic_open, read_jsonl
 from nlistral.paths import PREDICTIONS
-from nlistral.stats import paired_comparison
+from nlistral.results import CompareError, compare_records
 
 SHOWN_FLIPS = 20
-
-
-class CompareError(ValueError):
-    """The two prediction sets cannot be paired (different rows), or one cannot be read."""
-
-
-def _by_id(rows, name: str) -> dict:
-    by_id = {}
-    for row in rows:
-        key = str(row["id"])
-        if key in by_id:
-            raise CompareError(f"{name}: id {key} appears more than once")
-        by_id[key] = row
-    return by_id
-
-
-def _sample(ids) -> str:
-    ids = sorted(ids)
-    return ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
-
-
-def compare_records(a_rows, b_rows, a_name: str, b_name: str, resamples: int, seed: int) -> dict:
-    """The comparison object (docs/evaluation.md: Comparing runs) of B against A, matched by id, in A's order."""
-    a, b = _by_id(a_rows, a_name), _by_id(b_rows, b_name)
-    if a.keys() != b.keys():
-        raise CompareError(
-            f"{a_name} and {b_name} hold different test rows: {len(a)} vs {len(b)} rows; "
-            f"only in {a_name}: {_sample(a.keys() - b.keys()) or 'none'}; "
-            f"only in {b_name}: {_sample(b.keys() - a.keys()) or 'none'}"
-        )
-    for key in a:
-        for field in ("true_label", "premise", "hypothesis"):
-            if field in a[key] and field in b[key] and a[key][field] != b[key][field]:
-                raise CompareError(f"row id {key}: {field} differs between {a_name} and {b_name}, "
-                                   "so they are not the same test rows")  # fmt: skip
-    ids = list(a)
-    a_correct = [bool(a[i]["correct"]) for i in ids]
-    b_correct = [bool(b[i]["correct"]) for i in ids]
-    result = {"a": a_name, "b": b_name, **paired_comparison(a_correct, b_correct, resamples, seed)}
-    result["flipped"] = [{"id": i, "a_correct": x, "b_correct": y}
-                         for i, x, y in zip(ids, a_correct, b_correct, strict=True) if x != y]  # fmt: skip
-    return result
 
 
 def load_predictions(spec: str, path: str = PREDICTIONS) -> list[dict]:
@@ -80,9 +39,13 @@ def describe(result: dict) -> str:
         f"A = {a}: accuracy {result['accuracy_a']:.4f}",
         f"B = {b}: accuracy {result['accuracy_b']:.4f}   ({result['n']} paired rows)",
         f"B - A = {result['difference']:+.4f}, 95% CI [{low:+.4f}, {high:+.4f}] (paired bootstrap)",
-        f"McNemar exact p = {result['mcnemar_p']:.4g}",
+        f"McNemar exact p = {pvalue(result['mcnemar_p'])}, mid-p = {pvalue(result['mcnemar_midp'])}",
         f"A right, B wrong: {result['a_right_b_wrong']}   A wrong, B right: {result['a_wrong_b_right']}",
     ]
+    if result.get("macro_f1_difference") is not None:  # when both files hold predicted labels
+        f1_low, f1_high = result["macro_f1_difference_ci95"]
+        lines.insert(3, f"macro F1: B - A = {result['macro_f1_difference']:+.4f}, 95% CI [{f1_low:+.4f}, "
+                        f"{f1_high:+.4f}] (paired bootstrap)")  # fmt: skip
     flipped = result["flipped"]
     if flipped:
         shown = ", ".join(f"{f['id']} ({'right->wrong' if f['a_correct'] else 'wrong->right'})"

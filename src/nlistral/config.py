@@ -14,6 +14,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
+from nlistral.errors import ConfigError
+
 CONF_DIR = Path("conf")
 PARAMS_FILE = Path("params.yaml")
 
@@ -22,10 +24,6 @@ STRING_KEYS = (
     "data.name", "data.dir", "teacher.model", "reflector.model", "teacher.base_url", "reflector.base_url",
     "teacher.api_key_env", "reflector.api_key_env", "model.name_or_path", "model.revision", "mlflow.experiment",
 )  # fmt: skip
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def compose_params(overrides=(), conf_dir=CONF_DIR) -> str:

@@ -21,13 +21,12 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from nlistral.config import ConfigError
+from nlistral.errors import ConfigError, StageError
 from nlistral.io import content_digest
 from nlistral.model import base_info
 from nlistral.parsing import LABEL_FIRST_TASKS, Answer, read_answer
 from nlistral.paths import BASE_DIR
 from nlistral.prompts import check_format, student_chat_prompt, student_prompt
-from nlistral.stages import StageError
 
 ENGINES = ("hf", "server")
 STOP_AT_LABEL = (",", "}")  # what follows the label in {"predicted_label": 1, ...} or {"predicted_label": 1}

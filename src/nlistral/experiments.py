@@ -3,13 +3,15 @@
 
 Each experiment's metrics/eval*.json and predictions are read at its revision through `dvc.api` (git for the
 metrics, the DVC cache or remote for the predictions), and each is compared with the reference on the same rows:
-accuracy difference with a paired-bootstrap 95% CI and the exact McNemar p-value.
+accuracy difference with a paired-bootstrap 95% CI and McNemar's mid-p, Holm-adjusted over the table's comparisons
+(one family: every experiment against the reference).
 
 `--group-by train.seed` (any params, dotted): experiments whose params differ only in those keys are one
 configuration, named by the params that tell configurations apart. Per configuration: the mean test accuracy over its
-seeds, their sd, min, max and count; against the reference's configuration: the difference of means with a 95%
-interval over both seeds and test rows (stats.seed_difference_ci), and whether it exceeds the seed spread (the larger
-of the two configurations' sds). Written to metrics/seeds.json, which the report stage shows (results.md, the page).
+seeds, their sd, min, max and count; against the reference's configuration: the difference of means with Welch's t
+95% interval and p-value on the per-seed accuracies (stats.welch), the p-values Holm-adjusted over the table (one
+family: every configuration against the reference). A configuration with one seed, or a reference with one, gets no
+seed statement at all. Written to metrics/seeds.json, which the report stage shows (results.md, the page).
 """
 
 import json
@@ -17,15 +19,16 @@ import json
 import yaml
 
 from nlistral import paths
-from nlistral.config import PARAMS_FILE, ConfigError
+from nlistral.config import PARAMS_FILE
+from nlistral.errors import ConfigError
 from nlistral.formatting import interval, pct, pvalue
 from nlistral.io import write_json
-from nlistral.stats import paired_comparison, seed_difference_ci, seed_summary
+from nlistral.stats import holm, paired_comparison, seed_summary, welch
 
 SEED_COLUMNS = ("configuration", "experiments", "seeds", "mean accuracy", "sd", "min", "max",
-                "minus reference, 95% CI (seeds + rows)", "beyond seed spread")  # fmt: skip
+                "minus reference, Welch 95% CI (seeds)", "df", "Welch p", "Holm p")  # fmt: skip
 COLUMNS = ("experiment", "rows", "accuracy", "95% CI", "macro F1", "parse failures", "base zero-shot", "teacher",
-           "minus reference", "McNemar p")  # fmt: skip
+           "minus reference", "McNemar mid-p", "Holm p")  # fmt: skip
 
 
 def all_experiments() -> list[str]:
@@ -75,18 +78,21 @@ def load(rev: str, set_name: str | None = None) -> dict:
 
 def table(runs: dict, reference: str, resamples: int, seed: int) -> str:
     """The markdown table, one row per experiment, compared with `reference` on the rows they share."""
-    ref = runs[reference]["correct"]
+    ref, ids = runs[reference]["correct"], list(runs[reference]["correct"])
+    compared = {}
+    for name, run in runs.items():
+        if set(run["correct"]) != set(ref):
+            raise ConfigError(f"{name} and {reference} were scored on different test rows: no paired comparison")
+        if name != reference:
+            compared[name] = paired_comparison([ref[i] for i in ids], [run["correct"][i] for i in ids], resamples, seed)
+    adjusted = holm({name: c["mcnemar_midp"] for name, c in compared.items()})
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for name, run in runs.items():
         result = run["eval"]
-        if set(run["correct"]) != set(ref):
-            raise ConfigError(f"{name} and {reference} were scored on different test rows: no paired comparison")
-        if name == reference:
-            versus = ("reference", "–")
-        else:
-            ids = list(ref)
-            c = paired_comparison([ref[i] for i in ids], [run["correct"][i] for i in ids], resamples, seed)
-            versus = (f"{pct(c['difference'], True)} pp {interval(c['difference_ci95'], True)}", pvalue(c["mcnemar_p"]))
+        versus = ("reference", "–", "–")
+        if c := compared.get(name):
+            versus = (f"{pct(c['difference'], True)} pp {interval(c['difference_ci95'], True)}",
+                      pvalue(c["mcnemar_midp"]), pvalue(adjusted[name]))  # fmt: skip
         cells = [
             f"`{name}`",
             str(result["n"]),
@@ -98,7 +104,7 @@ def table(runs: dict, reference: str, resamples: int, seed: int) -> str:
             *versus,
         ]
         lines.append("| " + " | ".join(cells) + " |")  # fmt: skip
-    return "\n".join(lines)
+    return "\n".join(lines) + f"\n\nHolm family: {len(compared)} comparisons (each experiment vs `{reference}`)."
 
 
 def flat_params(rev: str) -> dict:
@@ -123,40 +129,41 @@ def configurations(params: dict[str, dict], group_by: list[str]) -> dict[str, li
     return groups
 
 
-def seed_groups(runs: dict, groups: dict[str, list[str]], reference: str, resamples: int, seed: int) -> dict:
+def seed_groups(runs: dict, groups: dict[str, list[str]], reference: str) -> dict:
     """The metrics/seeds.json object: per configuration its seeds' accuracies summarised, and each configuration
-    against `reference` (a configuration) over seeds and rows (module doc)."""
+    against `reference` (a configuration): Welch on the per-seed accuracies, Holm over the table (module doc)."""
     ids = list(next(iter(runs.values()))["correct"])
     for name, run in runs.items():
         if set(run["correct"]) != set(ids):
             raise ConfigError(f"{name} and {next(iter(runs))} were scored on different test rows: no paired comparison")
-
-    def matrix(members):  # seeds x rows
-        return [[runs[m]["correct"][i] for i in ids] for m in members]
-
-    found = {label: {"experiments": members, **seed_summary([runs[m]["eval"]["accuracy"] for m in members])}
-             for label, members in groups.items()}  # fmt: skip
-    ref = found[reference]
-    for label, config in found.items():
-        if label != reference:
-            difference, spread = round(config["mean"] - ref["mean"], 4), max(config["sd"], ref["sd"])
-            ci = seed_difference_ci(matrix(groups[reference]), matrix(groups[label]), resamples, seed)
-            config["versus_reference"] = {"difference": difference, "difference_ci95": ci, "seed_sd": spread,
-                                          "exceeds_seed_spread": abs(difference) > spread}  # fmt: skip
-    return {"reference": reference, "rows": len(ids), "bootstrap": resamples, "seed": seed, "configurations": found}
+    accuracies = {label: [runs[m]["eval"]["accuracy"] for m in members] for label, members in groups.items()}
+    found = {label: {"experiments": members, **seed_summary(accuracies[label])} for label, members in groups.items()}
+    tested = {label: welch(accuracies[reference], accuracies[label]) for label in found if label != reference}
+    tested = {label: result for label, result in tested.items() if result}  # one seed on either side: no statement
+    for label, p in holm({label: result["p"] for label, result in tested.items()}).items():
+        found[label]["versus_reference"] = tested[label] | {"holm_p": p}
+    return {"reference": reference, "rows": len(ids), "family": len(tested), "configurations": found}
 
 
 def seed_table(summary: dict) -> str:
     """metrics/seeds.json as a markdown table, the reference configuration first."""
     lines = ["| " + " | ".join(SEED_COLUMNS) + " |", "|" + "---|" * len(SEED_COLUMNS)]
     for label, c in summary["configurations"].items():
-        versus = c.get("versus_reference")
-        cells = [f"`{label}`", ", ".join(f"`{e}`" for e in c["experiments"]), str(c["n_seeds"]), pct(c["mean"]),
-                 f"{pct(c['sd'], True).lstrip('+')} pp", pct(c["min"]), pct(c["max"]),
-                 f"{pct(versus['difference'], True)} pp {interval(versus['difference_ci95'], True)}" if versus
-                 else "reference", ("yes" if versus["exceeds_seed_spread"] else "no") if versus else "–"]  # fmt: skip
+        v = c.get("versus_reference")
+        versus = (
+            ("reference", "–", "–", "–") if label == summary["reference"] else ("no statement: one seed", "–", "–", "–")
+        )
+        if v:
+            versus = (f"{pct(v['difference'], True)} pp {interval(v['difference_ci95'], True)}",
+                      "–" if v["df"] is None else f"{v['df']:g}", pvalue(v["p"]), pvalue(v["holm_p"]))  # fmt: skip
+        sd = "–" if c["sd"] is None else f"{pct(c['sd'], True).lstrip('+')} pp"
+        cells = [f"`{label}`", ", ".join(f"`{e}`" for e in c["experiments"]), str(c["n_seeds"]), pct(c["mean"]), sd,
+                 pct(c["min"]), pct(c["max"]), *versus]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    family = (
+        f"Holm family: {summary['family']} comparisons (each configuration with 2+ seeds vs `{summary['reference']}`)."
+    )
+    return "\n".join(lines) + "\n\n" + family
 
 
 def compare_experiments(
@@ -165,7 +172,7 @@ def compare_experiments(
 ) -> str:  # fmt: skip
     names = experiments or all_experiments()
     if group_by:
-        return seed_report(names, reference, resamples, seed, set_name, group_by)
+        return seed_report(names, reference, set_name, group_by)
     reference = reference or names[0]
     names = [reference, *(name for name in names if name != reference)]  # the reference first
     text = table({name: load(name, set_name) for name in names}, reference, resamples, seed)
@@ -173,8 +180,7 @@ def compare_experiments(
     return text
 
 
-def seed_report(names: list[str], reference: str | None, resamples: int, seed: int, set_name: str | None,
-                group_by: list[str]) -> str:  # fmt: skip
+def seed_report(names: list[str], reference: str | None, set_name: str | None, group_by: list[str]) -> str:
     """--group-by: metrics/seeds.json and its table. `reference`: a configuration (`sft.format=cot`) or an experiment
     (its configuration); default: the first experiment's."""
     groups = configurations({name: flat_params(name) for name in names}, group_by)
@@ -187,7 +193,7 @@ def seed_report(names: list[str], reference: str | None, resamples: int, seed: i
     reference = reference or next(iter(groups))
     groups = {reference: groups[reference]} | groups  # the reference first
     runs = {name: load(name, set_name) for name in names}
-    summary = seed_groups(runs, groups, reference, resamples, seed) | {"group_by": group_by, "set": set_name}
+    summary = seed_groups(runs, groups, reference) | {"group_by": group_by, "set": set_name}
     write_json(paths.SEEDS, summary)
     text = seed_table(summary)
     print(f"{text}\n\n(written to {paths.SEEDS}; `nlistral report` shows it in {paths.REPORT_RESULTS})")

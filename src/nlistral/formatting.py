@@ -10,14 +10,36 @@ def pct(value, signed=False) -> str:
 
 
 def interval(bounds, signed=False) -> str:
+    if bounds is None:  # no rows, or (across seeds) fewer than two seeds
+        return "–"
     low, high = bounds
     if signed:
         return f"[{pct(low, True)} pp, {pct(high, True)} pp]"
     return f"[{pct(low)}, {pct(high)}]"
 
 
-def pvalue(value) -> str:
-    return "–" if value is None else f"{value:.3g}"
+def signed(value) -> str:
+    """A difference of scores that are not percentages (macro F1): 0.1945 -> "+0.1945"."""
+    return "–" if value is None else f"{value:+.4f}"
+
+
+def bounds(values, signed=False) -> str:
+    """An interval of such scores: [0.6512, 0.7342], or [+0.0123, +0.2345] for a difference."""
+    if values is None:
+        return "–"
+    return "[" + ", ".join(f"{v:+.4f}" if signed else f"{v:.4f}" for v in values) + "]"
+
+
+def pvalue(value, digits: int = 3) -> str:
+    """`digits` significant digits, more where those would round across 0.05: p = 0.049983 shows "0.04998", never
+    "0.05" (a p-value decides against 0.05: docs/evaluation.md)."""
+    if value is None:
+        return "–"
+    for shown in range(digits, 18):  # 17 significant digits are the float itself
+        text = f"{value:.{shown}g}"
+        if (float(text) < 0.05) == (value < 0.05):
+            return text
+    return text
 
 
 def num(value) -> str:

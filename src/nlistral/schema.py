@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from nlistral.config import ConfigError
+from nlistral.errors import ConfigError
 
 Positive = Annotated[int, Field(gt=0)]
 Count = Annotated[int, Field(ge=0)]  # 0 allowed: retries, reprompts, patience
@@ -125,7 +125,7 @@ class Eval(Section):
     label_max_new_tokens: Positive = 1
     limit: Positive | None = None
     engine: str = "hf"
-    bootstrap: Positive = 1
+    bootstrap: Annotated[int, Field(ge=1000)] = 1000  # fewer resamples: an interval's 2.5th percentile is noise
     seed: int = 0
     teacher_max_reprompts: Count = 0
     server: Server | None = None

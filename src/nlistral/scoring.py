@@ -6,14 +6,15 @@ An output `read_answer` cannot read (no JSON, no label, cut off at max_new_token
 label. The confusion counts cover labelled outputs only, so tp + fp + tn + fn + parse_failures = n, and a failure
 counts as wrong everywhere: accuracy = (tp + tn) / n; it is a missed positive in recall when the row is an
 entailment (and a missed negative in the macro average's class-0 recall otherwise); precision is over the rows the
-model gave that label, which a failure is not. `accuracy_parsed` = (tp + tn) / (n - parse_failures).
+model gave that label, which a failure is not. `accuracy_parsed` = (tp + tn) / (n - parse_failures), None when no
+row parsed. Intervals (nlistral.stats): accuracy, Wilson's; macro F1, a row bootstrap.
 """
 
 from collections import Counter
 
 from nlistral.data import load_split
 from nlistral.parsing import read_answer
-from nlistral.stats import accuracy_ci
+from nlistral.stats import accuracy_ci, macro_f1_ci
 
 
 def eval_rows(cfg):
@@ -75,7 +76,7 @@ def score(true_labels, predicted_labels) -> dict:
         "macro_f1": round(macro[2], 4),
         "parse_failures": failures,
         "parse_failure_rate": round(failures / n, 4) if n else 0.0,
-        "accuracy_parsed": round((tp + tn) / (n - failures), 4) if n - failures else 0.0,
+        "accuracy_parsed": round((tp + tn) / (n - failures), 4) if n - failures else None,
         "confusion": {"tp": tp, "fp": fp, "tn": tn, "fn": fn},
     }
 
@@ -84,7 +85,9 @@ def eval_metrics(cfg, records, model: str, model_id: str, wall: float) -> dict:
     """The metrics*.json object shared by the three evaluate stages (docs/evaluation.md: Evaluation)."""
     metrics = {"model": model, "model_id": model_id}
     metrics |= score([r["true_label"] for r in records], [r["predicted_label"] for r in records])
-    metrics["accuracy_ci95"] = accuracy_ci([r["correct"] for r in records], cfg.eval.bootstrap, cfg.eval.seed)
+    metrics["accuracy_ci95"] = accuracy_ci([r["correct"] for r in records])
+    metrics["macro_f1_ci95"] = macro_f1_ci([r["true_label"] for r in records], [r["predicted_label"] for r in records],
+                                           cfg.eval.bootstrap, cfg.eval.seed)  # fmt: skip
     metrics["parse_failures_by_reason"] = dict(Counter(r["parse_error"] for r in records if r["parse_error"]))
     output_tokens = sum(r["output_tokens"] for r in records)
     metrics |= {

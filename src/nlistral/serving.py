@@ -20,7 +20,7 @@ from pathlib import Path
 
 import requests
 
-from nlistral.config import ConfigError
+from nlistral.errors import ConfigError
 
 FIELDS = ("base", "revision", "tokenizer", "name", "adapter", "rank", "port")
 STOP_GRACE_S = 30.0

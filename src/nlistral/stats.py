@@ -1,30 +1,95 @@
-"""Uncertainty for accuracies over test rows: seeded bootstrap intervals and the exact McNemar test (scipy).
+"""Uncertainty for accuracies over test rows and across training seeds (scipy), each method's coverage checked by
+simulation (tests/test_coverage.py; bench/coverage.py prints the whole grid; docs/evaluation.md shows it).
 
-Every function takes per-row 0/1 correctness (a parse failure is 0), so the same rows give the same numbers.
+- one accuracy (a single proportion): Wilson's score interval;
+- two models on the same rows: the difference with a paired (row) bootstrap percentile interval, McNemar's exact
+  and mid-p tests; macro F1 with a row bootstrap interval, and its paired difference;
+- two configurations across training seeds: Welch's t interval and test on the per-seed accuracies;
+- a family of comparisons: Holm's step-down adjustment.
+
+Per-row inputs are 0/1 correctness (a parse failure is 0), so the same rows give the same numbers.
 """
 
 import numpy as np
-from scipy.stats import binomtest, bootstrap
+from scipy.stats import binom, binomtest, t
 
 BATCH = 1000  # resamples held in memory at once (n rows x BATCH)
 LENGTH_BUCKETS = ((0, 100), (101, 200), (201, 300), (301, None))  # rationale tokens, as in the study
 
 
-def _percentile_ci(values, resamples: int, seed: int) -> list[float]:
-    """95% percentile bootstrap interval of the mean of `values` (rows resampled with replacement)."""
+def _round(bounds) -> list[float]:
+    return [round(float(bound), 4) for bound in bounds]
+
+
+def accuracy_ci(correct) -> list[float] | None:
+    """[low, high]: Wilson's 95% score interval of the accuracy (rows right / rows); None for no rows.
+
+    Not the bootstrap: at 6/6 right the percentile bootstrap gives [1, 1] (Wilson [0.61, 1]), and at n = 20, p = 0.9
+    it covers 88% of the time (Wilson 96%; the grid is in docs/evaluation.md)."""
+    n = len(correct)
+    if n == 0:
+        return None
+    interval = binomtest(int(sum(bool(c) for c in correct)), n).proportion_ci(0.95, method="wilson")
+    return _round((interval.low, interval.high))
+
+
+def _resampled_rows(n: int, resamples: int, seed: int):
+    """Batches of (batch, n) row indices drawn with replacement, from numpy's default_rng(seed)."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, resamples, BATCH):
+        yield rng.integers(0, n, (min(BATCH, resamples - start), n))
+
+
+def _percentile(values) -> list[float]:
+    return _round(np.percentile(np.concatenate(values), [2.5, 97.5]))
+
+
+def mean_ci(values, resamples: int, seed: int) -> list[float] | None:
+    """95% percentile bootstrap interval of the mean of `values` (rows resampled with replacement); None if empty."""
     values = np.asarray(values, dtype=float)
     if len(values) == 0:
-        return [0.0, 0.0]
-    if np.all(values == values[0]):  # every resample has the same mean: scipy would warn and give nan
-        return [round(float(values[0]), 4)] * 2
-    result = bootstrap((values,), np.mean, n_resamples=resamples, batch=BATCH, vectorized=True,
-                       method="percentile", confidence_level=0.95, rng=np.random.default_rng(seed))  # fmt: skip
-    return [round(float(result.confidence_interval.low), 4), round(float(result.confidence_interval.high), 4)]
+        return None
+    return _percentile([values[rows].mean(axis=1) for rows in _resampled_rows(len(values), resamples, seed)])
 
 
-def accuracy_ci(correct, resamples: int, seed: int) -> list[float]:
-    """[low, high]: 95% interval of the accuracy, bootstrapping over rows."""
-    return _percentile_ci(correct, resamples, seed)
+def macro_f1(true, predicted) -> np.ndarray:
+    """Macro F1 (nlistral.scoring's rules: -1 = a parse failure, wrong for both classes) of each row of `true` and
+    `predicted` (2-D arrays of labels, one resample per row), vectorised for the bootstrap."""
+    tp, fp = ((true == 1) & (predicted == 1)).sum(-1), ((true == 0) & (predicted == 1)).sum(-1)
+    tn, fn = ((true == 0) & (predicted == 0)).sum(-1), ((true == 1) & (predicted == 0)).sum(-1)
+    positives = (true == 1).sum(-1)
+    negatives = true.shape[-1] - positives
+
+    def f1(hits, predicted_as, actual):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            precision = np.where(predicted_as > 0, hits / predicted_as, 0.0)
+            recall = np.where(actual > 0, hits / actual, 0.0)
+            return np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+
+    return (f1(tp, tp + fp, positives) + f1(tn, tn + fn, negatives)) / 2
+
+
+def _labels(values) -> np.ndarray:
+    return np.asarray([-1 if v is None else int(v) for v in values], dtype=int)
+
+
+def macro_f1_ci(true_labels, predicted_labels, resamples: int, seed: int) -> list[float] | None:
+    """95% row-bootstrap percentile interval of macro F1 (None = a parse failure); None for no rows."""
+    true, predicted = _labels(true_labels), _labels(predicted_labels)
+    if len(true) == 0:
+        return None
+    return _percentile([macro_f1(true[rows], predicted[rows]) for rows in _resampled_rows(len(true), resamples, seed)])
+
+
+def macro_f1_difference(true_labels, a_labels, b_labels, resamples: int, seed: int) -> dict:
+    """B's macro F1 minus A's on the same rows, with its paired bootstrap 95% interval (both scored per resample)."""
+    true, a, b = _labels(true_labels), _labels(a_labels), _labels(b_labels)
+    if len(true) == 0:
+        return {"macro_f1_difference": None, "macro_f1_difference_ci95": None}
+    point = float(macro_f1(true, b) - macro_f1(true, a))
+    draws = [macro_f1(true[rows], b[rows]) - macro_f1(true[rows], a[rows])
+             for rows in _resampled_rows(len(true), resamples, seed)]  # fmt: skip
+    return {"macro_f1_difference": round(point, 4), "macro_f1_difference_ci95": _percentile(draws)}
 
 
 def mcnemar_p(a_right_b_wrong: int, a_wrong_b_right: int) -> float:
@@ -33,6 +98,16 @@ def mcnemar_p(a_right_b_wrong: int, a_wrong_b_right: int) -> float:
     if discordant == 0:
         return 1.0
     return float(binomtest(a_wrong_b_right, discordant, 0.5).pvalue)
+
+
+def mcnemar_midp(a_right_b_wrong: int, a_wrong_b_right: int) -> float:
+    """McNemar's mid-p (Fagerland, Lydersen & Laake 2013): the exact p less one probability of the observed split,
+    2 P(X < m) + P(X = m) for m the smaller count, X ~ Binomial(discordant, 1/2); 1.0 for an even split or none."""
+    discordant = a_right_b_wrong + a_wrong_b_right
+    smaller = min(a_right_b_wrong, a_wrong_b_right)
+    if discordant == 0:
+        return 1.0
+    return min(1.0, float(2 * binom.cdf(smaller, discordant, 0.5) - binom.pmf(smaller, discordant, 0.5)))
 
 
 def paired_comparison(a_correct, b_correct, resamples: int, seed: int) -> dict:
@@ -46,49 +121,59 @@ def paired_comparison(a_correct, b_correct, resamples: int, seed: int) -> dict:
     a_wrong_b_right = int(np.sum((a == 0) & (b == 1)))
     return {
         "n": n,
-        "accuracy_a": round(float(a.mean()), 4) if n else 0.0,
-        "accuracy_b": round(float(b.mean()), 4) if n else 0.0,
-        "difference": round(float((b - a).mean()), 4) if n else 0.0,
-        "difference_ci95": _percentile_ci(b - a, resamples, seed),
+        "accuracy_a": round(float(a.mean()), 4) if n else None,
+        "accuracy_b": round(float(b.mean()), 4) if n else None,
+        "difference": round(float((b - a).mean()), 4) if n else None,
+        "difference_ci95": mean_ci(b - a, resamples, seed),
         "mcnemar_p": mcnemar_p(a_right_b_wrong, a_wrong_b_right),
+        "mcnemar_midp": mcnemar_midp(a_right_b_wrong, a_wrong_b_right),
         "a_right_b_wrong": a_right_b_wrong,
         "a_wrong_b_right": a_wrong_b_right,
     }
 
 
+def holm(pvalues: dict) -> dict:
+    """Holm's step-down adjustment of a family {name: p}: the i-th smallest p times (m - i + 1), never below an
+    earlier adjusted p, at most 1. A family member is significant at 0.05 when its adjusted p is below 0.05."""
+    adjusted, running = {}, 0.0
+    ordered = sorted(pvalues.items(), key=lambda item: item[1])
+    for i, (name, p) in enumerate(ordered):
+        running = max(running, min(1.0, p * (len(ordered) - i)))
+        adjusted[name] = round(running, 6)
+    return {name: adjusted[name] for name in pvalues}
+
+
 def seed_summary(accuracies) -> dict:
-    """One configuration's test accuracies across training seeds: mean, sample sd (0 for one seed), min, max, n."""
+    """One configuration's test accuracies across training seeds: mean, sample sd (None for one seed), min, max, n."""
     values = np.asarray(accuracies, dtype=float)
     return {
         "n_seeds": len(values),
         "mean": round(float(values.mean()), 4),
-        "sd": round(float(values.std(ddof=1)), 4) if len(values) > 1 else 0.0,
+        "sd": round(float(values.std(ddof=1)), 4) if len(values) > 1 else None,
         "min": round(float(values.min()), 4),
         "max": round(float(values.max()), 4),
     }
 
 
-def seed_difference_ci(a_correct, b_correct, resamples: int, seed: int) -> list[float]:
-    """95% percentile interval of B's mean accuracy minus A's, over seeds and test rows (a two-level bootstrap).
-
-    `a_correct`, `b_correct`: per-row 0/1 correctness, one row of the matrix per training seed, the same test rows in
-    the same order. Each resample draws, with replacement, A's seeds, then B's seeds, then the test rows (the same
-    rows for both: paired), and takes the mean over the drawn seeds of each one's accuracy on the drawn rows. Draws
-    come from numpy's default_rng(seed) in batches of up to BATCH resamples, in that order, each as one
-    (batch, count) array of `integers`.
-    """
-    a, b = np.asarray(a_correct, dtype=float), np.asarray(b_correct, dtype=float)
-    n = a.shape[1]
-    rng = np.random.default_rng(seed)
-    differences = []
-    for start in range(0, resamples, BATCH):
-        k = min(BATCH, resamples - start)
-        seeds_a, seeds_b = rng.integers(0, len(a), (k, len(a))), rng.integers(0, len(b), (k, len(b)))
-        rows = rng.integers(0, n, (k, n))
-        per_row = b[seeds_b].mean(axis=1) - a[seeds_a].mean(axis=1)  # (k, n): the drawn seeds' mean, row by row
-        differences.append(np.take_along_axis(per_row, rows, axis=1).mean(axis=1))
-    low, high = np.percentile(np.concatenate(differences), [2.5, 97.5])
-    return [round(float(low), 4), round(float(high), 4)]
+def welch(a_accuracies, b_accuracies) -> dict | None:
+    """B's mean accuracy over its seeds minus A's: Welch's t 95% interval and two-sided p on the per-seed accuracies
+    (Welch-Satterthwaite df). Each seed's accuracy is one observation: the test rows are the same for every seed, so
+    the row-by-row noise of each seed is inside its accuracy and counted once. None unless both have 2+ seeds; with
+    all seeds equal in both the interval is the point and p is 1 (difference 0) or 0."""
+    a, b = np.asarray(a_accuracies, dtype=float), np.asarray(b_accuracies, dtype=float)
+    if len(a) < 2 or len(b) < 2:
+        return None
+    difference = float(b.mean() - a.mean())
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = float(np.sqrt(va + vb))
+    if se == 0:
+        return {"difference": round(difference, 4), "difference_ci95": _round([difference] * 2), "df": None,
+                "p": 1.0 if difference == 0 else 0.0}  # fmt: skip
+    df = float((va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)))
+    half = float(t.ppf(0.975, df)) * se
+    p = float(2 * t.sf(abs(difference) / se, df))
+    return {"difference": round(difference, 4), "difference_ci95": _round([difference - half, difference + half]),
+            "df": round(df, 2), "p": p}  # fmt: skip
 
 
 def accuracy_by_length(lengths, correct, column: str = "rationale_tokens") -> list[dict]:

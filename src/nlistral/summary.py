@@ -1,37 +1,40 @@
 """`nlistral summary`: what `make run` ends on. The test table (three models: accuracy with its 95% CI, parse
-failures, the fine-tuned model minus each baseline with its paired 95% CI and McNemar p), the same per extra test
-set, and where the report, metrics, plots and runs are; at most 80 columns. Every figure comes from the metrics
-files the report reads, rounded to 0.1 point here (reports/results.md shows them to 0.01).
+failures, the fine-tuned model minus each baseline with its paired 95% CI, McNemar mid-p and its Holm adjustment),
+the same per extra test set, the Holm family's size, and where the report, metrics, plots and runs are; at most 80
+columns. Every figure comes from the metrics files the report reads, rounded to 0.1 point here (reports/results.md
+shows them to 0.01); the Holm p-values are computed from them as the report computes them (results.headline_family).
 """
 
 from nlistral import paths
-from nlistral.stages.report import MODEL_NAMES, is_embedded, test_results, test_set_results
+from nlistral.formatting import pvalue
+from nlistral.results import MODEL_NAMES, headline_family, is_embedded, test_results, test_set_results
 
 WIDTH = 80
-HEADER = ("model", "acc.", "95% CI", "unparsed", "fine-tuned - this", "McNemar p")
+HEADER = ("model", "acc.", "95% CI", "unparsed", "fine-tuned - this", "mid-p", "Holm p")
 
 
 def _pct(value, signed=False) -> str:
     return "–" if value is None else f"{value * 100:{'+' if signed else ''}.1f}"
 
 
-def _interval(bounds, signed=False) -> str:
-    return f"[{_pct(bounds[0], signed)}, {_pct(bounds[1], signed)}]"
+def _interval(bounds) -> str:
+    return "–" if bounds is None else f"[{_pct(bounds[0])}, {_pct(bounds[1])}]"
 
 
-def rows(results: dict, comparisons: dict) -> list[tuple[str, ...]]:
+def rows(results: dict, comparisons: dict, holm: dict) -> list[tuple[str, ...]]:
     """One row per model: its accuracy and, for a baseline, the fine-tuned model's difference from it."""
     lines = []
     for name, r in results.items():
-        versus = ("", "")
+        versus = ("", "", "")
         if c := comparisons.get(name):
-            versus = (f"{_pct(c['difference'], True)} {_interval(c['difference_ci95'], True)}", f"{c['mcnemar_p']:.3g}")
+            versus = (f"{_pct(c['difference'], True)} {_interval(c['difference_ci95'])}",
+                      pvalue(c["mcnemar_midp"], 2), pvalue(holm[name], 2))  # fmt: skip
         lines.append((MODEL_NAMES[name], _pct(r["accuracy"]), _interval(r["accuracy_ci95"]),
                       _pct(r["parse_failure_rate"]), *versus))  # fmt: skip
     return lines
 
 
-def table(title: str, results: dict, comparisons: dict) -> str:
+def table(title: str, results: dict, comparisons: dict, holm: dict) -> str:
     """`title`, its row count (the models were scored on the same rows) and the table."""
     counts = {r["n"] for r in results.values()}
     rows_ = (
@@ -39,7 +42,7 @@ def table(title: str, results: dict, comparisons: dict) -> str:
         if len(counts) == 1
         else "rows: " + ", ".join(f"{n} {r['n']}" for n, r in results.items())
     )
-    lines = rows(results, comparisons)
+    lines = rows(results, comparisons, holm)
     widths = [max(len(line[i]) for line in [HEADER, *lines]) for i in range(len(HEADER))]
     text = [
         "  ".join(
@@ -51,10 +54,18 @@ def table(title: str, results: dict, comparisons: dict) -> str:
 
 
 def render(cfg) -> str:
-    results = test_results()
-    out = [table("Test split", results, results["fine-tuned"].get("comparisons", {}))]
-    for name, s in test_set_results(cfg).items():
-        out += ["", table(f"Extra test set {name}", s["models"], s.get("comparisons", {}))]
+    results, test_sets = test_results(), test_set_results(cfg)
+    comparisons = results["fine-tuned"].get("comparisons", {})
+    family = headline_family(comparisons, test_sets)
+    out = [table("Test split", results, comparisons, family["holm"]["test"])]
+    for name, s in test_sets.items():
+        out += ["", table(f"Extra test set {name}", s["models"], s.get("comparisons", {}), family["holm"][name])]
+    out += [
+        "",
+        f"Holm family: {family['size']} comparisons, the fine-tuned model vs each baseline in",
+        "the tables above; a difference counts when its Holm p (its McNemar mid-p,",
+        "Holm-adjusted) is below 0.05.",
+    ]
     if is_embedded(cfg):
         out += ["", "Embedded profile (stand-in LLMs, tiny model): these numbers are not a result."]
     out += [

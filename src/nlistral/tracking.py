@@ -27,7 +27,7 @@ import sqlalchemy.exc
 from filelock import FileLock
 from mlflow.exceptions import MlflowException
 
-from nlistral.config import ConfigError
+from nlistral.errors import ConfigError
 from nlistral.revision import git
 
 log = logging.getLogger(__name__)

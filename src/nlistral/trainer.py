@@ -22,11 +22,10 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from nlistral import paths
-from nlistral.config import ConfigError
+from nlistral.errors import ConfigError, StageError
 from nlistral.io import read_jsonl
 from nlistral.model import load_base_model, load_tokenizer
 from nlistral.paths import FINETUNE
-from nlistral.stages import StageError
 
 # Attention implementations that keep padding-free rows apart (see the module doc); auto turns padding-free on for these
 ISOLATING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")

@@ -5,7 +5,7 @@ Backends (`backend:` in conf/teacher, conf/reflector): `offline` (llm/offline.py
 `replay` (llm/replay.py: answers recorded in an outputs file, e.g. the study's).
 """
 
-from nlistral.config import ConfigError
+from nlistral.errors import ConfigError
 from nlistral.llm.base import Client
 from nlistral.llm.budget import Budget
 

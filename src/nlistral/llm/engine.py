@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from nlistral.config import ConfigError
+from nlistral.errors import ConfigError
 from nlistral.llm import make_client
 from nlistral.llm.base import RETRY_CAUSES, Client, Reply, RequestFailed, Tally
 from nlistral.llm.budget import Budget

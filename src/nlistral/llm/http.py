@@ -26,7 +26,7 @@ from typing import Any
 import requests
 from dotenv import load_dotenv
 
-from nlistral.config import ConfigError
+from nlistral.errors import ConfigError
 from nlistral.llm.base import Reply, RequestFailed, Tally
 from nlistral.llm.budget import Budget
 from nlistral.llm.cache import ReplyCache

@@ -10,7 +10,7 @@
 from functools import lru_cache
 from pathlib import Path
 
-from nlistral.config import ConfigError
+from nlistral.errors import ConfigError
 
 TOKENIZERS = ("approx", "tekken")
 TEKKEN_FILE = "tekken_240911.json"

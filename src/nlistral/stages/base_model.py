@@ -24,8 +24,8 @@ from transformers import (
 )
 
 from nlistral import prompts
-from nlistral.config import ConfigError
 from nlistral.data import load_split
+from nlistral.errors import ConfigError
 from nlistral.io import write_json
 from nlistral.model import compute_dtype, staged_dir
 from nlistral.paths import BASE_DIR, BASE_INFO

@@ -12,7 +12,6 @@ one for other rows) prints why and skips that comparison rather than make the ad
 import mlflow
 
 from nlistral import tracking
-from nlistral.compare import CompareError, compare_records
 from nlistral.evaluation import check_engine, check_failures, eval_task, run_generation
 from nlistral.io import content_digest, read_jsonl, write_csv, write_jsonl, write_metrics
 from nlistral.model import base_info, load_adapter_model, load_tokenizer
@@ -25,6 +24,7 @@ from nlistral.paths import (
     PREDICTIONS_BASE,
     PREDICTIONS_TEACHER,
 )
+from nlistral.results import CompareError, compare_records
 from nlistral.scoring import eval_metrics, eval_rows, prediction
 from nlistral.stats import accuracy_by_length
 

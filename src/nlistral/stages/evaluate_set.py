@@ -8,8 +8,8 @@ the main test split's evaluate stages; each prediction row also holds the row's 
 
 import pandas as pd
 
-from nlistral.config import ConfigError
 from nlistral.data import DataError, read_csv
+from nlistral.errors import ConfigError
 from nlistral.io import write_jsonl, write_metrics
 from nlistral.paths import ADAPTER_DIR, BASE_DIR, SET_FILES, require
 from nlistral.scoring import eval_metrics, prediction

@@ -7,13 +7,13 @@ A row whose request failed (server error after retries) is no label and counts a
 than `teacher.max_failure_rate` of the rows fail that way the stage stops before writing anything.
 """
 
+from nlistral.errors import StageError
 from nlistral.io import write_jsonl, write_metrics
 from nlistral.llm.engine import Accept, Reprompt, Task, generate
 from nlistral.parsing import Answer, read_answer
 from nlistral.paths import EVAL_TEACHER_METRICS, PREDICTIONS_TEACHER
 from nlistral.prompts import teacher_messages
 from nlistral.scoring import eval_metrics, eval_rows, prediction
-from nlistral.stages import StageError
 
 
 def predict(cfg, rows, desc: str = "evaluate-teacher") -> tuple[list[dict], dict]:

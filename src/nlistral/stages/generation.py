@@ -4,9 +4,9 @@ import hashlib
 import json
 from collections import Counter
 
+from nlistral.errors import StageError
 from nlistral.io import write_jsonl, write_metrics
 from nlistral.llm.engine import BATCH_PRICE_FACTOR
-from nlistral.stages import StageError
 
 
 def prompt_version(template_messages: list[dict]) -> str:

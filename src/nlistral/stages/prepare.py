@@ -19,8 +19,8 @@ from collections import Counter
 from pathlib import Path
 
 from nlistral import paths
-from nlistral.config import ConfigError
 from nlistral.data import DataError, load_split
+from nlistral.errors import ConfigError
 from nlistral.io import write_json
 
 UNLABELLED = (-1, "-1", None, "", "-")

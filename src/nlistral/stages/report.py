@@ -10,7 +10,6 @@ across seeds, `nlistral report --experiments ... --group-by`) is shown when pres
 import base64
 import csv
 import io
-import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,16 +21,20 @@ from markupsafe import Markup
 from omegaconf import OmegaConf
 
 from nlistral import paths
-from nlistral.formatting import interval, num, pct, pvalue
+from nlistral.formatting import bounds, interval, num, pct, pvalue, signed
 from nlistral.io import atomic_open, iter_jsonl
+from nlistral.results import (
+    MODEL_NAMES,
+    headline_family,
+    is_embedded,
+    optional_json,
+    read_json,
+    test_results,
+    test_set_results,
+)
 
 SPLITS = ("train", "dev")
 BASELINES = ("base", "teacher")
-MODEL_NAMES = {"fine-tuned": "fine-tuned", "base": "base zero-shot", "teacher": "teacher"}
-
-
-def read_json(template, split=None) -> dict:
-    return json.loads(paths.require(template, split).read_text(encoding="utf-8"))
 
 
 def read_csv(template, split=None) -> list[dict]:
@@ -39,33 +42,10 @@ def read_csv(template, split=None) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def optional_json(path) -> dict | None:
-    return json.loads(Path(path).read_text(encoding="utf-8")) if Path(path).is_file() else None
-
-
-def is_embedded(cfg) -> bool:
-    """The embedded profile: stand-in LLMs or the tiny model, whose numbers only show that the code runs."""
-    return cfg.model.name == "tiny" or "offline" in (cfg.teacher.backend, cfg.reflector.backend)
-
-
 def provenance() -> dict:
     """The DVC experiment's name (DVC_EXP_NAME), else "workspace". No date, branch or commit: the same inputs give the
     same report, byte for byte (the commit that holds it names its code; `nlistral export` stamps the revision)."""
     return {"experiment": os.environ.get("DVC_EXP_NAME") or "workspace"}
-
-
-def test_results() -> dict:
-    """Model -> its eval metrics, fine-tuned first; a missing baseline is left out."""
-    results = {"fine-tuned": read_json(paths.EVAL_METRICS)}
-    for name, path in (("base", paths.EVAL_BASE_METRICS), ("teacher", paths.EVAL_TEACHER_METRICS)):
-        if (metrics := optional_json(path)) is not None:
-            results[name] = metrics
-    return results
-
-
-def test_set_results(cfg) -> dict:
-    """Set name -> its summary (metrics/test_sets/<set>.json), for every set in eval.test_sets."""
-    return {name: read_json(paths.SET_METRICS.format(set=name)) for name in cfg.eval.get("test_sets") or {}}
 
 
 def collect(cfg) -> dict:
@@ -80,7 +60,7 @@ def collect(cfg) -> dict:
         for split in SPLITS
     }
     removal_reasons = sorted({reason for s in splits.values() for reason in s["sft"]["dropped"]})
-    results = test_results()
+    results, test_sets = test_results(), test_set_results(cfg)
     return {
         "run": provenance(),
         "embedded": is_embedded(cfg),
@@ -90,7 +70,8 @@ def collect(cfg) -> dict:
         "train": read_json(paths.TRAIN_METRICS),
         "results": results,
         "comparisons": results["fine-tuned"].get("comparisons", {}),
-        "test_sets": test_set_results(cfg),
+        "test_sets": test_sets,
+        "family": headline_family(results["fine-tuned"].get("comparisons", {}), test_sets),
         "seeds": optional_json(paths.SEEDS),  # `nlistral report --experiments ... --group-by`, when it ran here
         "accuracy_by_length": read_csv(paths.PLOT_ACCURACY_BY_LENGTH),
         "model_names": MODEL_NAMES,
@@ -106,7 +87,7 @@ def env() -> Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-    environment.filters.update(pct=pct, interval=interval, pvalue=pvalue, num=num)
+    environment.filters.update(pct=pct, interval=interval, pvalue=pvalue, num=num, bounds=bounds, signed=signed)
     return environment
 
 
@@ -184,7 +165,7 @@ def accuracy_chart(ctx):
               [results[n]["accuracy_ci95"][1] * 100 - a for n, a in zip(names, acc, strict=True)]]  # fmt: skip
     ax.barh([MODEL_NAMES[n] for n in names], acc, xerr=errors, color="#4c78a8", capsize=4)
     ax.set_xlim(0, 100)
-    ax.set_xlabel("test accuracy, % (bars: 95% bootstrap CI)")
+    ax.set_xlabel("test accuracy, % (bars: 95% Wilson CI)")
     return fig
 
 
@@ -267,7 +248,7 @@ def test_sets_chart(ctx):
                 label=MODEL_NAMES[model])  # fmt: skip
     ax.set_yticks([i + height for i in range(len(sets))], sets)
     ax.set_xlim(0, 100)
-    ax.set_xlabel("accuracy, % (bars: 95% bootstrap CI)")
+    ax.set_xlabel("accuracy, % (bars: 95% Wilson CI)")
     ax.legend(fontsize=7)
     return fig
 

@@ -24,12 +24,11 @@ import statistics
 from collections import Counter
 
 from nlistral import paths
-from nlistral.config import ConfigError
 from nlistral.data import load_split
+from nlistral.errors import ConfigError, StageError
 from nlistral.io import read_jsonl, write_csv, write_json, write_jsonl
 from nlistral.model import load_tokenizer
 from nlistral.prompts import check_format, completion_json, sft_text, student_chat_prompt, student_prompt
-from nlistral.stages import StageError
 from nlistral.stats import accuracy_by_length
 
 LENGTH_FIELDS = ("id", "source", "task", "prompt_tokens", "completion_tokens")

@@ -10,8 +10,8 @@ lowest-numbered one that reaches the majority label. A row fails only if none of
 from collections import Counter
 
 from nlistral import paths
-from nlistral.config import ConfigError
 from nlistral.data import load_split
+from nlistral.errors import ConfigError
 from nlistral.io import write_csv
 from nlistral.llm.engine import Accept, Reprompt, Task, generate
 from nlistral.parsing import ReplyError, parse_reply
