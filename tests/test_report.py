@@ -387,7 +387,8 @@ def source_values(root) -> tuple[list[float], list[str]]:
 
 
 NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?:%| pp)?")
-PROSE = ("95% CI", "95%", "below 0.05")  # words of the text, not results
+PROSE = ("95% CI", "95%", "below 0.05", "10 equal-width bins", "10 bins", "50/80/90%", "at 50% / 80% / 90%", "at 50%",
+          "at 80%", "at 90%")  # words of the text, not results  # fmt: skip
 
 
 def test_every_number_in_results_and_cards_is_a_metrics_value(reported):

@@ -37,6 +37,7 @@ EVAL_METRICS = "metrics/eval.json"
 PREDICTIONS = "metrics/predictions.jsonl"
 CONFUSION = "metrics/confusion.csv"
 PLOT_ACCURACY_BY_LENGTH = "metrics/plots/accuracy_by_length.csv"
+PLOT_RELIABILITY = "metrics/plots/reliability.csv"  # the fine-tuned model's reliability diagram (eval.json's bins)
 # evaluate_base, evaluate_teacher: the baselines, same rows and format
 EVAL_BASE_METRICS = "metrics/eval_base.json"
 PREDICTIONS_BASE = "metrics/predictions_base.jsonl"

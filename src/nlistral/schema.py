@@ -125,6 +125,7 @@ class Eval(Section):
     label_max_new_tokens: Positive = 1
     limit: Positive | None = None
     engine: str = "hf"
+    scoring: Literal["generate", "likelihood"] = "generate"
     bootstrap: Annotated[int, Field(ge=1000)] = 1000  # fewer resamples: an interval's 2.5th percentile is noise
     seed: int = 0
     teacher_max_reprompts: Count = 0
