@@ -95,7 +95,7 @@ class TopLogprobs:
     0 or 1 (so a label's other digit is never missing, however unlikely): (ids, logprobs), batch x candidates."""
 
     def __init__(self, digits: torch.Tensor):
-        self.digits = digits  # digit_tokens'
+        self.digits = digits  # digit_tokens(tokenizer)
         self.steps = []
 
     def __call__(self, input_ids, scores):

@@ -66,6 +66,9 @@ def _log_to_training_run(cfg, metrics: dict) -> None:
         flat = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         flat.update({f"confusion_{k}": v for k, v in metrics["confusion"].items()})
         flat["accuracy_ci95_low"], flat["accuracy_ci95_high"] = metrics["accuracy_ci95"]
+        if calibration := metrics["calibration"]:
+            flat |= {k: calibration[k] for k in ("ece", "brier", "auroc") if calibration[k] is not None}
+            flat["ece_ci95_low"], flat["ece_ci95_high"] = calibration["ece_ci95"]
         for name, comparison in metrics["comparisons"].items():
             flat.update({f"vs_{name}_{k}": comparison[k] for k in ("difference", "mcnemar_p")})
         run.log(mlflow.log_metrics, {f"test_{k}": v for k, v in flat.items()})
