@@ -157,8 +157,8 @@ def test_served_label_first_predictions_equal_hf_generation(formats, tmp_path, m
 def test_likelihood_scoring_gives_greedy_generations_labels_from_one_forward_pass(formats, tmp_path, monkeypatch, name):
     """eval.scoring=likelihood (hf): on every row whose greedy output starts with the scored prefix (all of them, for
     these trained adapters) the label is greedy generation's, and its probability the one generation read at the
-    label's step; no token is generated. Seen failing when the scored prefix dropped the space before the label (the
-    probabilities of another context)."""
+    label's step; no token is generated. Seen failing for all three formats when the scored prefix lacked its last
+    token (the label read off another context)."""
     _, _, generated, predictions = formats[name]
     scored = evaluate_copy(formats, name, tmp_path, monkeypatch, scoring="likelihood")
     records = read_jsonl("metrics/predictions.jsonl")
