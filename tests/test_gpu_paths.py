@@ -262,6 +262,29 @@ def test_bench_gpu_runs_on_the_cpu_with_the_tiny_shape(tmp_path):
         assert result[engine]["rows"] == 3 and result[engine]["failed"] == 0 and result[engine]["samples_per_s"] > 0
 
 
+def test_bench_gpu_variants_run_on_the_cpu_with_the_tiny_shape(tmp_path):
+    """bench/gpu.py --variants on the tiny shape: padding-free on/off and gradient checkpointing on/off (padding-free
+    processes no pad, the padded batches do), generation vs label scoring of the label task (no token generated),
+    the bf16-merged adapter beside the 4-bit unmerged one on the same rows; the JSON names its command."""
+    out = tmp_path / "gpu.json"
+    command = ["bench/gpu.py", "--shape", "tiny", "--warmup", "1", "--steps", "1", "--rows", "3", "--variants",
+               "--out", str(out)]  # fmt: skip
+    subprocess.run([sys.executable, *command], cwd=REPO, check=True)
+    result = json.loads(out.read_text())
+    assert result["command"] == " ".join(["python", *command])
+    variants = result["variants"]
+    for name in ("padding_free", "padded", "padding_free_no_checkpointing", "padded_no_checkpointing"):
+        train = variants[f"train_{name}"]
+        assert train["padding_free"] is name.startswith("padding_free") and train["tokens_per_s"] > 0
+        assert train["gradient_checkpointing"] is not name.endswith("no_checkpointing")
+        assert (train["pad_token_share"] == 0) is train["padding_free"]
+    assert variants["evaluate_label_likelihood"]["mean_output_tokens"] == 0
+    assert variants["evaluate_label_generate"]["mean_output_tokens"] > 0
+    merged = variants["generate_bf16_merged"]
+    assert merged["rows"] == variants["generate_4bit_unmerged"]["rows"] == 3
+    assert 0 <= merged["same_output_as_4bit_unmerged"] <= 1
+
+
 def test_the_image_runs_as_the_users_uid_and_gpu_runs_share_memory():
     """A root container writes root-owned models/, .dvc/cache and git objects into the mounted checkout, after which
     the user's own git and dvc fail; NCCL across GPUs (and vLLM) need the host's shared memory (--ipc=host)."""
