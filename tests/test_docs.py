@@ -236,7 +236,21 @@ def figure_sources() -> list[tuple[str, str, str, object]]:
     gpu = json.loads(read("bench/results/gpu-h200.json"))
     rows = {split: len(read(f"data/sample/{split}.csv").splitlines()) - 1 for split in ("train", "dev", "test")}
     ratio = tokens["per_prompt_ratio"]
+    pipeline = json.loads(read("bench/results/pipeline-time.json"))
+    formats = json.loads(read("bench/results/formats-cpu.json"))
+    speed = {run: r["samples_per_s"] for run, r in formats["results"].items()}
+    padded = formats["padded_cot_training"]
     return [
+        ("docs/evaluation.md", "at {:.0f} samples/s against {:.0f}", "bench/results/formats-cpu.json",
+         (speed["label_only (likelihood)"], speed["label_only"])),
+        ("docs/evaluation.md", "and {:.0f} (label_first generation): {:.1f}× and {:.1f}×",
+         "bench/results/formats-cpu.json",
+         (speed["label_first"], speed["label_only (likelihood)"] / speed["label_only"],
+          speed["label_only (likelihood)"] / speed["label_first"])),
+        ("docs/training.md", "{:.1%} padding ({:,} positions for {:,} tokens)", "bench/results/formats-cpu.json",
+         (padded["pad_token_share"], padded["positions_processed"], padded["tokens_processed"])),
+        ("README.md", "took {:.0f} s (`bench/results/pipeline-time.json`", "bench/results/pipeline-time.json",
+         pipeline["wall_s"]),
         ("README.md", "a {:,}-parameter", "metrics/train.json", train["total_params"]),
         ("README.md", "trained for {} steps", "metrics/train.json", train["steps"]),
         ("README.md", "({} train / {} dev / {} test)", "data/sample/*.csv", (rows["train"], rows["dev"], rows["test"])),
