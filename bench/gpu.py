@@ -15,6 +15,12 @@ model with random weights (speed and memory are real, the weights are not), with
    rows at eval.batch_size; random weights never emit EOS, so every row runs to eval.max_new_tokens (the worst case).
 4. evaluate (server engine), when `.venv-vllm/bin/vllm` exists or `--server-command` is given: the same rows through
    eval.engine=server, the stage starting and stopping the server (docs/evaluation.md: the vLLM commands).
+5. `--variants`: the same measurements once per variant (docs/training.md, docs/evaluation.md), under "variants":
+   training with padding-free batches on and off, gradient checkpointing on and off (tokens/s, samples/s, peak
+   memory, pad_token_share); evaluation of the label task by generation (stopping at the label) and by label
+   scoring (eval.scoring=likelihood); and the hf engine with the adapter merged into a bfloat16 copy of the base
+   against the 4-bit base with the adapter unmerged, with how often their outputs agree on the same rows (merging
+   into a 4-bit base would re-quantize: peft #1043). The command that made the JSON is in it ("command").
 Run it from the repo root; nothing in the repo is written (a temporary repo root holds models/ and data/).
 """
 
@@ -42,7 +48,7 @@ from nlistral.llm import offline
 from nlistral.model import load_adapter_model, load_tokenizer
 from nlistral.paths import ADAPTER_DIR, BASE_DIR, BASE_INFO, FINETUNE
 from nlistral.stages import base_model
-from nlistral.trainer import EvaluateAtEnd, build_trainer
+from nlistral.trainer import EvaluateAtEnd, TokenCount, build_trainer
 
 REPO = Path.cwd()
 VLLM = REPO / ".venv-vllm/bin/vllm"
@@ -151,6 +157,7 @@ def measure_training(cfg, args) -> dict:
     trainer = build_trainer(cfg, Path("checkpoints"))
     built = time.perf_counter() - start
     trainer.remove_callback(EvaluateAtEnd)  # eval and save steps lie past the end: training only
+    tokens = TokenCount(trainer)  # padded positions against real tokens: pad_token_share
     timer = Timer(args.warmup)
     trainer.add_callback(timer)
     trainer.train()
@@ -165,7 +172,8 @@ def measure_training(cfg, args) -> dict:
         len(lengths), 1), "warmup_steps": step0, "timed_steps": step1 - step0,
         "s_per_step": round((t1 - t0) / (step1 - step0), 2), "tokens_per_s": round((tokens1 - tokens0) / (t1 - t0), 1),
         "samples_per_s": round((step1 - step0) * batch / (t1 - t0), 2),
-        "trainable_params": trainer.model.get_nb_trainable_parameters()[0], **peak_memory(),
+        "trainable_params": trainer.model.get_nb_trainable_parameters()[0],
+        "gradient_checkpointing": trainer.args.activation_checkpointing, **tokens.metrics(), **peak_memory(),
     }  # fmt: skip
     del trainer
     release()
@@ -204,6 +212,40 @@ def measure_server_generation(cfg, rows, command: str) -> dict:
     return {"command": command, **generation_figures(cfg, outputs, wall)}
 
 
+TRAIN_VARIANTS = {  # name -> train.* overrides on the experiment's settings
+    "padding_free": {"padding_free": True},
+    "padded": {"padding_free": False},
+    "padding_free_no_checkpointing": {"padding_free": True, "gradient_checkpointing": False},
+    "padded_no_checkpointing": {"padding_free": False, "gradient_checkpointing": False},
+}
+
+
+def measure_variants(cfg, args, rows) -> dict:
+    """Training and evaluation variants (module doc, 5.), each on the same rows as the others."""
+    variants = {}
+    for name, overrides in TRAIN_VARIANTS.items():
+        variants[f"train_{name}"] = measure_training(OmegaConf.merge(cfg, {"train": overrides}), args)
+    if rows is None:
+        return variants
+    label = OmegaConf.merge(cfg, {"sft": {"format": "label_only"}})
+    tokenizer = load_tokenizer(ADAPTER_DIR)
+    for scoring in ("generate", "likelihood"):  # the cot adapter asked the label task: speed, not accuracy
+        outputs, wall = evaluation.run_generation(label, rows, lambda: load_adapter_model(label), tokenizer,
+                                                  ADAPTER_DIR, "label", scoring)  # fmt: skip
+        variants[f"evaluate_label_{scoring}"] = generation_figures(label, outputs, wall) | peak_memory()
+        release()
+    unmerged = evaluation.run_generation(cfg, rows, lambda: load_adapter_model(cfg), tokenizer, ADAPTER_DIR)
+    bf16 = OmegaConf.merge(cfg, {"model": {"load_in_4bit": False, "dtype": "bfloat16"}})
+    merged = evaluation.run_generation(bf16, rows, lambda: load_adapter_model(bf16).merge_and_unload().eval(),
+                                       tokenizer, ADAPTER_DIR)  # fmt: skip
+    agree = sum(a.text == b.text for a, b in zip(unmerged[0], merged[0], strict=True))
+    variants["generate_4bit_unmerged"] = generation_figures(cfg, *unmerged)
+    variants["generate_bf16_merged"] = generation_figures(bf16, *merged) | {
+        "same_output_as_4bit_unmerged": round(agree / len(rows), 4)}  # fmt: skip
+    release()
+    return variants
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=("7b", "tiny"), default="7b")
@@ -213,6 +255,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=64, help="test rows generated (0: training only)")
     parser.add_argument("--server-command", help="eval.server.command (default: vLLM's when .venv-vllm exists)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--variants", action="store_true", help="also measure the variants (module doc, 5.)")
     args = parser.parse_args()
     if args.shape == "7b" and not torch.cuda.is_available():
         parser.error("--shape 7b needs a CUDA GPU (--shape tiny runs on the CPU)")
@@ -243,6 +286,8 @@ def main() -> None:
                 measure_server_generation(cfg, test_rows, command) if command
                 else "not run: no .venv-vllm/bin/vllm (make vllm-env) and no --server-command"
             )  # fmt: skip
+        if args.variants:
+            result["variants"] = measure_variants(cfg, args, test_rows)
         os.chdir(REPO)
     text = json.dumps(result, indent=2)
     print(text)

@@ -14,7 +14,9 @@ under its name, lists the base (as BASE) and the adapters at GET /v1/models, and
 for either: the tokenizer's chat template applied to the messages with the generation prompt, tokenized without
 added special tokens, greedy decoding for `max_tokens`, finish_reason `stop` at EOS (EOS not in the text) or at a
 `stop` string (left out of the text), or `length`. `usage.completion_tokens` counts the tokens before EOS (vLLM's
-count includes the EOS). It serves one request at a time; it refuses a temperature other than 0 (this server only
+count includes the EOS). `logprobs: true` with `top_logprobs: K` returns OpenAI's `choices[0].logprobs.content`: per
+generated token before EOS, its text, logprob, bytes and its step's K likeliest tokens (each token's text is its
+own decode). It serves one request at a time; it refuses a temperature other than 0 (this server only
 decodes greedily).
 
 For the tests, set in the environment (so the command, part of the reply cache's key, stays the same):
@@ -60,9 +62,11 @@ class Model:
         self.lock = threading.Lock()
 
     @torch.inference_mode()
-    def complete(self, name: str, messages: list[dict], max_tokens: int, stop=None) -> tuple[str, str, int, int]:
+    def complete(self, name: str, messages: list[dict], max_tokens: int, stop=None, top_logprobs=None
+                 ) -> tuple[str, str, int, int, list | None]:  # fmt: skip
         tok = self.tokenizer
         stops = {"stop_strings": stop, "tokenizer": tok} if stop else {}
+        stops |= {"output_logits": True, "return_dict_in_generate": True}
         prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
         with self.lock:
@@ -74,13 +78,32 @@ class Model:
                 with self.model.disable_adapter() if self.adapters else nullcontext():
                     out = self.model.generate(input_ids=ids, max_new_tokens=max_tokens, do_sample=False,
                                               pad_token_id=tok.pad_token_id, **stops)  # fmt: skip
-        new = out[0, ids.shape[1] :].tolist()
+        new = out.sequences[0, ids.shape[1] :].tolist()
         stopped = tok.eos_token_id in new
         new = new[: new.index(tok.eos_token_id)] if stopped else new
+        content = None
+        if top_logprobs is not None:
+            content = []
+            for token, logits in zip(new, out.logits, strict=False):
+                logprobs = logits[0].float().log_softmax(-1)
+                top = logprobs.topk(int(top_logprobs))
+                content.append(
+                    entry(tok, token, logprobs[token])
+                    | {
+                        "top_logprobs": [
+                            entry(tok, t, v) for t, v in zip(top.indices.tolist(), top.values, strict=True)
+                        ]
+                    }
+                )
         text = tok.decode(new, skip_special_tokens=True)
         if (cut := min((text.find(s) for s in stop or () if s in text), default=-1)) >= 0:
             text, stopped = text[:cut], True
-        return text, "stop" if stopped else "length", ids.shape[1], len(new)
+        return text, "stop" if stopped else "length", ids.shape[1], len(new), content
+
+
+def entry(tok, token: int, logprob) -> dict:
+    text = tok.decode([token])
+    return {"token": text, "logprob": float(logprob), "bytes": list(text.encode())}
 
 
 def serve(model: Model, port: int, die_after: int | None, requests_log: str | None) -> None:
@@ -116,8 +139,9 @@ def serve(model: Model, port: int, die_after: int | None, requests_log: str | No
                 return self.send(404, {"message": f"The model `{body.get('model')}` does not exist."})
             if body.get("temperature", 1.0) != 0:
                 return self.send(400, {"message": "this server decodes greedily only: send temperature 0"})
-            text, finish, prompt_tokens, completion_tokens = model.complete(
-                body["model"], body["messages"], int(body.get("max_tokens") or 16), body.get("stop")
+            top = body.get("top_logprobs", 0) if body.get("logprobs") else None
+            text, finish, prompt_tokens, completion_tokens, content = model.complete(
+                body["model"], body["messages"], int(body.get("max_tokens") or 16), body.get("stop"), top
             )
             served[0] += 1
             if requests_log:
@@ -126,7 +150,8 @@ def serve(model: Model, port: int, die_after: int | None, requests_log: str | No
             return self.send(200, {
                 "id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": int(time.time()),
                 "model": body["model"],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                             "logprobs": {"content": content} if content is not None else None}],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens},
             })  # fmt: skip

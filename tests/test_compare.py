@@ -14,7 +14,8 @@ from nlistral.io import write_jsonl
 GIT_IDENTITY = {f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")
                 for what, value in (("NAME", "nlistral-tests"), ("EMAIL", "tests@nlistral.invalid"))}  # fmt: skip
 KEYS = {"a", "b", "n", "accuracy_a", "accuracy_b", "difference", "difference_ci95", "mcnemar_p", "mcnemar_midp",
-        "macro_f1_difference", "macro_f1_difference_ci95", "a_right_b_wrong", "a_wrong_b_right", "flipped"}  # fmt: skip
+        "macro_f1_difference", "macro_f1_difference_ci95", "a_right_b_wrong", "a_wrong_b_right", "flipped",
+        "calibration"}  # fmt: skip
 
 
 def predictions(correct, labels=None):

@@ -236,7 +236,21 @@ def figure_sources() -> list[tuple[str, str, str, object]]:
     gpu = json.loads(read("bench/results/gpu-h200.json"))
     rows = {split: len(read(f"data/sample/{split}.csv").splitlines()) - 1 for split in ("train", "dev", "test")}
     ratio = tokens["per_prompt_ratio"]
+    pipeline = json.loads(read("bench/results/pipeline-time.json"))
+    formats = json.loads(read("bench/results/formats-cpu.json"))
+    speed = {run: r["samples_per_s"] for run, r in formats["results"].items()}
+    padded = formats["padded_cot_training"]
     return [
+        ("docs/evaluation.md", "at {:.0f} samples/s against {:.0f}", "bench/results/formats-cpu.json",
+         (speed["label_only (likelihood)"], speed["label_only"])),
+        ("docs/evaluation.md", "and {:.0f} (label_first generation): {:.1f}× and {:.1f}×",
+         "bench/results/formats-cpu.json",
+         (speed["label_first"], speed["label_only (likelihood)"] / speed["label_only"],
+          speed["label_only (likelihood)"] / speed["label_first"])),
+        ("docs/training.md", "{:.1%} padding ({:,} positions for {:,} tokens)", "bench/results/formats-cpu.json",
+         (padded["pad_token_share"], padded["positions_processed"], padded["tokens_processed"])),
+        ("README.md", "took {:.0f} s (`bench/results/pipeline-time.json`", "bench/results/pipeline-time.json",
+         pipeline["wall_s"]),
         ("README.md", "a {:,}-parameter", "metrics/train.json", train["total_params"]),
         ("README.md", "trained for {} steps", "metrics/train.json", train["steps"]),
         ("README.md", "({} train / {} dev / {} test)", "data/sample/*.csv", (rows["train"], rows["dev"], rows["test"])),
@@ -258,7 +272,19 @@ def figure_sources() -> list[tuple[str, str, str, object]]:
         ("docs/real-setup.md", "| {} rows/s, {:.0f} tokens/s ({} GiB) |", "bench/results/gpu-h200.json",
          (gpu["generate_hf"]["samples_per_s"], gpu["generate_hf"]["output_tokens_per_s"],
           gpu["generate_hf"]["peak_gpu_allocated_gib"])),
+        *coverage_rows(),
     ]  # fmt: skip
+
+
+def coverage_rows() -> list[tuple[str, str, str, object]]:
+    """Every table row of bench/results/coverage.md, on the page that shows its section (the seeds table in
+    docs/experiments.md, the rest in docs/evaluation.md). Review r3: the page cited the file with no check."""
+    found = []
+    for section in read("bench/results/coverage.md").split("\n## ")[1:]:
+        page = "docs/experiments.md" if section.startswith("Across seeds") else "docs/evaluation.md"
+        found += [(page, "{}", "bench/results/coverage.md", line) for line in section.splitlines()
+                  if re.match(r"\| [0-9]", line)]  # fmt: skip
+    return found
 
 
 def test_every_figure_taken_from_a_file_is_that_files():
@@ -305,3 +331,17 @@ def test_without_chromium_browser_tests_skip_except_in_ci(tmp_path, monkeypatch)
     with pytest.raises(pytest.fail.Exception, match="make browser"):
         chromium()
     assert f"export {REQUIRE_BROWSER}=1" in read(".ci/run")
+
+
+def test_the_documented_generalisation_family_is_the_one_the_report_adjusts_over():
+    """Review r3: docs/evaluation.md said `experiment=generalisation` makes 8 sets and a family of 18; it composes 7
+    extra sets (the diagnostic one and six from the hub), so `headline_family` adjusts over 2 x (1 + 7) = 16."""
+    from nlistral.config import compose_params
+    from nlistral.results import headline_family
+
+    sets = yaml.safe_load(compose_params(["experiment=generalisation"], conf_dir=REPO / "conf"))["eval"]["test_sets"]
+    found = re.search(r"`experiment=generalisation`, (\d+) extra sets: (\d+)\)", read("docs/evaluation.md"))
+    assert found, "the family size of experiment=generalisation is no longer stated in docs/evaluation.md"
+    both = {"base": {"mcnemar_midp": 0.5}, "teacher": {"mcnemar_midp": 0.5}}
+    size = headline_family(both, {name: {"comparisons": both} for name in sets})["size"]
+    assert (int(found[1]), int(found[2])) == (len(sets), size) == (7, 16)

@@ -35,7 +35,7 @@ METRIC_KEYS = {"model", "model_id", "n", "accuracy", "accuracy_ci95", "precision
                "parse_failures_by_reason", "accuracy_parsed", "confusion", "samples_per_s", "output_tokens_per_s",
                "wall_time_s"}  # fmt: skip
 PREDICTION_KEYS = {"id", "premise", "hypothesis", "true_label", "predicted_label", "correct", "parse_method",
-                   "parse_error", "finish_reason", "output_tokens", "output"}  # fmt: skip
+                   "parse_error", "finish_reason", "output_tokens", "output", "p_entailment"}  # fmt: skip
 COMPARISON_KEYS = {"a", "b", "n", "accuracy_a", "accuracy_b", "difference", "difference_ci95", "mcnemar_p",
                    "mcnemar_midp", "macro_f1_difference", "macro_f1_difference_ci95", "a_right_b_wrong",
                    "a_wrong_b_right"}  # fmt: skip
@@ -93,6 +93,7 @@ def test_the_untrained_base_is_the_honest_floor_and_the_teacher_is_accounted(eva
     assert teacher["model_id"] == "overlap-heuristic-v1" and teacher["parse_failures"] == 0
     assert teacher["requests"] == 9 and teacher["cost_usd"] == 0.0 and teacher["backend"] == "offline"
     assert teacher["completion_tokens"] > 0 and teacher["output_tokens_per_s"] > 0
+    assert teacher["calibration"] is None  # the teacher has no probabilities: the report says so
 
 
 def test_eval_json_pairs_the_adapter_with_each_baseline(evaluated):

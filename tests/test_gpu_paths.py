@@ -113,11 +113,68 @@ def test_under_fsdp_the_4bit_model_keeps_one_dtype_for_fsdp_to_flatten(tiny_repo
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
+FSDP_STORAGE = {"model.dtype": "bfloat16", "model.bnb_4bit_quant_storage": "bfloat16"}  # as documented for FSDP
+
+
+def test_under_fsdp_the_4bit_weights_must_be_stored_in_the_compute_dtype(tiny_repo, under_fsdp, tmp_path):
+    """torch/distributed/fsdp/_flat_param.py (`_validate_tensors_to_flatten`): FSDP1 flattens each wrapped layer's
+    parameters into one tensor, "Cannot flatten integer dtype tensors" (the profiles' default
+    bnb_4bit_quant_storage=uint8) and "Must flatten tensors with uniform dtype" (bfloat16 storage beside float32
+    norms). The command in accelerate/fsdp_qlora.yaml asks for bnb_4bit_quant_storage=bfloat16, but nothing held a run
+    that forgot it: it loaded 7B weights on every GPU and stopped in Trainer.train(). The real FSDP wrapper (a gloo
+    group of one process; the auto-wrap policy transformers' update_fsdp_plugin_peft sets, LoRA layers apart) shows
+    which pairs shard (and train: a forward and backward pass); the trainer refuses the others before any work,
+    exit 2. Seen failing before the refusal."""
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    pairs = {("bfloat16", "uint8"): "Cannot flatten integer dtype tensors",
+             ("float32", "bfloat16"): "Must flatten tensors with uniform dtype", ("bfloat16", "bfloat16"): None,
+             ("float32", "float32"): None}  # fmt: skip
+    lora = LoraConfig(r=8, target_modules=["q_proj", "v_proj"])
+    models = {pair: get_peft_model(load_base_model(make_cfg(**{"model.dtype": pair[0],
+                                                                "model.bnb_4bit_quant_storage": pair[1]}),
+                                                   for_training=True), lora)
+              for pair in pairs}  # fmt: skip
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for pair, error in pairs.items():
+
+            def wrap(model=models[pair]):
+                policy = fsdp_auto_wrap_policy(model)
+                return FullyShardedDataParallel(model, use_orig_params=False, device_id=torch.device("cpu"),
+                                                auto_wrap_policy=policy)  # fmt: skip
+
+            if error:
+                with pytest.raises(ValueError, match=error):
+                    wrap()
+            else:  # and it trains: one forward and backward pass through the sharded 4-bit layers
+                sharded = wrap()
+                ids = torch.randint(0, sharded.config.vocab_size, (2, 16))
+                sharded(input_ids=ids, labels=ids).loss.backward()
+                trained = [p for p in sharded.parameters() if p.requires_grad]
+                assert trained and all(p.grad is not None for p in trained)
+                assert any(p.grad.abs().sum() > 0 for p in trained)  # lora_B's (lora_A's are 0 while B is 0)
+    finally:
+        dist.destroy_process_group()
+    for (dtype, storage), error in pairs.items():
+        cfg = make_cfg(**{**FAST, "model.dtype": dtype, "model.bnb_4bit_quant_storage": storage})
+        if error:
+            with pytest.raises(ConfigError, match=rf"^model.bnb_4bit_quant_storage={storage}: .*FSDP.*"
+                                                  rf"model.bnb_4bit_quant_storage={dtype}$"):  # fmt: skip
+                build_trainer(cfg, tiny_repo / "scratch")
+            assert not (tiny_repo / "scratch").exists()
+        else:
+            training_args(cfg, tiny_repo / "scratch")
+
+
 def test_under_fsdp_an_8bit_optimizer_is_refused_before_any_work(tiny_repo, under_fsdp, capsys):
     """FSDP1 keeps optimizer state shaped like its flat parameters; bitsandbytes' 8-bit state is not (bitsandbytes #89,
     accelerate #1362): the study configs' paged_adamw_8bit under accelerate/fsdp_qlora.yaml. Refused with the key and a
     choice that works, exit 2, before a model loads or a checkpoint folder is made."""
-    cfg = make_cfg(**{**FAST, "train.optim": "paged_adamw_8bit"})
+    cfg = make_cfg(**{**FAST, **FSDP_STORAGE, "train.optim": "paged_adamw_8bit"})
     with pytest.raises(ConfigError, match=r"^train.optim=paged_adamw_8bit: .*FSDP; use train.optim=adamw_torch"):
         build_trainer(cfg, tiny_repo / "scratch")
     assert not (tiny_repo / "scratch").exists()
@@ -131,7 +188,8 @@ def test_under_fsdp_its_own_wrapper_checkpoints_activations_not_the_trainer(unde
     so the Trainer's gradient checkpointing must be off: both would all-gather every layer again in the backward pass
     (transformers #30404). Seen failing with the Trainer's on under FSDP. Without FSDP the Trainer's stays on."""
     assert under_fsdp["FSDP_ACTIVATION_CHECKPOINTING"] == "true"
-    cfg = OmegaConf.create(compose_params(["experiment=ablation1", "train.optim=adamw_torch"], conf_dir=REPO / "conf"))
+    documented = ["experiment=ablation1", "model.bnb_4bit_quant_storage=bfloat16", "train.optim=adamw_torch"]
+    cfg = OmegaConf.create(compose_params(documented, conf_dir=REPO / "conf"))
     assert cfg.train.gradient_checkpointing is True
     assert training_args(cfg, "unused").activation_checkpointing is False
 
@@ -204,6 +262,29 @@ def test_bench_gpu_runs_on_the_cpu_with_the_tiny_shape(tmp_path):
         assert result[engine]["rows"] == 3 and result[engine]["failed"] == 0 and result[engine]["samples_per_s"] > 0
 
 
+def test_bench_gpu_variants_run_on_the_cpu_with_the_tiny_shape(tmp_path):
+    """bench/gpu.py --variants on the tiny shape: padding-free on/off and gradient checkpointing on/off (padding-free
+    processes no pad, the padded batches do), generation vs label scoring of the label task (no token generated),
+    the bf16-merged adapter beside the 4-bit unmerged one on the same rows; the JSON names its command."""
+    out = tmp_path / "gpu.json"
+    command = ["bench/gpu.py", "--shape", "tiny", "--warmup", "1", "--steps", "1", "--rows", "3", "--variants",
+               "--out", str(out)]  # fmt: skip
+    subprocess.run([sys.executable, *command], cwd=REPO, check=True)
+    result = json.loads(out.read_text())
+    assert result["command"] == " ".join(["python", *command])
+    variants = result["variants"]
+    for name in ("padding_free", "padded", "padding_free_no_checkpointing", "padded_no_checkpointing"):
+        train = variants[f"train_{name}"]
+        assert train["padding_free"] is name.startswith("padding_free") and train["tokens_per_s"] > 0
+        assert train["gradient_checkpointing"] is not name.endswith("no_checkpointing")
+        assert (train["pad_token_share"] == 0) is train["padding_free"]
+    assert variants["evaluate_label_likelihood"]["mean_output_tokens"] == 0
+    assert variants["evaluate_label_generate"]["mean_output_tokens"] > 0
+    merged = variants["generate_bf16_merged"]
+    assert merged["rows"] == variants["generate_4bit_unmerged"]["rows"] == 3
+    assert 0 <= merged["same_output_as_4bit_unmerged"] <= 1
+
+
 def test_the_image_runs_as_the_users_uid_and_gpu_runs_share_memory():
     """A root container writes root-owned models/, .dvc/cache and git objects into the mounted checkout, after which
     the user's own git and dvc fail; NCCL across GPUs (and vLLM) need the host's shared memory (--ipc=host)."""
@@ -214,3 +295,70 @@ def test_the_image_runs_as_the_users_uid_and_gpu_runs_share_memory():
     documented = "".join(page.read_text() for page in [*doc_pages(), REPO / "Dockerfile"])
     gpu_runs = [line for line in documented.splitlines() if "docker run" in line and "--gpus" in line]
     assert len(gpu_runs) >= 3 and all("--ipc=host" in line for line in gpu_runs)  # vLLM's image asks for it too
+
+
+def test_the_vllm_environment_can_serve_the_4bit_base_its_templates_ask_for():
+    """Every eval.server template serves the base with `--quantization bitsandbytes`, but vLLM 0.28 removed bitsandbytes
+    from its tree (vllm-project/vllm#43529: vllm/model_executor/layers/quantization/bitsandbytes.py and
+    model_loader/bitsandbytes_loader.py are gone; the `vllm-bnb-plugin` package registers both through the
+    `vllm.general_plugins` entry point). requirements-vllm.txt pinned vllm==0.33.0 alone, so the server `make vllm-env`
+    builds would refuse every documented command. Seen failing before the plugin was pinned beside it."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+    from test_evaluate import vllm_commands
+
+    lines = (REPO / "requirements-vllm.txt").read_text().splitlines()
+    pins = {(req := Requirement(line.split("#")[0])).name: req for line in lines if line.split("#")[0].strip()}
+    (vllm,) = pins["vllm"].specifier
+    venv_templates = [command for path, command, docker in vllm_commands() if not docker and "{base}" in command]
+    assert venv_templates and all("--quantization bitsandbytes" in command for command in venv_templates)
+    if Version(vllm.version) >= Version("0.28.0"):
+        assert "vllm-bnb-plugin" in pins and str(pins["vllm-bnb-plugin"].specifier).startswith("==")
+
+
+def test_the_pinned_vllm_knows_bitsandbytes():
+    """Where .venv-vllm exists (a CUDA machine: `make vllm-env`), vLLM itself, its plugins loaded as `vllm serve`
+    loads them, lists the method (not run here: no .venv-vllm on a CPU machine)."""
+    python = REPO / ".venv-vllm/bin/python"
+    if not python.exists():
+        pytest.skip("no .venv-vllm (make vllm-env, on a CUDA machine)")
+    code = ("from vllm.plugins import load_general_plugins; load_general_plugins(); "
+            "from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS; "
+            "print('bitsandbytes' in QUANTIZATION_METHODS)")  # fmt: skip
+    assert subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "True"
+
+
+def test_under_fsdp_the_parameter_counts_are_the_models_not_a_shards(tiny_repo, monkeypatch, tmp_path):
+    """transformers/trainer.py (`if self.is_fsdp_enabled ...: self.model = self.model_wrapped = model`): after train()
+    under FSDP, `trainer.model` is the wrapper, whose flat parameters are this rank's shard and no longer bitsandbytes'
+    Params4bit (peft's get_nb_trainable_parameters counts those twice per stored byte). metrics/train.json's
+    trainable_params and total_params, read from trainer.model after training, then undercounted (here, one rank:
+    the 4-bit weights counted as stored). The real train stage runs; its trainer's model is then wrapped in torch's
+    FSDP (a gloo group of one process, peft's auto-wrap policy) as transformers' FSDP branch does. Seen failing while
+    the stage counted after training."""
+    import torch.distributed as dist
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from trl import SFTTrainer
+
+    from nlistral.stages import train
+
+    counted = []
+    real_train = SFTTrainer.train
+
+    def train_then_wrapped(self, *args, **kwargs):
+        result = real_train(self, *args, **kwargs)
+        counted.append(self.model.get_nb_trainable_parameters())
+        policy = fsdp_auto_wrap_policy(self.model)
+        self.model = self.model_wrapped = FullyShardedDataParallel(self.model, use_orig_params=False,
+                                                                   device_id=torch.device("cpu"),
+                                                                   auto_wrap_policy=policy)  # fmt: skip
+        return result
+
+    monkeypatch.setattr(SFTTrainer, "train", train_then_wrapped)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        metrics = train.run(make_cfg(**{**FAST, "model.bnb_4bit_quant_storage": "float32"}))  # FSDP flattens these
+    finally:
+        dist.destroy_process_group()
+    assert counted and (metrics["trainable_params"], metrics["total_params"]) == counted[0]

@@ -188,6 +188,10 @@ def test_train_writes_adapter_metrics_and_one_mlflow_run(pipeline):
     assert run.data.metrics["train_loss"] == metrics["train_loss"]
     assert len(client.get_metric_history(run_id, "loss")) == 3  # logging_steps 2 of 6 steps
     assert run.data.metrics["test_accuracy"] == results["eval"]["accuracy"]  # evaluate logged into the same run
+    if calibration := results["eval"]["calibration"]:  # rows with a probability: ECE and its interval too
+        assert run.data.metrics["test_ece"] == calibration["ece"]
+        assert run.data.metrics["test_ece_ci95_low"] == calibration["ece_ci95"][0]
+    assert run.data.metrics["pad_token_share"] == metrics["pad_token_share"] == 0.0  # padding-free by default
     artifacts = {a.path for a in client.list_artifacts(run_id, "adapter")}
     assert "adapter/adapter_model.safetensors" in artifacts
 

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from omegaconf import OmegaConf
 from test_model_stages import make_cfg, write_inputs
+from test_padding_free import assert_padding_free_matches_padded, collated
 
 from nlistral import prompts
 from nlistral.io import read_jsonl, write_jsonl
@@ -96,8 +98,9 @@ def test_real_tokenizer_rows_train_on_the_completion_and_its_end_of_turn_and_the
 
     lengths = [len(trainer.train_dataset[i]["input_ids"]) for i in range(len(trainer.train_dataset))]
     short, long = lengths.index(min(lengths)), lengths.index(max(lengths))
-    assert lengths[short] < lengths[long]  # the batch below pads the shorter row with <|im_end|>
-    batch = trainer.data_collator([trainer.train_dataset[short], trainer.train_dataset[long]])
+    assert lengths[short] < lengths[long]  # the padded batch below pads the shorter row with <|im_end|>
+    batch, free = collated(trainer, [trainer.train_dataset[short], trainer.train_dataset[long]])
+    assert free["labels"][0].tolist() == [*batch["labels"][0, : lengths[short]], *batch["labels"][1, : lengths[long]]]
     for i, index in enumerate((short, long)):
         ids = trainer.train_dataset[index]["input_ids"]
         n_prompt = len(tokenizer(prompts.student_chat_prompt(tokenizer, rows[index]["prompt"]),
@@ -127,6 +130,20 @@ def test_real_tokenizer_rows_train_on_the_completion_and_its_end_of_turn_and_the
         stopped = prediction["finish_reason"] == "stop"
         assert (prediction["output_tokens"] < cfg.eval.max_new_tokens) if stopped else (
             prediction["output_tokens"] == cfg.eval.max_new_tokens)  # fmt: skip
+
+
+def test_padding_free_losses_and_gradient_equal_the_padded_batch_on_a_real_model(repo, monkeypatch):
+    """tests/test_padding_free.py's equality on SmolLM2 (sdpa, its real rotary embeddings): one batch of the shortest
+    and the longest row, per-row losses and the LoRA gradient; without position_ids they differ (row 2's loss falls
+    from 1.10 to 0.14: it copies row 1). In float32: bitsandbytes' 4-bit CPU kernels round differently with the
+    batch's shape (a row's loss moved by ~5e-4 relative between layouts, and by as much between sdpa and eager),
+    which is not what this test is about."""
+    root, cfg, _ = repo
+    monkeypatch.chdir(root)
+    trainer = build_trainer(OmegaConf.merge(cfg, {"model": {"load_in_4bit": False}}), root / "scratch")
+    assert trainer.args.padding_free is True  # auto, sdpa
+    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+    assert_padding_free_matches_padded(trainer, [lengths.index(min(lengths)), lengths.index(max(lengths))], "sdpa")
 
 
 def test_a_gguf_file_missing_from_its_folder_is_a_config_error_naming_the_key(tmp_path, monkeypatch):

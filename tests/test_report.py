@@ -22,6 +22,7 @@ from conftest import REPO, chromium
 from test_imports import DEEP_LEARNING, loaded_by
 
 from nlistral import paths
+from nlistral.confidence import calibration
 from nlistral.config import load_config
 from nlistral.io import read_jsonl, write_csv, write_json, write_jsonl
 from nlistral.stages import base_model, reflections, report, sft, thoughts
@@ -84,6 +85,10 @@ def write_train_and_eval_outputs(cfg):
     write_jsonl(paths.PREDICTIONS_BASE, base)
     write_jsonl(paths.PREDICTIONS_TEACHER, teacher)
     results = eval_metrics("fine-tuned", "models/base", tuned, [0.6136, 0.8636])
+    p_entailment = [None if p["predicted_label"] is None else 0.55 + 0.4 * p["predicted_label"] - 0.01 * (i % 7)
+                    for i, p in enumerate(tuned)]  # fmt: skip
+    results["calibration"] = calibration(p_entailment, [p["true_label"] for p in tuned],
+                                         [p["predicted_label"] for p in tuned], 1000, 7)  # fmt: skip
     results["comparisons"] = {
         name: {"a": name, "b": "fine-tuned", **paired_comparison([p["correct"] for p in preds],
                                                                  [p["correct"] for p in tuned], 1000, 7),
@@ -93,7 +98,8 @@ def write_train_and_eval_outputs(cfg):
     }  # fmt: skip
     write_json(paths.EVAL_METRICS, results)
     write_json(paths.EVAL_BASE_METRICS, eval_metrics("base", "models/base", base, [0.3409, 0.6364]))
-    write_json(paths.EVAL_TEACHER_METRICS, eval_metrics("teacher", "overlap-heuristic-v1", teacher, [0.5227, 0.7955]))
+    write_json(paths.EVAL_TEACHER_METRICS, eval_metrics("teacher", "overlap-heuristic-v1", teacher, [0.5227, 0.7955])
+               | {"calibration": None})  # fmt: skip
     write_csv(paths.CONFUSION, [{"actual": p["true_label"], "predicted": "unparsed" if p["predicted_label"] is None
                                  else p["predicted_label"]} for p in tuned], ("actual", "predicted"))  # fmt: skip
     write_csv(
@@ -387,7 +393,30 @@ def source_values(root) -> tuple[list[float], list[str]]:
 
 
 NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?:%| pp)?")
-PROSE = ("95% CI", "95%", "below 0.05")  # words of the text, not results
+PROSE = ("95% CI", "95%", "below 0.05", "10 equal-width bins", "10 bins", "50/80/90%", "at 50% / 80% / 90%", "at 50%",
+          "at 80%", "at 90%")  # words of the text, not results  # fmt: skip
+
+
+def test_calibration_tables_show_each_models_block_and_that_the_teacher_has_no_probabilities(reported):
+    """results.md, the page and the model card: the fine-tuned model's calibration block cell by cell, the reliability
+    bins, "no probabilities" for a model without them (the teacher, and here the base, whose file has no block)."""
+    from nlistral.formatting import bounds, num, pct
+
+    block = json.loads((reported / paths.EVAL_METRICS).read_text())["calibration"]
+    coverage = block["accuracy_at_coverage"]
+    cells = ["fine-tuned", num(block["n"]), num(block["ece"]), bounds(block["ece_ci95"]),
+             num(block["brier"]), num(block["mean_confidence"]), pct(coverage["50"]), pct(coverage["80"]),
+             pct(coverage["90"]), num(block["auroc"])]  # fmt: skip
+    results = (reported / paths.REPORT_RESULTS).read_text()
+    table = markdown_table(results, "| model | rows | ECE |")
+    assert table[1] == cells and table[2][1] == "no probabilities"
+    assert table[3][1] == "no probabilities (its API is asked for none)"
+    bins = markdown_table(results, "| confidence bin |")[1:]
+    assert [[b[0], int(b[1])] for b in bins] == [[b["bin"], b["rows"]] for b in block["reliability"]]
+    page = (reported / paths.REPORT_PAGE).read_text()
+    assert html_table(page, "calibration")[1] == cells and "reliability diagram of the fine-tuned model" in page
+    card = (reported / paths.REPORT_MODEL_CARD).read_text()
+    assert f"| {num(block['ece'])} {bounds(block['ece_ci95'])} |" in card
 
 
 def test_every_number_in_results_and_cards_is_a_metrics_value(reported):

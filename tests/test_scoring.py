@@ -53,7 +53,7 @@ def test_a_prediction_record_reads_the_reply_unless_given_its_answer():
     record = prediction(row, JSON_1, "stop", 12)
     assert record == {"id": "7", "premise": "A man sleeps.", "hypothesis": "A man rests.", "true_label": 1,
                       "predicted_label": 1, "correct": True, "parse_method": "json", "parse_error": None,
-                      "finish_reason": "stop", "output_tokens": 12, "output": JSON_1}  # fmt: skip
+                      "finish_reason": "stop", "output_tokens": 12, "output": JSON_1, "p_entailment": None}  # fmt: skip
     cut = prediction(row, JSON_1, "length", 12)  # cut off at max_new_tokens: a failure, whatever it says
     assert (cut["predicted_label"], cut["correct"], cut["parse_error"]) == (None, False, "truncated")
     given = prediction(row, "no json here", "stop", 3, Answer(0, "regex", None, "x"))

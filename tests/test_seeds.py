@@ -10,7 +10,7 @@ import seeds
 import yaml
 from test_report import GIT_IDENTITY, git
 
-from nlistral import cli
+from nlistral import cli, experiments
 from nlistral.formatting import interval, pct, pvalue
 
 # A stand-in evaluate stage: the first `right` of 20 rows are right, and each seed flips rows of its own.
@@ -86,3 +86,15 @@ def test_group_by_needs_experiments(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["report", "--group-by", "train.seed"])
     assert exit_.value.code == 2 and "--group-by needs --experiments or --all" in capsys.readouterr().err
+
+
+def test_configurations_whose_seeds_agree_exactly_get_no_statement():
+    """Review r3: two seeds per side, each side's accuracies equal (0.9, 0.9 vs 0.925, 0.925 on 40 rows) made Welch
+    report a point interval and p = 0, "significant" in the table. Now: no statement, saying why, and out of the
+    Holm family."""
+    runs = {name: {"eval": {"accuracy": right / 40}, "correct": {str(i): i < right for i in range(40)}}
+            for name, right in (("a1", 36), ("a2", 36), ("b1", 37), ("b2", 37))}  # fmt: skip
+    summary = experiments.seed_groups(runs, {"x=a": ["a1", "a2"], "x=b": ["b1", "b2"]}, "x=a")
+    assert summary["family"] == 0 and "versus_reference" not in summary["configurations"]["x=b"]
+    row = next(line for line in experiments.seed_table(summary).splitlines() if line.startswith("| `x=b`"))
+    assert "no statement: no spread across seeds | – | – | – |" in row

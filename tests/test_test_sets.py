@@ -136,7 +136,7 @@ def test_per_tag_accuracy_is_the_hand_count():
     table = summarise_set.by_tag(records, ["phenomenon"])["phenomenon"]
     assert {value: (cell["n"], cell["accuracy"]) for value, cell in table.items()} == {
         "negation": (3, 0.6667), "numbers": (1, 0.0), "word_order": (1, 1.0)}  # fmt: skip
-    assert table["numbers"]["accuracy_ci95"] == [0.0, 0.7935]  # Wilson: 0 of 1 right is no certainty (issue 32)
+    assert table["numbers"]["accuracy_ci95"] == [0.0, 0.975]  # Clopper-Pearson: 0 of 1 right is no certainty
 
 
 def test_the_summary_counts_each_tag_and_pairs_each_baseline(evaluated):

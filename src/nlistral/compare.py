@@ -8,6 +8,7 @@ Rows are matched by id; two files that do not hold the same test rows are an err
 import json
 from pathlib import Path
 
+from nlistral.confidence import ece_difference
 from nlistral.formatting import pvalue, terminal
 from nlistral.io import atomic_open, parse_jsonl, read_jsonl
 from nlistral.paths import PREDICTIONS
@@ -46,6 +47,12 @@ def describe(result: dict) -> str:
         f1_low, f1_high = result["macro_f1_difference_ci95"]
         lines.insert(3, f"macro F1: B - A = {result['macro_f1_difference']:+.4f}, 95% CI [{f1_low:+.4f}, "
                         f"{f1_high:+.4f}] (paired bootstrap)")  # fmt: skip
+    if (ece := result.get("calibration")) is not None:
+        low, high = ece["ece_difference_ci95"]
+        lines.append(f"ECE: B - A = {ece['ece_difference']:+.4f}, 95% CI [{low:+.4f}, {high:+.4f}] (paired bootstrap "
+                     f"over the {ece['n']} rows both gave a probability for)")  # fmt: skip
+    else:
+        lines.append("ECE: no probabilities on one side (the teacher has none)")
     flipped = result["flipped"]
     if flipped:
         shown = ", ".join(f"{f['id']} ({'right->wrong' if f['a_correct'] else 'wrong->right'})"
@@ -56,7 +63,9 @@ def describe(result: dict) -> str:
 
 
 def run(a: str, b: str, json_path: str | None, path: str, resamples: int, seed: int) -> dict:
-    result = compare_records(load_predictions(a, path), load_predictions(b, path), a, b, resamples, seed)
+    a_rows, b_rows = load_predictions(a, path), load_predictions(b, path)
+    result = compare_records(a_rows, b_rows, a, b, resamples, seed)
+    result["calibration"] = ece_difference(a_rows, b_rows, resamples, seed)
     print(terminal(describe(result)))
     if json_path:
         with atomic_open(json_path) as handle:

@@ -11,7 +11,8 @@ configuration, named by the params that tell configurations apart. Per configura
 seeds, their sd, min, max and count; against the reference's configuration: the difference of means with Welch's t
 95% interval and p-value on the per-seed accuracies (stats.welch), the p-values Holm-adjusted over the table (one
 family: every configuration against the reference). A configuration with one seed, or a reference with one, gets no
-seed statement at all. Written to metrics/seeds.json, which the report stage shows (results.md, the page).
+seed statement at all, nor does one whose seeds and the reference's each agree exactly (no spread to test against).
+Written to metrics/seeds.json, which the report stage shows (results.md, the page).
 """
 
 import json
@@ -140,7 +141,11 @@ def seed_groups(runs: dict, groups: dict[str, list[str]], reference: str) -> dic
     accuracies = {label: [runs[m]["eval"]["accuracy"] for m in members] for label, members in groups.items()}
     found = {label: {"experiments": members, **seed_summary(accuracies[label])} for label, members in groups.items()}
     tested = {label: welch(accuracies[reference], accuracies[label]) for label in found if label != reference}
-    tested = {label: result for label, result in tested.items() if result}  # one seed on either side: no statement
+    for label, result in tested.items():  # no test: why, in the table's words
+        if result is None:
+            spread = min(len(accuracies[label]), len(accuracies[reference])) > 1
+            found[label]["no_statement"] = "no spread across seeds" if spread else "one seed"
+    tested = {label: result for label, result in tested.items() if result}
     for label, p in holm({label: result["p"] for label, result in tested.items()}).items():
         found[label]["versus_reference"] = tested[label] | {"holm_p": p}
     return {"reference": reference, "rows": len(ids), "family": len(tested), "configurations": found}
@@ -152,7 +157,10 @@ def seed_table(summary: dict) -> str:
     for label, c in summary["configurations"].items():
         v = c.get("versus_reference")
         versus = (
-            ("reference", "–", "–", "–") if label == summary["reference"] else ("no statement: one seed", "–", "–", "–")
+            "reference" if label == summary["reference"] else f"no statement: {c.get('no_statement')}",
+            "–",
+            "–",
+            "–",
         )
         if v:
             versus = (f"{pct(v['difference'], True)} pp {interval(v['difference_ci95'], True)}",

@@ -37,6 +37,7 @@ EVAL_METRICS = "metrics/eval.json"
 PREDICTIONS = "metrics/predictions.jsonl"
 CONFUSION = "metrics/confusion.csv"
 PLOT_ACCURACY_BY_LENGTH = "metrics/plots/accuracy_by_length.csv"
+PLOT_RELIABILITY = "metrics/plots/reliability.csv"  # the fine-tuned model's reliability diagram (eval.json's bins)
 # evaluate_base, evaluate_teacher: the baselines, same rows and format
 EVAL_BASE_METRICS = "metrics/eval_base.json"
 PREDICTIONS_BASE = "metrics/predictions_base.jsonl"
@@ -60,7 +61,9 @@ SET_FILES = {  # model -> (predictions, metrics)
 # metrics/speed/X.json): timings differ on every run, so they stay out of the stage outputs that git and dvc.lock
 # hold, which a run of the same inputs then reproduces byte for byte. Git-ignored; `dvc metrics show` lists them.
 SPEED_DIR = Path("metrics/speed")
-SPEED_KEYS = frozenset({"wall_s", "wall_time_s", "samples_per_s", "output_tokens_per_s", "steps_per_second"})
+SPEED_KEYS = frozenset(
+    {"wall_s", "wall_time_s", "samples_per_s", "output_tokens_per_s", "steps_per_second", "tokens_per_second"}
+)
 # `nlistral report --experiments ... --group-by KEY`: configurations across seeds (the report shows it when present)
 SEEDS = "metrics/seeds.json"
 # report: read only the files above; the cards are its own outs (a stage cannot write into another's out folder)

@@ -47,6 +47,7 @@ class Train(Section):
     lr_scheduler_type: SCHEDULERS = "linear"
     optim: Name = "adamw_torch"
     gradient_checkpointing: bool = False
+    padding_free: Literal["auto"] | bool = "auto"
     logging_steps: Positive = 1
     eval_steps: Positive = 1
     early_stopping_patience: Count = 0
@@ -128,6 +129,7 @@ class Eval(Section):
     allow_short_max_new_tokens: bool = False
     limit: Positive | None = None
     engine: str = "hf"
+    scoring: Literal["generate", "likelihood"] = "generate"
     bootstrap: Annotated[int, Field(ge=1000)] = 1000  # fewer resamples: an interval's 2.5th percentile is noise
     seed: int = 0
     teacher_max_reprompts: Count = 0

@@ -12,6 +12,7 @@ row parsed. Intervals (nlistral.stats): accuracy, Wilson's; macro F1, a row boot
 
 from collections import Counter
 
+from nlistral.confidence import calibration
 from nlistral.data import load_split
 from nlistral.parsing import read_answer
 from nlistral.stats import accuracy_ci, macro_f1_ci
@@ -23,8 +24,10 @@ def eval_rows(cfg):
     return rows if cfg.eval.limit is None else rows.head(cfg.eval.limit)
 
 
-def prediction(row, text: str | None, finish_reason: str | None, output_tokens: int, answer=None) -> dict:
-    """One row of predictions*.jsonl (docs/evaluation.md: Evaluation). `answer` defaults to reading `text`."""
+def prediction(row, text: str | None, finish_reason: str | None, output_tokens: int, answer=None,
+               p_entailment: float | None = None) -> dict:  # fmt: skip
+    """One row of predictions*.jsonl (docs/evaluation.md: Evaluation). `answer` defaults to reading `text`;
+    `p_entailment`: the student's probability of entailment at its label's step (None: the teacher, or none read)."""
     answer = answer or read_answer(text, finish_reason)
     return {
         "id": str(row.id),
@@ -38,6 +41,7 @@ def prediction(row, text: str | None, finish_reason: str | None, output_tokens: 
         "finish_reason": finish_reason,
         "output_tokens": output_tokens,
         "output": text,
+        "p_entailment": p_entailment,
     }
 
 
@@ -96,4 +100,7 @@ def eval_metrics(cfg, records, model: str, model_id: str, wall: float) -> dict:
         "output_tokens_per_s": round(output_tokens / wall, 1) if wall else 0.0,
         "wall_time_s": round(wall, 2),
     }
+    # None for the teacher (its API returns no probabilities) and where no label step was read
+    columns = ([r.get(k) for r in records] for k in ("p_entailment", "true_label", "predicted_label"))
+    metrics["calibration"] = calibration(*columns, cfg.eval.bootstrap, cfg.eval.seed)
     return metrics

@@ -6,6 +6,13 @@ Each row is a two-turn chat (user: prompt, assistant: completion) rendered by th
 chat model trains with no code change (Mistral's template gives `<s>[INST] {prompt} [/INST] {completion}</s>`).
 TRL's SFTTrainer masks the prompt tokens out of the loss. Nothing is truncated (max_length=None): rows over
 model.max_seq_length tokens reach here only if the sft stage kept them.
+
+`train.padding_free` (auto|true|false): a batch's rows concatenated into one row with their own position_ids, no
+padding (TRL's `padding_free`). It is only correct where the attention keeps the rows apart: transformers 5.24's
+masking_utils builds a block-diagonal causal mask from position_ids for sdpa and eager when no attention mask is
+passed and no cache is used (TRL's compute_loss sets use_cache=False), and the flash-attention kernels read the
+collator's cu_seq_lens. tests/test_padding_free.py proves the losses and gradients equal the padded batch's for sdpa
+and eager; auto turns it on for those implementations only.
 """
 
 import torch
@@ -19,6 +26,9 @@ from nlistral.errors import ConfigError, StageError
 from nlistral.io import read_jsonl
 from nlistral.model import fsdp_launch, load_base_model, load_tokenizer
 from nlistral.paths import FINETUNE
+
+# Attention implementations that keep padding-free rows apart (see the module doc); auto turns padding-free on for these
+ISOLATING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 
 
 def sft_dataset(path) -> Dataset:
@@ -57,6 +67,12 @@ def check_precision(cfg, fsdp: bool) -> None:
         # FSDP's flat parameters do not fit bitsandbytes' 8-bit optimizer state (bitsandbytes #89, accelerate #1362)
         raise ConfigError(f"train.optim={cfg.train.optim}: an 8-bit optimizer does not work with FSDP; "
                           "use train.optim=adamw_torch (docs/training.md)")  # fmt: skip
+    if fsdp and cfg.model.load_in_4bit and cfg.model.bnb_4bit_quant_storage != cfg.model.dtype:
+        # FSDP flattens each wrapped layer's 4-bit weights with its norms into one tensor of one float dtype
+        # (torch/distributed/fsdp/_flat_param.py: "Cannot flatten integer dtype tensors", "... uniform dtype")
+        storage = cfg.model.bnb_4bit_quant_storage
+        raise ConfigError(f"model.bnb_4bit_quant_storage={storage}: FSDP shards 4-bit weights stored in model.dtype "
+                          f"only; set model.bnb_4bit_quant_storage={cfg.model.dtype}")  # fmt: skip
 
 
 def training_args(cfg, output_dir) -> SFTConfig:
@@ -129,11 +145,13 @@ def build_trainer(cfg, output_dir) -> SFTTrainer:
     )
     # bad input fails before a 7B model loads
     train_rows, dev_rows = (sft_dataset(paths.require(FINETUNE, split)) for split in ("train", "dev"))
+    model = load_base_model(cfg, for_training=True)
+    args.padding_free = use_padding_free(train.padding_free, model)
     callbacks = [EvaluateAtEnd()]
     if train.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
     return SFTTrainer(
-        model=load_base_model(cfg, for_training=True),
+        model=model,
         args=args,
         train_dataset=train_rows,
         eval_dataset=dev_rows,
@@ -141,6 +159,52 @@ def build_trainer(cfg, output_dir) -> SFTTrainer:
         peft_config=lora,
         callbacks=callbacks,
     )
+
+
+def use_padding_free(setting, model) -> bool:
+    """`train.padding_free`: true/false as set; auto = on where the model's attention isolates packed rows."""
+    attention = model.config._attn_implementation
+    if setting == "auto":
+        return attention in ISOLATING_ATTENTION
+    if setting is True and attention not in ISOLATING_ATTENTION:
+        raise ConfigError(
+            f"train.padding_free=true needs an attention that keeps packed rows apart "
+            f"({', '.join(ISOLATING_ATTENTION)}), the model uses {attention!r}: set train.padding_free to auto or false"
+        )
+    return bool(setting)
+
+
+class TokenCount(TrainerCallback):
+    """Positions and real tokens of the training batches (tokens_processed, pad_token_share in metrics/train.json).
+
+    It wraps the trainer's collator until training starts: train() builds its dataloader (taking the collator) before
+    on_train_begin, where the plain collator is put back, so the dev evaluations' dataloaders, built later, are not
+    counted. Counts this process's batches of this session (a resumed run: from its checkpoint on); the dataloader
+    runs in-process (dataloader_num_workers=0, the default), where these counters live.
+    """
+
+    def __init__(self, trainer):
+        self.trainer, self.collator = trainer, trainer.data_collator
+        self.positions = self.tokens = 0
+        trainer.data_collator = self
+        trainer.add_callback(self)
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        self.positions += batch["input_ids"].numel()
+        self.tokens += sum(len(example["input_ids"]) for example in examples)
+        return batch
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.data_collator = self.collator
+
+    def metrics(self) -> dict:
+        return {
+            "padding_free": self.trainer.args.padding_free,
+            "tokens_processed": self.tokens,
+            "positions_processed": self.positions,
+            "pad_token_share": round(1 - self.tokens / self.positions, 4) if self.positions else None,
+        }
 
 
 def one_gpu_per_process(args) -> None:

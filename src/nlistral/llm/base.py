@@ -23,6 +23,8 @@ class Reply:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached: bool = False  # served from the reply cache: nothing was sent or paid
+    # OpenAI's logprobs (asked with `top_logprobs`): per token, its text and {candidate text: logprob}
+    logprobs: list[tuple[str, dict[str, float]]] | None = None
 
 
 class RequestFailed(Exception):

@@ -63,11 +63,22 @@ def parse_completion(raw: str) -> Reply:
         if isinstance(content, list):  # Mistral's chunked content: keep the text chunks, drop e.g. "thinking"
             content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
         usage = data.get("usage") or {}
+        steps = (choice.get("logprobs") or {}).get("content")
         return Reply(
             str(content),
             choice.get("finish_reason"),
             int(usage.get("prompt_tokens") or 0),
             int(usage.get("completion_tokens") or 0),
+            logprobs=[
+                (
+                    s["token"],
+                    {t["token"]: float(t["logprob"]) for t in s.get("top_logprobs") or ()}
+                    | {s["token"]: float(s["logprob"])},
+                )
+                for s in steps
+            ]
+            if steps
+            else None,  # fmt: skip
         )
     except (TypeError, KeyError, IndexError, AttributeError, ValueError) as err:
         raise ValueError(f"not a chat completion ({type(err).__name__})") from None
@@ -176,6 +187,8 @@ class HttpClient:
             body["response_format"] = {"type": cfg.response_format}
         if cfg.get("stop"):  # the student's label-first tasks (nlistral.evaluation)
             body["stop"] = list(cfg.stop)
+        if cfg.get("top_logprobs"):  # the student's: its label's probability (nlistral.confidence)
+            body |= {"logprobs": True, "top_logprobs": cfg.top_logprobs}
         return body
 
     def key(self, body: dict) -> str:

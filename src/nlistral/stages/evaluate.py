@@ -12,7 +12,7 @@ one for other rows) prints why and skips that comparison rather than make the ad
 import mlflow
 
 from nlistral import tracking
-from nlistral.evaluation import check_engine, check_failures, eval_task, run_generation
+from nlistral.evaluation import check_engine, check_failures, check_scoring, eval_task, run_generation
 from nlistral.formatting import terminal
 from nlistral.io import content_digest, read_jsonl, write_csv, write_jsonl, write_metrics
 from nlistral.model import base_info, load_adapter_model, load_tokenizer
@@ -21,6 +21,7 @@ from nlistral.paths import (
     CONFUSION,
     EVAL_METRICS,
     PLOT_ACCURACY_BY_LENGTH,
+    PLOT_RELIABILITY,
     PREDICTIONS,
     PREDICTIONS_BASE,
     PREDICTIONS_TEACHER,
@@ -67,6 +68,9 @@ def _log_to_training_run(cfg, metrics: dict) -> None:
         flat = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         flat.update({f"confusion_{k}": v for k, v in metrics["confusion"].items()})
         flat["accuracy_ci95_low"], flat["accuracy_ci95_high"] = metrics["accuracy_ci95"]
+        if calibration := metrics["calibration"]:
+            flat |= {k: calibration[k] for k in ("ece", "brier", "auroc") if calibration[k] is not None}
+            flat["ece_ci95_low"], flat["ece_ci95_high"] = calibration["ece_ci95"]
         for name, comparison in metrics["comparisons"].items():
             flat.update({f"vs_{name}_{k}": comparison[k] for k in ("difference", "mcnemar_p", "mcnemar_midp")})
         run.log(mlflow.log_metrics, {f"test_{k}": v for k, v in flat.items()})
@@ -77,14 +81,16 @@ def _log_to_training_run(cfg, metrics: dict) -> None:
 def run(cfg) -> dict:
     check_engine(cfg)
     task = eval_task(cfg)
+    scoring = check_scoring(cfg, task)
     rows = eval_rows(cfg)
     tokenizer = load_tokenizer(ADAPTER_DIR)
-    outputs, wall = run_generation(cfg, rows, lambda: load_adapter_model(cfg), tokenizer, ADAPTER_DIR, task)
+    outputs, wall = run_generation(cfg, rows, lambda: load_adapter_model(cfg), tokenizer, ADAPTER_DIR, task, scoring)
 
     answers = [g.answer(task) for g in outputs]
-    records = [prediction(row, g.text, g.finish_reason, g.output_tokens, answer)
+    records = [prediction(row, g.text, g.finish_reason, g.output_tokens, answer, g.p_entailment)
                for row, g, answer in zip(rows.itertuples(), outputs, answers, strict=True)]  # fmt: skip
-    metrics = eval_metrics(cfg, records, "fine-tuned", base_info()["name_or_path"], wall) | {"task": task}
+    metrics = eval_metrics(cfg, records, "fine-tuned", base_info()["name_or_path"], wall)
+    metrics |= {"task": task, "scoring": scoring}
     metrics["comparisons"] = comparisons(cfg, records)
 
     write_jsonl(PREDICTIONS, records)
@@ -93,6 +99,8 @@ def run(cfg) -> dict:
     write_csv(CONFUSION, confusion, ("actual", "predicted"))  # for `dvc plots` (template: confusion)
     by_length = accuracy_by_length(rationale_tokens(tokenizer, records, answers), [r["correct"] for r in records])
     write_csv(PLOT_ACCURACY_BY_LENGTH, by_length, ("rationale_tokens", "rows", "accuracy"))
+    reliability = (metrics["calibration"] or {}).get("reliability", [])
+    write_csv(PLOT_RELIABILITY, reliability, ("bin", "rows", "confidence", "accuracy"))  # `dvc plots`
     write_metrics(EVAL_METRICS, metrics)
     check_failures(cfg, outputs)
     _log_to_training_run(cfg, metrics)

@@ -16,7 +16,7 @@ def run(cfg) -> dict:
     rows = eval_rows(cfg)
     tokenizer = load_tokenizer(BASE_DIR)
     outputs, wall = run_generation(cfg, rows, lambda: load_base_model(cfg).eval(), tokenizer)
-    records = [prediction(row, g.text, g.finish_reason, g.output_tokens, g.answer())
+    records = [prediction(row, g.text, g.finish_reason, g.output_tokens, g.answer(), g.p_entailment)
                for row, g in zip(rows.itertuples(), outputs, strict=True)]  # fmt: skip
     metrics = eval_metrics(cfg, records, "base", base_info()["name_or_path"], wall)
     write_jsonl(PREDICTIONS_BASE, records)

@@ -50,15 +50,17 @@ def set_rows(cfg, name: str) -> tuple[pd.DataFrame, dict]:
 def student(cfg, rows, tuned: bool) -> tuple[list[dict], dict, list]:
     """The fine-tuned model (base + adapter) or the base model zero-shot, as evaluate/evaluate_base run them.
     -> (prediction records, metrics, the generations: check_failures reads them once the files are written)."""
-    from nlistral.evaluation import check_engine, eval_task, run_generation
+    from nlistral.evaluation import check_engine, check_scoring, eval_task, run_generation
     from nlistral.model import base_info, load_adapter_model, load_base_model, load_tokenizer
 
     check_engine(cfg)
     task = eval_task(cfg) if tuned else "cot"
     model_dir = require(ADAPTER_DIR if tuned else BASE_DIR)
     load = (lambda: load_adapter_model(cfg)) if tuned else (lambda: load_base_model(cfg).eval())
-    outputs, wall = run_generation(cfg, rows, load, load_tokenizer(model_dir), ADAPTER_DIR if tuned else None, task)
-    records = [prediction(row, g.text, g.finish_reason, g.output_tokens, g.answer(task))
+    scoring = check_scoring(cfg, task) if tuned else "generate"  # the base is asked cot: it generates
+    outputs, wall = run_generation(cfg, rows, load, load_tokenizer(model_dir), ADAPTER_DIR if tuned else None, task,
+                                   scoring)  # fmt: skip
+    records = [prediction(row, g.text, g.finish_reason, g.output_tokens, g.answer(task), g.p_entailment)
                for row, g in zip(rows.itertuples(), outputs, strict=True)]  # fmt: skip
     metrics = eval_metrics(cfg, records, "fine-tuned" if tuned else "base", base_info()["name_or_path"], wall)
     return records, metrics, outputs

@@ -255,8 +255,30 @@ def test_sets_chart(ctx):
     return fig
 
 
+def reliability_chart(ctx):
+    """The fine-tuned model's reliability diagram (eval.json's calibration bins); None without probabilities."""
+    from matplotlib.figure import Figure
+
+    calibration = ctx["results"]["fine-tuned"].get("calibration")
+    if not calibration:
+        return None
+    bins = calibration["reliability"]
+    fig = Figure(figsize=(3.6, 3.4))
+    ax = fig.subplots()
+    ax.plot([0.5, 1], [0.5, 1], color="grey", linestyle="--", label="calibrated")
+    ax.scatter([b["confidence"] for b in bins], [b["accuracy"] for b in bins], s=[12 + 4 * b["rows"] for b in bins],
+               color="#4c78a8", label="bins (area: rows)")  # fmt: skip
+    ax.set_xlim(0.45, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("confidence of the predicted label")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"ECE {calibration['ece']:.3f}, n = {calibration['n']}")
+    ax.legend(fontsize=7)
+    return fig
+
+
 CHARTS = {"accuracy": accuracy_chart, "confusion": confusion_chart, "loss": loss_chart, "by_length": by_length_chart,
-          "test_sets": test_sets_chart}  # fmt: skip
+          "test_sets": test_sets_chart, "reliability": reliability_chart}  # fmt: skip
 
 
 def charts(ctx) -> dict[str, str]:

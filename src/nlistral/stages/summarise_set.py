@@ -2,8 +2,8 @@
 
 `nlistral summarise-set --set NAME` reads what `evaluate-set` wrote for the fine-tuned model, the base model and the
 teacher, and writes for each its headline metrics (n, accuracy with its 95% CI, macro F1, parse failures) and its
-accuracy per tag value (`by_tag`: tag column -> value -> n, accuracy, Wilson CI), and the paired comparison of each
-baseline (a) with the fine-tuned model (b), as eval.json's `comparisons` (nlistral.results, same rows by id).
+accuracy per tag value (`by_tag`: tag column -> value -> n, accuracy, Clopper-Pearson CI), and the paired comparison
+of each baseline (a) with the fine-tuned model (b), as eval.json's `comparisons` (nlistral.results, same rows by id).
 `by_tag_comparisons` pairs them again within each tag value (difference, McNemar mid-p): the set's per-tag cells
 are one family of `by_tag_family` comparisons, with Holm-adjusted p-values (`holm_p`).
 """
@@ -21,14 +21,15 @@ SHOWN = ("model_id", "n", "accuracy", "accuracy_ci95", "macro_f1", "macro_f1_ci9
 
 
 def by_tag(records, tags) -> dict:
-    """Tag column -> tag value (sorted) -> {n, accuracy, accuracy_ci95} over the rows with that value."""
+    """Tag column -> tag value (sorted) -> {n, accuracy, accuracy_ci95} over the rows with that value; the interval
+    Clopper-Pearson's (a cell holds a handful of rows, where Wilson's coverage dips below 90%)."""
     table = {}
     for tag in tags:
         groups = {}
         for record in records:
             groups.setdefault(record["tags"][tag], []).append(bool(record["correct"]))
         table[tag] = {value: {"n": len(correct), "accuracy": round(sum(correct) / len(correct), 4),
-                              "accuracy_ci95": accuracy_ci(correct)}
+                              "accuracy_ci95": accuracy_ci(correct, exact=True)}
                       for value, correct in sorted(groups.items())}  # fmt: skip
     return table
 

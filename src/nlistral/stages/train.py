@@ -36,7 +36,7 @@ from nlistral.io import content_digest, write_csv, write_json, write_metrics
 from nlistral.model import base_info, staged_dir
 from nlistral.paths import ADAPTER_DIR, FINETUNE, SFT_METRICS, TRAIN_HISTORY, TRAIN_METRICS
 from nlistral.redact import redacted
-from nlistral.trainer import build_trainer
+from nlistral.trainer import TokenCount, build_trainer
 
 CHECKPOINTS = Path("checkpoints")  # resume state, not a stage output: git- and dvc-ignored, see the module doc
 CHECKPOINT_RUN = "mlflow_run.json"  # beside the checkpoints: the MLflow run a resumed training continues
@@ -202,10 +202,14 @@ def history(log_history) -> list[dict]:
     return [rows[step] for step in sorted(rows)]
 
 
-def summarize(cfg, trainer, result, resumed_from: int | None, wall: float) -> dict:
+def summarize(cfg, trainer, result, resumed_from: int | None, wall: float, params: tuple[int, int],
+              tokens: TokenCount) -> dict:  # fmt: skip
+    """`params`: (trainable, total) counted before training: under FSDP `trainer.model` is then the wrapper, whose
+    flat parameters are this rank's shard and no longer 4-bit (transformers/trainer.py: `self.model =
+    self.model_wrapped = model`)."""
     lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    trainable, total = trainer.model.get_nb_trainable_parameters()
+    trainable, total = params
     state = trainer.state
     best_step = checkpoint_step(state.best_model_checkpoint)
     return {
@@ -231,6 +235,8 @@ def summarize(cfg, trainer, result, resumed_from: int | None, wall: float) -> di
         "processes": trainer.args.world_size,
         "wall_time_s": round(wall, 2),
         "steps_per_second": round((state.global_step - (resumed_from or 0)) / wall, 2),
+        **tokens.metrics(),  # this session's training batches: real tokens, positions, the padded share
+        "tokens_per_second": round(tokens.tokens / wall, 1),
     }
 
 
@@ -239,6 +245,8 @@ def run(cfg) -> dict:
     run_dir = CHECKPOINTS / fingerprint(cfg)  # missing input fails here, before MLflow is touched
     tracking.connect(cfg)  # a tracking server that does not answer fails here, before any model loads
     trainer = build_trainer(cfg, run_dir)  # bad or empty input and bad train.* values fail here
+    params = trainer.model.get_nb_trainable_parameters()  # before train() wraps the model (summarize)
+    tokens = TokenCount(trainer)
     main = trainer.is_world_process_zero()  # one process unless started by `accelerate launch`
     checkpoint = latest_checkpoint(run_dir) if cfg.train.resume == "auto" else None
     if checkpoint is None and main:
@@ -261,7 +269,7 @@ def run(cfg) -> dict:
         if not main:
             trainer.save_model()
             return {}
-        metrics = summarize(cfg, trainer, result, resumed_from, wall)
+        metrics = summarize(cfg, trainer, result, resumed_from, wall, params, tokens)
         run.log(mlflow.log_metrics, {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
         with staged_dir(ADAPTER_DIR) as out:  # the best checkpoint's weights (load_best_model_at_end)
             trainer.save_model(str(out))  # the adapter and the tokenizer
