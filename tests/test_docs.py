@@ -236,6 +236,11 @@ def figure_sources() -> list[tuple[str, str, str, object]]:
     gpu = json.loads(read("bench/results/gpu-h200.json"))
     rows = {split: len(read(f"data/sample/{split}.csv").splitlines()) - 1 for split in ("train", "dev", "test")}
     ratio = tokens["per_prompt_ratio"]
+    formats = json.loads(read("bench/results/formats-cpu.json"))
+    runs, padded = formats["results"], formats["padded_cot_training"]
+    scored, generated, first = (runs[k]["samples_per_s"] for k in ("label_only (likelihood)", "label_only",
+                                                                    "label_first"))  # fmt: skip
+    agree = runs["label_only (likelihood)"]
     return [
         ("README.md", "a {:,}-parameter", "metrics/train.json", train["total_params"]),
         ("README.md", "trained for {} steps", "metrics/train.json", train["steps"]),
@@ -258,6 +263,19 @@ def figure_sources() -> list[tuple[str, str, str, object]]:
         ("docs/real-setup.md", "| {} rows/s, {:.0f} tokens/s ({} GiB) |", "bench/results/gpu-h200.json",
          (gpu["generate_hf"]["samples_per_s"], gpu["generate_hf"]["output_tokens_per_s"],
           gpu["generate_hf"]["peak_gpu_allocated_gib"])),
+        ("docs/evaluation.md", "generation on {} of {} rows", "bench/results/formats-cpu.txt",
+         (round(agree["labels_equal_generation"] * agree["n"]), agree["n"])),
+        ("docs/evaluation.md", "at {:.0f} samples/s against {:.0f}", "bench/results/formats-cpu.txt",
+         (scored, generated)),
+        ("docs/evaluation.md", "and {:.0f} (label_first generation): {:.1f}× and {:.1f}×",
+         "bench/results/formats-cpu.txt", (first, scored / generated, scored / first)),
+        ("docs/evaluation.md", "the same adapter, {:.0f} tokens a row", "bench/results/formats-cpu.txt",
+         runs["label_only"]["output_tokens_per_row"]),
+        ("docs/training.md", "padded batches were {:.1%} padding ({:,} positions for {:,} tokens)",
+         "bench/results/formats-cpu.json",
+         (padded["pad_token_share"], padded["positions_processed"], padded["tokens_processed"])),
+        ("docs/training.md", "({:,.0f} padded against {:,.0f} padding-free)", "bench/results/formats-cpu.json",
+         (padded["tokens_per_second"], runs["cot"]["train"]["tokens_per_second"])),
         *coverage_rows(),
     ]  # fmt: skip
 
