@@ -109,6 +109,15 @@ def test_the_documented_subcommands_are_the_clis_and_every_stage_runs_one():
         assert command[0] == "nlistral" and command[1] in subcommands, f"dvc.yaml stage {name}: {command}"
 
 
+def test_the_readme_and_the_index_list_every_docs_page():
+    """Review r4: docs/security.md was in the index and mkdocs' nav but not in the README's table of pages."""
+    pages = sorted(p.name for p in (REPO / "docs").glob("*.md") if p.name != "index.md")
+    readme = sorted(re.findall(r"^\| \[[^]]+\]\(docs/([\w-]+\.md)\)", read("README.md"), re.M))
+    index = sorted(re.findall(r"^\| \[[^]]+\]\(([\w-]+\.md)\)", read("docs/index.md"), re.M))
+    nav = sorted(page for entry in yaml.safe_load(read("mkdocs.yml"))["nav"] for page in entry.values())
+    assert readme == index == pages and nav == sorted([*pages, "index.md"])
+
+
 def test_the_readme_dag_names_every_stage():
     dag = read("README.md").split("## The pipeline", 1)[1].split("```", 2)[1]
     missing = [name for name in dvc_stages() if not re.search(rf"\b{name}\b", dag)]
