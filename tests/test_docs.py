@@ -251,7 +251,8 @@ def figure_sources() -> list[tuple[str, str, str, object]]:
                                                                     "label_first"))  # fmt: skip
     agree = runs["label_only (likelihood)"]
     return [
-        ("README.md", "a {:,}-parameter", "metrics/train.json", train["total_params"]),
+        # review r4: total_params counts the LoRA adapter too; the model base_model builds is the rest
+        ("README.md", "a {:,}-parameter", "metrics/train.json", train["total_params"] - train["trainable_params"]),
         ("README.md", "trained for {} steps", "metrics/train.json", train["steps"]),
         ("README.md", "({} train / {} dev / {} test)", "data/sample/*.csv", (rows["train"], rows["dev"], rows["test"])),
         ("docs/real-setup.md", "gives {:.1%} more tokens than Tekken", "bench/results/token-count.json",
