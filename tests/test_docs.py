@@ -118,6 +118,13 @@ def test_the_readme_and_the_index_list_every_docs_page():
     assert readme == index == pages and nav == sorted([*pages, "index.md"])
 
 
+def test_the_documented_timing_keys_are_the_ones_moved_to_metrics_speed():
+    from nlistral.paths import SPEED_KEYS
+
+    bullet = paragraph(read("docs/experiments.md"), "- **Timings**").split(") go")[0]
+    assert set(re.findall(r"`(\w+)`", bullet)) == SPEED_KEYS
+
+
 def test_the_readme_dag_names_every_stage():
     dag = read("README.md").split("## The pipeline", 1)[1].split("```", 2)[1]
     missing = [name for name in dvc_stages() if not re.search(rf"\b{name}\b", dag)]
