@@ -118,9 +118,9 @@ image:
 image-lock: setup
 	$(BIN)/python scripts/image-lock.py
 
-# Builds the image as UID 1000 and runs `nlistral --help`, Triton's C build and the embedded `dvc repro` in it on a
-# clone owned by that UID (tests/test_image.py; slow, not part of `make test`). Same variables as `make image`;
-# IMAGE_RUN_ARGS: flags for `run`.
+# Builds the image for UID 1000 when run as root (else for yours) and runs `nlistral --help`, Triton's C build and the
+# embedded `dvc repro` in it on a clone owned by that UID (tests/test_image.py; slow, not part of `make test`). Same
+# variables as `make image`; IMAGE_RUN_ARGS: flags for `run`.
 image-test: setup-dev
 	NLISTRAL_IMAGE_TEST=1 ENGINE="$(ENGINE)" BASE="$(BASE)" IMAGE_ARGS="$(IMAGE_ARGS)" IMAGE_RUN_ARGS="$(IMAGE_RUN_ARGS)" \
 		$(BIN)/pytest -p no:cacheprovider tests/test_image.py

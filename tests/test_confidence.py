@@ -28,6 +28,19 @@ def test_the_label_step_gives_the_probability_of_entailment_from_the_two_digit_t
     assert label_probability(cot, label_first=True) is None  # no candidates known at that step
 
 
+def test_a_cot_answer_cut_off_after_its_label_keeps_its_probability_but_not_a_label():
+    """Review r4: docs/evaluation.md said a parse failure has no probability; one that wrote its label before
+    max_new_tokens cut it keeps one, and calibration leaves the row out (it has no label)."""
+    from nlistral.parsing import read_answer
+
+    cut = steps(('{"thought_process": "Step 1", "predicted_label":', {}), (" 1", {" 1": math.log(0.8), " 0": -2.0}))
+    text = "".join(token for token, _ in cut)
+    assert read_answer(text, "length", "cot").error == "truncated"
+    assert label_probability(cut, label_first=False) is not None
+    assert calibration([0.9, 0.7], [1, 0], [None, 1], 1000, 0)["n"] == 1
+    assert label_probability(steps(('{"predicted_label": ', {}), ("10", {"10": -0.1})), True) is None
+
+
 def test_calibration_figures_by_hand_and_against_scikit_learn():
     p = [0.9, 0.8, 0.3, 0.6, 0.1, 0.55]
     true = [1, 0, 0, 1, 1, 0]

@@ -109,6 +109,22 @@ def test_the_documented_subcommands_are_the_clis_and_every_stage_runs_one():
         assert command[0] == "nlistral" and command[1] in subcommands, f"dvc.yaml stage {name}: {command}"
 
 
+def test_the_readme_and_the_index_list_every_docs_page():
+    """Review r4: docs/security.md was in the index and mkdocs' nav but not in the README's table of pages."""
+    pages = sorted(p.name for p in (REPO / "docs").glob("*.md") if p.name != "index.md")
+    readme = sorted(re.findall(r"^\| \[[^]]+\]\(docs/([\w-]+\.md)\)", read("README.md"), re.M))
+    index = sorted(re.findall(r"^\| \[[^]]+\]\(([\w-]+\.md)\)", read("docs/index.md"), re.M))
+    nav = sorted(page for entry in yaml.safe_load(read("mkdocs.yml"))["nav"] for page in entry.values())
+    assert readme == index == pages and nav == sorted([*pages, "index.md"])
+
+
+def test_the_documented_timing_keys_are_the_ones_moved_to_metrics_speed():
+    from nlistral.paths import SPEED_KEYS
+
+    bullet = paragraph(read("docs/experiments.md"), "- **Timings**").split(") go")[0]
+    assert set(re.findall(r"`(\w+)`", bullet)) == SPEED_KEYS
+
+
 def test_the_readme_dag_names_every_stage():
     dag = read("README.md").split("## The pipeline", 1)[1].split("```", 2)[1]
     missing = [name for name in dvc_stages() if not re.search(rf"\b{name}\b", dag)]
@@ -236,22 +252,17 @@ def figure_sources() -> list[tuple[str, str, str, object]]:
     gpu = json.loads(read("bench/results/gpu-h200.json"))
     rows = {split: len(read(f"data/sample/{split}.csv").splitlines()) - 1 for split in ("train", "dev", "test")}
     ratio = tokens["per_prompt_ratio"]
-    pipeline = json.loads(read("bench/results/pipeline-time.json"))
     formats = json.loads(read("bench/results/formats-cpu.json"))
-    speed = {run: r["samples_per_s"] for run, r in formats["results"].items()}
-    padded = formats["padded_cot_training"]
+    runs, padded = formats["results"], formats["padded_cot_training"]
+    scored, generated, first = (runs[k]["samples_per_s"] for k in ("label_only (likelihood)", "label_only",
+                                                                    "label_first"))  # fmt: skip
+    agree = runs["label_only (likelihood)"]
+    pipeline = json.loads(read("bench/results/pipeline-time.json"))
     return [
-        ("docs/evaluation.md", "at {:.0f} samples/s against {:.0f}", "bench/results/formats-cpu.json",
-         (speed["label_only (likelihood)"], speed["label_only"])),
-        ("docs/evaluation.md", "and {:.0f} (label_first generation): {:.1f}× and {:.1f}×",
-         "bench/results/formats-cpu.json",
-         (speed["label_first"], speed["label_only (likelihood)"] / speed["label_only"],
-          speed["label_only (likelihood)"] / speed["label_first"])),
-        ("docs/training.md", "{:.1%} padding ({:,} positions for {:,} tokens)", "bench/results/formats-cpu.json",
-         (padded["pad_token_share"], padded["positions_processed"], padded["tokens_processed"])),
         ("README.md", "took {:.0f} s (`bench/results/pipeline-time.json`", "bench/results/pipeline-time.json",
          pipeline["wall_s"]),
-        ("README.md", "a {:,}-parameter", "metrics/train.json", train["total_params"]),
+        # review r4: total_params counts the LoRA adapter too; the model base_model builds is the rest
+        ("README.md", "a {:,}-parameter", "metrics/train.json", train["total_params"] - train["trainable_params"]),
         ("README.md", "trained for {} steps", "metrics/train.json", train["steps"]),
         ("README.md", "({} train / {} dev / {} test)", "data/sample/*.csv", (rows["train"], rows["dev"], rows["test"])),
         ("docs/real-setup.md", "gives {:.1%} more tokens than Tekken", "bench/results/token-count.json",
@@ -272,6 +283,19 @@ def figure_sources() -> list[tuple[str, str, str, object]]:
         ("docs/real-setup.md", "| {} rows/s, {:.0f} tokens/s ({} GiB) |", "bench/results/gpu-h200.json",
          (gpu["generate_hf"]["samples_per_s"], gpu["generate_hf"]["output_tokens_per_s"],
           gpu["generate_hf"]["peak_gpu_allocated_gib"])),
+        ("docs/evaluation.md", "generation on {} of {} rows", "bench/results/formats-cpu.txt",
+         (round(agree["labels_equal_generation"] * agree["n"]), agree["n"])),
+        ("docs/evaluation.md", "at {:.0f} samples/s against {:.0f}", "bench/results/formats-cpu.txt",
+         (scored, generated)),
+        ("docs/evaluation.md", "and {:.0f} (label_first generation): {:.1f}× and {:.1f}×",
+         "bench/results/formats-cpu.txt", (first, scored / generated, scored / first)),
+        ("docs/evaluation.md", "the same adapter, {:.0f} tokens a row", "bench/results/formats-cpu.txt",
+         runs["label_only"]["output_tokens_per_row"]),
+        ("docs/training.md", "padded batches were {:.1%} padding ({:,} positions for {:,} tokens)",
+         "bench/results/formats-cpu.json",
+         (padded["pad_token_share"], padded["positions_processed"], padded["tokens_processed"])),
+        ("docs/training.md", "({:,.0f} padded against {:,.0f} padding-free)", "bench/results/formats-cpu.json",
+         (padded["tokens_per_second"], runs["cot"]["train"]["tokens_per_second"])),
         *coverage_rows(),
     ]  # fmt: skip
 

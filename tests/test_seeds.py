@@ -98,3 +98,7 @@ def test_configurations_whose_seeds_agree_exactly_get_no_statement():
     assert summary["family"] == 0 and "versus_reference" not in summary["configurations"]["x=b"]
     row = next(line for line in experiments.seed_table(summary).splitlines() if line.startswith("| `x=b`"))
     assert "no statement: no spread across seeds | – | – | – |" in row
+    # review r4: the footer said "each configuration with 2+ seeds" over a family of 0 beside this 2-seed row
+    assert "Holm family: 0 comparisons (each configuration with a seed statement vs `x=a`)." in (
+        experiments.seed_table(summary)
+    )

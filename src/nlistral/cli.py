@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
                         "experiment's")  # fmt: skip
     report.add_argument("--group-by", nargs="+", metavar="KEY", help="with --experiments/--all: experiments that "
                         "differ only in these params (e.g. train.seed) are one configuration: mean, sd, min, max "
-                        "across them; differences with an interval over seeds and test rows")  # fmt: skip
+                        "across them; each vs the reference by Welch's t on the per-seed accuracies")  # fmt: skip
     report.add_argument("--set", dest="set_name", metavar="NAME", help="with --experiments/--all: the table on the "
                         "extra test set NAME (eval.test_sets) instead of the test split")  # fmt: skip
     export = sub.add_parser("export", help="adapter + tokenizer + model card (as README.md) -> DIR, for the HF Hub")

@@ -6,8 +6,9 @@ scores of `generate` (the top LOGPROBS of each step and every token holding a 0 
 `"predicted_label":` (the first such key for a label-first task, the last for cot). Its probability of entailment
 is p(token with 1) / (p(token with 0) + p(token with 1)), the two tokens being the written one and the same token
 with the other digit (` 1,` against ` 0,`); a candidate not among the top ones counts as probability 0 (a server's
-probability is then 0 or 1: the other digit was below its top 20). No label step (a parse failure, a label spelled
-over several tokens): None.
+probability is then 0 or 1: the other digit was below its top 20). No label step (no `"predicted_label": 0|1` in
+the text) or a label token holding another digit too (`10`): None. A parse failure that wrote a label (cut off
+after it) keeps its probability; `calibration` counts only rows with a label.
 
 Calibration (per model, over the rows with a probability; the confidence is that of the predicted label):
 expected calibration error over BINS equal-width bins with a row-bootstrap 95% interval (ECE is biased upward at

@@ -10,8 +10,9 @@ accuracy difference with a paired-bootstrap 95% CI and McNemar's mid-p, Holm-adj
 configuration, named by the params that tell configurations apart. Per configuration: the mean test accuracy over its
 seeds, their sd, min, max and count; against the reference's configuration: the difference of means with Welch's t
 95% interval and p-value on the per-seed accuracies (stats.welch), the p-values Holm-adjusted over the table (one
-family: every configuration against the reference). A configuration with one seed, or a reference with one, gets no
-seed statement at all, nor does one whose seeds and the reference's each agree exactly (no spread to test against).
+family: every configuration that gets a statement against the reference). A configuration with one seed, or a
+reference with one, gets no seed statement at all, nor does one whose seeds and the reference's each agree exactly
+(no spread to test against).
 Written to metrics/seeds.json, which the report stage shows (results.md, the page).
 """
 
@@ -170,7 +171,8 @@ def seed_table(summary: dict) -> str:
                  pct(c["min"]), pct(c["max"]), *versus]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     family = (
-        f"Holm family: {summary['family']} comparisons (each configuration with 2+ seeds vs `{summary['reference']}`)."
+        f"Holm family: {summary['family']} comparisons (each configuration with a seed statement vs "
+        f"`{summary['reference']}`)."
     )
     return "\n".join(lines) + "\n\n" + family
 

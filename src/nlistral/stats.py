@@ -1,7 +1,7 @@
 """Uncertainty for accuracies over test rows and across training seeds (scipy), each method's coverage checked by
 simulation (tests/test_coverage.py; bench/coverage.py prints the whole grid; docs/evaluation.md shows it).
 
-- one accuracy (a single proportion): Wilson's score interval;
+- one accuracy (a single proportion): Wilson's score interval (a per-tag cell's handful of rows: Clopper-Pearson's);
 - two models on the same rows: the difference with a paired (row) bootstrap percentile interval, McNemar's exact
   and mid-p tests; macro F1 with a row bootstrap interval, and its paired difference;
 - two configurations across training seeds: Welch's t interval and test on the per-seed accuracies;

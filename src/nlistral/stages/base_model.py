@@ -1,6 +1,6 @@
 """Stage: the base model everything downstream fine-tunes and evaluates, saved to models/base.
 
-`model.build_tiny: true` (embedded profile): build a ~1M-parameter Mistral-architecture model with random weights
+`model.build_tiny: true` (embedded profile): build a ~0.6M-parameter Mistral-architecture model with random weights
 and a byte-level BPE tokenizer trained on our prompt text + the train split, both deterministic (fixed seed, fixed
 corpus order). Its scores mean nothing; it exists so the whole pipeline runs on a laptop, QLoRA path included.
 `model.build_tiny: false`: save only the hub tokenizer at the pinned revision; weights stay in the HF cache and

@@ -1,4 +1,4 @@
-"""Stage: the base model with no adapter, zero-shot, on the same test rows and student prompt as `evaluate`.
+"""Stage: the base model with no adapter, zero-shot, on the same test rows as `evaluate`, asked the `cot` prompt.
 
 The floor the fine-tuning has to beat -> metrics/eval_base.json + metrics/predictions_base.jsonl, same format.
 The embedded profile's base model is untrained, so expect (nearly) every output to be a parse failure.
