@@ -10,6 +10,7 @@ downloaded in its first four minutes, not finished."""
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,7 @@ HEADER = """\
 
 
 def main() -> None:
-    if sys.version_info[:2] != (3, 11) or sys.platform != "linux":
+    if sys.version_info[:2] != (3, 11) or sys.platform != "linux" or platform.machine() != "x86_64":
         sys.exit("image-lock.py: run it with CPython 3.11 on Linux x86_64, the image's platform")
     # This machine's local wheel folders and index settings stay out: only PyPI's files go into the lock.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") or k == "PIP_CERT"}
