@@ -44,8 +44,9 @@ lock: setup-dev
 	@# the version, not this machine's local CPU build of it (2.13.0+cpu): a GPU box installs PyPI's CUDA build
 	sed -i 's/^torch==\(.*\)+cpu$$/torch==\1/' requirements.txt requirements-dev.txt
 
+# One CPU thread, as the tests: the committed results come out byte for byte (docs/experiments.md: Committed results)
 run: setup
-	dvc repro
+	OMP_NUM_THREADS=1 dvc repro
 	@echo
 	@nlistral summary
 

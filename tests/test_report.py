@@ -682,5 +682,26 @@ def test_summary_fits_80_columns_and_states_its_holm_family(reported):
     assert f"Holm family: {len(holm)} comparisons" in out
     eval_json = json.loads((reported / paths.EVAL_METRICS).read_text())
     base = next(line for line in out.splitlines() if line.startswith("base zero-shot"))
-    assert base.split()[-2:] == [report.pvalue(eval_json["comparisons"]["base"]["mcnemar_midp"], 2),
-                                 report.pvalue(holm[("test", "base")], 2)]  # fmt: skip
+    assert base.split()[-2:] == [summary._p(eval_json["comparisons"]["base"]["mcnemar_midp"]),
+                                 summary._p(holm[("test", "base")])]  # fmt: skip
+
+
+def test_summary_stays_within_80_columns_with_the_widest_figures():
+    """The pipeline test's run printed 82 columns: a 100.0 share of unparsed outputs beside a -58.3 [-83.3, -33.3]
+    difference. The widest figures each column can hold still fit, in the compact layout (one space between
+    columns, none inside intervals); tiny p-values read "<0.001", larger ones keep two significant digits."""
+    from nlistral import summary
+
+    def model(accuracy):
+        return {"n": 1972, "accuracy": accuracy, "accuracy_ci95": [accuracy, accuracy], "parse_failure_rate": 1.0}
+
+    results = {"fine-tuned": model(0.0), "base": model(1.0), "teacher": model(1.0)}
+    comparisons = {name: {"difference": -1.0, "difference_ci95": [-1.0, -1.0], "mcnemar_midp": p}
+                   for name, p in (("base", 1.2e-07), ("teacher", 0.04998))}  # fmt: skip
+    text = summary.table("Test split", results, comparisons, {"base": 3.4e-07, "teacher": 0.04998})
+    assert max(len(line) for line in text.splitlines()) <= 80, text
+    base, teacher = (line.split() for line in text.splitlines()[-2:])
+    assert base[-4:] == ["-100.0", "[-100.0,-100.0]", "<0.001", "<0.001"]
+    assert teacher[-2:] == ["<0.05", "<0.05"]  # 0.04998: never rounded across 0.05
+    roomy = summary.table("Test split", {"fine-tuned": model(0.5)}, {}, {})
+    assert "[50.0, 50.0]" in roomy  # the usual layout where it fits

@@ -17,40 +17,55 @@ def _pct(value, signed=False) -> str:
     return "–" if value is None else f"{value * 100:{'+' if signed else ''}.1f}"
 
 
-def _interval(bounds) -> str:
-    return "–" if bounds is None else f"[{_pct(bounds[0])}, {_pct(bounds[1])}]"
+def _interval(bounds, gap: str) -> str:
+    return "–" if bounds is None else f"[{_pct(bounds[0])},{gap}{_pct(bounds[1])}]"
 
 
-def rows(results: dict, comparisons: dict, holm: dict) -> list[tuple[str, ...]]:
+def _p(value) -> str:
+    """A p-value in at most 6 characters, never rounded across 0.05: below 0.001 "<0.001"; just below 0.05, where
+    two digits would read 0.05 (formatting.pvalue adds digits instead), "<0.05"."""
+    if value < 0.001:
+        return "<0.001"
+    text = pvalue(value, 2)
+    return "<0.05" if len(text) > 6 and value < 0.05 else text
+
+
+def rows(results: dict, comparisons: dict, holm: dict, gap: str) -> list[tuple[str, ...]]:
     """One row per model: its accuracy and, for a baseline, the fine-tuned model's difference from it."""
     lines = []
     for name, r in results.items():
         versus = ("", "", "")
         if c := comparisons.get(name):
-            versus = (f"{_pct(c['difference'], True)} {_interval(c['difference_ci95'])}",
-                      pvalue(c["mcnemar_midp"], 2), pvalue(holm[name], 2))  # fmt: skip
-        lines.append((MODEL_NAMES[name], _pct(r["accuracy"]), _interval(r["accuracy_ci95"]),
+            versus = (f"{_pct(c['difference'], True)} {_interval(c['difference_ci95'], gap)}",
+                      _p(c["mcnemar_midp"]), _p(holm[name]))  # fmt: skip
+        lines.append((MODEL_NAMES[name], _pct(r["accuracy"]), _interval(r["accuracy_ci95"], gap),
                       _pct(r["parse_failure_rate"]), *versus))  # fmt: skip
     return lines
 
 
+def layout(lines: list[tuple[str, ...]], separator: str) -> list[str]:
+    widths = [max(len(line[i]) for line in [HEADER, *lines]) for i in range(len(HEADER))]
+    return [
+        separator.join(
+            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in [HEADER, *lines]
+    ]
+
+
 def table(title: str, results: dict, comparisons: dict, holm: dict) -> str:
-    """`title`, its row count (the models were scored on the same rows) and the table."""
+    """`title`, its row count (the models were scored on the same rows) and the table; where wide figures (100.0,
+    -58.3 [-83.3, -33.3]) would take it past 80 columns, one space between columns and none inside intervals."""
     counts = {r["n"] for r in results.values()}
     rows_ = (
         f"{counts.pop()} rows"
         if len(counts) == 1
         else "rows: " + ", ".join(f"{n} {r['n']}" for n, r in results.items())
     )
-    lines = rows(results, comparisons, holm)
-    widths = [max(len(line[i]) for line in [HEADER, *lines]) for i in range(len(HEADER))]
-    text = [
-        "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in [HEADER, *lines]
-    ]
-    return "\n".join([f"{title}, {rows_} (percentages, 95% CIs):", *(line.rstrip() for line in text)])
+    text = layout(rows(results, comparisons, holm, " "), "  ")
+    if max(map(len, text)) > WIDTH:
+        text = layout(rows(results, comparisons, holm, ""), " ")
+    return "\n".join([f"{title}, {rows_} (percentages, 95% CIs):", *text])
 
 
 def render(cfg) -> str:
