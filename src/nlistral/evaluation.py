@@ -107,8 +107,15 @@ class TopLogprobs:
         values, ids = logprobs.topk(LOGPROBS)
         digits = self.digits.to(ids.device).expand(len(ids), -1)
         ids, values = torch.cat([ids, digits], -1), torch.cat([values, logprobs.gather(-1, digits)], -1)
-        self.steps.append((ids.tolist(), values.tolist()))
+        self.steps.append((ids, values))  # kept on the device: no GPU-to-CPU copy at every step
         return scores
+
+    def lists(self) -> list:
+        """The steps as Python lists ((ids, logprobs) per step, each batch x candidates), copied off the device once."""
+        if not self.steps:
+            return []
+        ids, values = (torch.stack(part).tolist() for part in zip(*self.steps, strict=True))
+        return list(zip(ids, values, strict=True))
 
 
 def digit_tokens(tokenizer) -> torch.Tensor:
@@ -118,7 +125,7 @@ def digit_tokens(tokenizer) -> torch.Tensor:
 
 
 def steps_of(tokenizer, ids: list[int], top: list, row: int) -> Steps:
-    """Row `row`'s generated `ids` with the candidates `top` (TopLogprobs.steps) as confidence.Steps."""
+    """Row `row`'s generated `ids` with the candidates `top` (TopLogprobs.lists()) as confidence.Steps."""
     text = {}
 
     def decode(token):
@@ -150,6 +157,7 @@ def generate(model, tokenizer, prompts, batch_size: int, max_new_tokens: int, st
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                              logits_processor=LogitsProcessorList([top]),
                              **({"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}))  # fmt: skip
+        steps = top.lists()
         for row, (i, ids) in enumerate(zip(batch, out[:, enc["input_ids"].shape[1] :].tolist(), strict=True)):
             stopped = tokenizer.eos_token_id in ids
             ids = ids[: ids.index(tokenizer.eos_token_id)] if stopped else ids
@@ -158,7 +166,7 @@ def generate(model, tokenizer, prompts, batch_size: int, max_new_tokens: int, st
             text = tokenizer.decode(ids, skip_special_tokens=True)
             if (cut := min((text.find(s) for s in stop or () if s in text), default=-1)) >= 0:
                 text, stopped = text[:cut], True
-            p = label_probability(steps_of(tokenizer, ids, top.steps, row), task in LABEL_FIRST_TASKS)
+            p = label_probability(steps_of(tokenizer, ids, steps, row), task in LABEL_FIRST_TASKS)
             results[i] = Generation(text, "stop" if stopped else "length", len(ids), p_entailment=p)
     return results
 
