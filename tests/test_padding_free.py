@@ -15,7 +15,7 @@ import torch
 from test_model_stages import FAST, make_cfg, write_inputs
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from nlistral.config import ConfigError
+from nlistral.errors import ConfigError
 from nlistral.io import read_metrics
 from nlistral.stages import base_model, train
 from nlistral.trainer import build_trainer, use_padding_free

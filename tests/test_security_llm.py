@@ -26,8 +26,8 @@ import pytest
 from llm_server import KEY, ROWS, LLMServer, completion, stage_overrides, write_split
 
 from nlistral import cli
-from nlistral.config import ConfigError, load_config
-from nlistral.errors import StageError
+from nlistral.config import load_config
+from nlistral.errors import ConfigError, StageError
 from nlistral.io import read_jsonl
 from nlistral.llm.base import RequestFailed
 from nlistral.llm.cache import ReplyCache

@@ -46,7 +46,7 @@ def test_the_tracking_stores_credentials_are_not_in_its_errors(workdir):
     import socket
 
     from nlistral import tracking
-    from nlistral.config import ConfigError
+    from nlistral.errors import ConfigError
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -21,7 +21,7 @@ from llm_server import LLMServer
 from omegaconf import OmegaConf
 from test_evaluate import assert_server_gone
 
-from nlistral.config import ConfigError
+from nlistral.errors import ConfigError
 from nlistral.serving import running_server
 
 # A stand-in for `vllm serve`: starts a worker of its own (as vLLM does), writes both pids to ./pids, then lists the

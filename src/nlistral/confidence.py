@@ -22,6 +22,8 @@ import re
 
 import numpy as np
 
+from nlistral.stats import resampled_rows
+
 LOGPROBS = 20  # candidates kept per step (hf, which adds every digit token) and asked of a server (OpenAI's maximum)
 BINS = 10
 COVERAGES = (0.5, 0.8, 0.9)
@@ -72,13 +74,9 @@ def _confidence(rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _resampled_ece(samples, resamples: int, seed: int) -> np.ndarray:
     """ECE of each bootstrap resample of the rows (the same row draws for every (confidence, right) in `samples`,
-    paired), in batches of 1000 resamples: (len(samples), resamples)."""
-    n = len(samples[0][0])
-    rng = np.random.default_rng(seed)
-    draws = []
-    for start in range(0, resamples, 1000):
-        rows = rng.integers(0, n, (min(1000, resamples - start), n))
-        draws.append([_ece(confidence[rows], right[rows]) for confidence, right in samples])
+    paired; the draws of nlistral.stats' row bootstrap): (len(samples), resamples)."""
+    draws = [[_ece(confidence[rows], right[rows]) for confidence, right in samples]
+             for rows in resampled_rows(len(samples[0][0]), resamples, seed)]  # fmt: skip
     return np.concatenate(draws, axis=-1)
 
 

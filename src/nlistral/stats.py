@@ -35,7 +35,7 @@ def accuracy_ci(correct, exact: bool = False) -> list[float] | None:
     return _round((interval.low, interval.high))
 
 
-def _resampled_rows(n: int, resamples: int, seed: int):
+def resampled_rows(n: int, resamples: int, seed: int):
     """Batches of (batch, n) row indices drawn with replacement, from numpy's default_rng(seed)."""
     rng = np.random.default_rng(seed)
     for start in range(0, resamples, BATCH):
@@ -51,7 +51,7 @@ def mean_ci(values, resamples: int, seed: int) -> list[float] | None:
     values = np.asarray(values, dtype=float)
     if len(values) == 0:
         return None
-    return _percentile([values[rows].mean(axis=1) for rows in _resampled_rows(len(values), resamples, seed)])
+    return _percentile([values[rows].mean(axis=1) for rows in resampled_rows(len(values), resamples, seed)])
 
 
 def macro_f1(true, predicted) -> np.ndarray:
@@ -80,7 +80,7 @@ def macro_f1_ci(true_labels, predicted_labels, resamples: int, seed: int) -> lis
     true, predicted = _labels(true_labels), _labels(predicted_labels)
     if len(true) == 0:
         return None
-    return _percentile([macro_f1(true[rows], predicted[rows]) for rows in _resampled_rows(len(true), resamples, seed)])
+    return _percentile([macro_f1(true[rows], predicted[rows]) for rows in resampled_rows(len(true), resamples, seed)])
 
 
 def macro_f1_difference(true_labels, a_labels, b_labels, resamples: int, seed: int) -> dict:
@@ -90,7 +90,7 @@ def macro_f1_difference(true_labels, a_labels, b_labels, resamples: int, seed: i
         return {"macro_f1_difference": None, "macro_f1_difference_ci95": None}
     point = float(macro_f1(true, b) - macro_f1(true, a))
     draws = [macro_f1(true[rows], b[rows]) - macro_f1(true[rows], a[rows])
-             for rows in _resampled_rows(len(true), resamples, seed)]  # fmt: skip
+             for rows in resampled_rows(len(true), resamples, seed)]  # fmt: skip
     return {"macro_f1_difference": round(point, 4), "macro_f1_difference_ci95": _percentile(draws)}
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from nlistral.config import ConfigError
+from nlistral.errors import ConfigError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, request TEXT NOT NULL, response TEXT NOT NULL,
